@@ -127,7 +127,7 @@ def main() -> None:
          env, isfile(join(pred_dir, "arseg_predict_args.json")))
     summary_file = join(pred_dir, "summary_arseg.json")
     _run("5/5 evaluate against the four raters (GED, HM-IoU, Soft-Dice)",
-         [join(bin_dir, "nnUNetv2_arseg_evaluate"), "-pred", pred_dir, "-d", str(DATASET_ID), "-o", summary_file],
+         [join(bin_dir, "nnUNetv2_arseg_evaluate"), "-i", pred_dir, "-d", str(DATASET_ID), "-o", summary_file],
          env, False)
     figures = write_case_figures(raw_dataset, pred_dir, join(out, "figures"))
 

@@ -1,0 +1,256 @@
+"""``nnUNetv2_arseg_evaluate``: multi-rater metrics of sampled predictions and Dice per label/region.
+
+Scores ``PRED/samples/<case>_s<k:02d><ext>`` against the raters of a converted raw dataset (GED, HM-IoU,
+Soft-Dice, D_max, consensus Dice) and/or the consensus ``PRED/<case><ext>`` against reference labels (Dice per
+nnU-Net label or region, e.g. BraTS whole tumour / tumour core / enhancing tumour). Writes a ``summary.json``
+in nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``) plus a ``conventions`` block.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join
+from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key, region_or_label_to_mask
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+from tqdm import tqdm
+
+from nnunet_arseg.evaluation import casefiles
+from nnunet_arseg.evaluation.multirater import METRIC_NAMES, SOFT_DICE_THRESHOLDS, multirater_metrics_batch
+from nnunet_arseg.evaluation.regions import (dice_per_region, foreground_labels_or_regions,
+                                             label_manager_from_dataset_json)
+
+DEFAULT_CONVENTIONS = {"empty_distance": 0.0, "thresholds": SOFT_DICE_THRESHOLDS, "eps": 1e-6,
+                       "d_max_empty_dice": 1.0, "consensus_empty_dice": 0.0, "region_empty_dice": 1.0}
+MEAN_METRICS = METRIC_NAMES + ("Dice", "IoU")
+
+
+def evaluate_case(samples, raters, labels_or_regions: Sequence = (1,), **conventions) -> dict:
+    """Multi-rater metrics of one case: ``samples`` (N, *spatial) and ``raters`` (M, *spatial) label maps (or binary).
+
+    Each label/region is binarised with nnU-Net's ``region_or_label_to_mask``. Returns
+    ``{label_or_region: {"GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "D_consensus_per_rater", "N", "M"}}``.
+    """
+    conv = {**DEFAULT_CONVENTIONS, **conventions}
+    samples, raters = np.asarray(samples), np.asarray(raters)
+    out = {}
+    for r in labels_or_regions:
+        r = tuple(r) if isinstance(r, list) else r
+        s_N, y_M = region_or_label_to_mask(samples, r), region_or_label_to_mask(raters, r)
+        res = multirater_metrics_batch(s_N[None], y_M[None], empty_distance=conv["empty_distance"],
+                                       thresholds=conv["thresholds"], eps=conv["eps"],
+                                       d_max_empty_dice=conv["d_max_empty_dice"],
+                                       consensus_empty_dice=conv["consensus_empty_dice"])
+        out[r] = {k: float(res[k][0]) for k in METRIC_NAMES}
+        out[r]["D_consensus_per_rater"] = [float(v) for v in res["D_consensus_per_rater"][0]]
+        out[r].update(N=int(samples.shape[0]), M=int(raters.shape[0]))
+    return out
+
+
+def _read_stack(rw, files: list[str], allowed_values: set) -> list[np.ndarray]:
+    """Label maps of ``files`` (each (1, *spatial) as nnU-Net reads them); rejects values outside the labels."""
+    out = []
+    for f in files:
+        seg = rw.read_seg(f)[0][0]
+        bad = set(np.unique(seg).tolist()) - allowed_values
+        if bad:
+            raise ValueError(f"{f} holds values {sorted(bad)} that are not labels of dataset.json "
+                             f"{sorted(allowed_values)}; rater and sample files must be label maps "
+                             f"(binary raters: 0/1, not 0/255)")
+        out.append(seg)
+    return out
+
+
+def _check_shapes(case: str, sample_files, samples, rater_files, raters) -> None:
+    shapes = {f: a.shape for f, a in zip(list(sample_files) + list(rater_files), list(samples) + list(raters))}
+    if len(set(shapes.values())) > 1:
+        ref = sample_files[0]
+        bad = [f"{f} {s}" for f, s in shapes.items() if s != shapes[ref]]
+        raise ValueError(f"case {case}: shape mismatch: {ref} has shape {shapes[ref]} but {', '.join(bad)}. "
+                         f"Samples and raters must be on the same grid (predict in the raw image geometry)")
+
+
+def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: Sequence[str] = (),
+                               reference_folders: Sequence[str] = (), output_file: str | None = None,
+                               verbose: bool = True, **conventions) -> dict:
+    """Score a prediction folder; returns (and with ``output_file`` writes atomically) the summary dict.
+
+    ``raters_folders``: folders with ``<case>_r<k><ext>`` (multi-rater metrics of ``pred_folder/samples``);
+    ``reference_folders``: label folders (Dice per label/region of the consensus ``pred_folder/<case><ext>``).
+    At least one of them must be given.
+    """
+    dj = casefiles.load_dataset_json(dataset_json)
+    conv = {**DEFAULT_CONVENTIONS, **conventions}
+    ext = dj["file_ending"]
+    keys = foreground_labels_or_regions(dj)
+    raters_folders, reference_folders = list(raters_folders), list(reference_folders)
+    if not raters_folders and not reference_folders:
+        raise ValueError("nothing to evaluate: give rater folders (dataset.json 'arseg' block) and/or a reference "
+                         "label folder (-ref FOLDER)")
+    samples_folder = join(pred_folder, "samples")
+    samples_of = casefiles.sample_files_per_case(samples_folder, ext) if raters_folders else {}
+    raters_of = casefiles.rater_files_per_case(raters_folders, ext) if raters_folders else {}
+    consensus = casefiles.consensus_cases(pred_folder, ext)
+    cases = sorted(set(consensus) | set(samples_of))
+    if not cases:
+        raise FileNotFoundError(f"{pred_folder}: no predictions (*{ext}) and no samples in {samples_folder}")
+    _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samples_folder, raters_folders,
+                      reference_folders, ext, dj)
+    example = (samples_of[cases[0]][0] if raters_folders else join(pred_folder, cases[0] + ext))
+    rw = determine_reader_writer_from_dataset_json(dj, example, verbose=False)()
+    lm = label_manager_from_dataset_json(dj)
+    ignore_label = lm.ignore_label
+    allowed = set(float(v) for v in lm.all_labels) | ({float(ignore_label)} if ignore_label is not None else set())
+    per_case = []
+    for case in tqdm(cases, desc="nnUNetv2_arseg_evaluate", disable=not verbose):
+        entry = {"case": case, "metrics": {}}
+        if raters_folders:
+            s_files, r_files = samples_of[case], raters_of[case]
+            samples, raters = _read_stack(rw, s_files, allowed), _read_stack(rw, r_files, allowed)
+            _check_shapes(case, s_files, samples, r_files, raters)
+            samples, raters = np.stack(samples), np.stack(raters)
+            entry.update(sample_files=s_files, rater_files=r_files)
+            for k, v in evaluate_case(samples, raters, keys, **conv).items():
+                entry["metrics"].setdefault(label_or_region_to_key(k), {}).update(v)
+        if reference_folders:
+            ref_file = casefiles.reference_file(case, reference_folders, ext)
+            pred_file = join(pred_folder, case + ext)
+            seg_ref, seg_pred = rw.read_seg(ref_file)[0], rw.read_seg(pred_file)[0]
+            if seg_ref.shape != seg_pred.shape:
+                raise ValueError(f"case {case}: reference {ref_file} has shape {seg_ref.shape} but prediction "
+                                 f"{pred_file} has {seg_pred.shape}; they must be on the same grid")
+            entry.update(reference_file=ref_file, prediction_file=pred_file)
+            for k, v in dice_per_region(seg_ref, seg_pred, keys, ignore_label=ignore_label,
+                                        empty_score=conv["region_empty_dice"]).items():
+                entry["metrics"].setdefault(label_or_region_to_key(k), {}).update(v)
+        per_case.append(entry)
+    summary = _summarise(per_case, keys, conv, bool(raters_folders), bool(reference_folders))
+    if output_file is not None:
+        casefiles.atomic_save_json(summary, output_file)
+    return summary
+
+
+def _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samples_folder, raters_folders,
+                      reference_folders, ext, dj) -> None:
+    for case in cases:
+        if raters_folders and case not in samples_of:
+            raise FileNotFoundError(
+                f"case {case}: {join(pred_folder, case + ext)} exists but there are no sample files "
+                f"{case}_s00{ext}... in {samples_folder} (N = 0). Predict with nnUNetv2_arseg_predict --save_samples, "
+                f"or evaluate only the consensus against labels with -ref FOLDER")
+        if raters_folders and case not in raters_of:
+            raise FileNotFoundError(
+                f"case {case}: {len(samples_of[case])} samples in {samples_folder} but no rater files "
+                f"{case}_r0{ext}... in {' or '.join(raters_folders)}. Is this the right dataset (-d/-raw)? "
+                f"Remove predictions of cases without raters or add their rater files")
+        num_raters = (dj.get("arseg") or {}).get("num_raters")
+        if raters_folders and num_raters and len(raters_of[case]) != num_raters:
+            raise FileNotFoundError(f"case {case}: found {len(raters_of[case])} rater files ({raters_of[case]}) but "
+                                    f"dataset.json['arseg']['num_raters'] is {num_raters}; restore the missing files")
+        if reference_folders and case not in consensus:
+            raise FileNotFoundError(f"case {case}: samples exist but the consensus {join(pred_folder, case + ext)} "
+                                    f"is missing, so its Dice cannot be computed; re-run the prediction")
+
+
+def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions: bool) -> dict:
+    str_keys = [label_or_region_to_key(k) for k in keys]
+    mean = {}
+    for k in str_keys:
+        names = {n for e in per_case for n in e["metrics"].get(k, {}) if n in MEAN_METRICS}
+        mean[k] = {n: float(np.nanmean([e["metrics"][k][n] for e in per_case])) for n in sorted(names)}
+    fg_names = sorted({n for k in str_keys for n in mean[k]})
+    foreground_mean = {n: float(np.nanmean([mean[k][n] for k in str_keys])) for n in fg_names}
+    n_values = sorted({e["metrics"][str_keys[0]]["N"] for e in per_case}) if multirater else []
+    m_values = sorted({e["metrics"][str_keys[0]]["M"] for e in per_case}) if multirater else []
+    return {"conventions": _conventions(conv, str_keys, n_values, m_values, multirater, regions, len(per_case)),
+            "foreground_mean": foreground_mean, "mean": mean, "metric_per_case": per_case}
+
+
+def _conventions(conv, str_keys, n_values, m_values, multirater, regions, num_cases) -> dict:
+    c = {"images": f"all {num_cases} cases of the prediction folder (no first-180 subset as in BerDiff's script)",
+         "labels_or_regions": str_keys,
+         "binarisation": "per foreground label/region with nnU-Net's region_or_label_to_mask (labels, or regions "
+                         "of dataset.json 'labels' with regions_class_order)",
+         "mean": "per label/region: mean over cases (NaN ignored); foreground_mean: mean over labels/regions "
+                 "of those means (this is the single number to quote, e.g. BraTS 'Dice' = mean of WT, TC, ET)"}
+    if multirater:
+        c.update({
+            "N": n_values, "M": m_values,
+            "iou_distance": "d(a, b) = 1 - |a & b| / |a | b|; one empty and one non-empty mask gives d = 1",
+            "empty_distance": conv["empty_distance"],
+            "empty_rule": f"two empty masks: d = {conv['empty_distance']} (IoU = {1 - conv['empty_distance']})",
+            "GED": "2/(N*M) sum d(s_i, y_j) - 1/N^2 sum d(s_i, s_j) - 1/M^2 sum d(y_i, y_j), self-pairs included",
+            "HM-IoU": "samples and raters replicated to L = lcm(N, M); L x L cost d(y, s); "
+                      "scipy.optimize.linear_sum_assignment (min cost); mean of 1 - cost over matched pairs",
+            "Soft-Dice": {"P": "mean of the N binary samples", "G": "mean of the M raters",
+                          "thresholds": list(conv["thresholds"]), "binarise": "strict > tau", "eps": conv["eps"],
+                          "formula": "(2|P_t & G_t| + eps) / (|P_t| + |G_t| + eps), mean over tau"},
+            "D_max": f"SeqSAM: for each sample the max Dice over the raters, then the mean over samples; "
+                     f"empty sample vs empty rater scores {conv['d_max_empty_dice']}",
+            "D_consensus": f"Dice of the strict-majority vote of the samples (> N/2) against each rater "
+                           f"(D_consensus_per_rater), mean over raters (SeqSAM's D_avg); empty vs empty scores "
+                           f"{conv['consensus_empty_dice']}",
+        })
+    if regions:
+        c["Dice"] = (f"consensus prediction PRED/<case> vs reference label, per label/region with nnU-Net's "
+                     f"compute_tp_fp_fn_tn; a region empty in both reference and prediction scores "
+                     f"{conv['region_empty_dice']}")
+    return c
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nnUNetv2_arseg_evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("-i", required=True, help="prediction folder of nnUNetv2_arseg_predict (with samples/)")
+    parser.add_argument("-d", help="dataset ID or name (raw dataset under nnUNet_raw, raters per dataset.json)")
+    parser.add_argument("-raw", help="raw dataset folder (instead of -d)")
+    parser.add_argument("-ref", help="reference label folder: Dice per label/region of the consensus")
+    parser.add_argument("--regions", action="store_true",
+                        help="Dice per label/region of the consensus against RAW/labelsTs (or labelsTr)")
+    parser.add_argument("--no_raters", action="store_true", help="skip the multi-rater metrics")
+    parser.add_argument("-djfile", help="dataset.json to use (default: the raw dataset's, else PRED/dataset.json)")
+    parser.add_argument("-o", help="output json (default PRED/summary_arseg.json)")
+    parser.add_argument("--empty_distance", type=float, default=DEFAULT_CONVENTIONS["empty_distance"])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(SOFT_DICE_THRESHOLDS))
+    parser.add_argument("--d_max_empty_dice", type=float, default=DEFAULT_CONVENTIONS["d_max_empty_dice"])
+    parser.add_argument("--consensus_empty_dice", type=float, default=DEFAULT_CONVENTIONS["consensus_empty_dice"])
+    parser.add_argument("--region_empty_dice", type=float, default=DEFAULT_CONVENTIONS["region_empty_dice"])
+    args = parser.parse_args(argv)
+    if not isdir(args.i):
+        parser.error(f"-i {args.i}: no such folder")
+    try:
+        raw = casefiles.find_raw_dataset(args.d, args.raw) if (args.d or args.raw) else None
+    except (FileNotFoundError, RuntimeError) as e:
+        parser.exit(2, f"nnUNetv2_arseg_evaluate: error: {e}\n")
+    dj_source = args.djfile or raw or join(args.i, "dataset.json")
+    if not (args.djfile or raw) and not isfile(dj_source):
+        parser.error(f"no dataset.json: give -d DATASET, -raw FOLDER or -djfile (none in {args.i})")
+    dj = casefiles.load_dataset_json(dj_source)
+    raters = [] if (args.no_raters or raw is None) else casefiles.rater_folders(raw, dj)
+    if raters and not isdir(join(args.i, "samples")) and (args.ref or args.regions):
+        print(f"No {join(args.i, 'samples')}: skipping the multi-rater metrics")
+        raters = []
+    refs = [args.ref] if args.ref else []
+    if not refs and raw is not None and (args.regions or label_manager_from_dataset_json(dj).has_regions):
+        refs = [f for f in (join(raw, "labelsTs"), join(raw, "labelsTr")) if isdir(f)]
+    if args.ref and not isdir(args.ref):
+        parser.error(f"-ref {args.ref}: no such folder")
+    if not raters and not refs:
+        parser.error("nothing to evaluate: the dataset has no raters (dataset.json 'arseg' block with -d/-raw) "
+                     "and no reference labels were given (-ref FOLDER or --regions with -d/-raw)")
+    out = args.o or join(args.i, "summary_arseg.json")
+    try:
+        summary = evaluate_multirater_folder(args.i, dj, raters, refs, output_file=out,
+                                             empty_distance=args.empty_distance, thresholds=tuple(args.thresholds),
+                                             d_max_empty_dice=args.d_max_empty_dice,
+                                             consensus_empty_dice=args.consensus_empty_dice,
+                                             region_empty_dice=args.region_empty_dice)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"nnUNetv2_arseg_evaluate: error: {e}\n")
+    for name, value in summary["foreground_mean"].items():
+        print(f"{name}: {value:.4f}")
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

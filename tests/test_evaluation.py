@@ -1,0 +1,380 @@
+"""Multi-rater metrics, region Dice and ``nnUNetv2_arseg_evaluate`` on real LIDC, spleen and BraTS masks."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from nnunetv2.dataset_conversion.Dataset137_BraTS21 import copy_BraTS_segmentation_and_convert_labels_to_nnUNet
+from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+from scipy.optimize import linear_sum_assignment
+from skimage.io import imread
+
+from nnunet_arseg.evaluation import (consensus_dice, d_max, dice_per_region, ged, hm_iou, iou_distance_matrix,
+                                     multirater_metrics_batch, soft_dice)
+from nnunet_arseg.evaluation.evaluate import evaluate_case, evaluate_multirater_folder, main
+from nnunet_arseg.evaluation.regions import BRATS_2021_LABELS, BRATS_2021_REGIONS_CLASS_ORDER
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- straightforward loop reference (obviously correct)
+def ref_iou(a, b, empty=1.0):
+    union = np.logical_or(a, b).sum()
+    return empty if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def ref_dice(a, b, empty):
+    total = a.sum() + b.sum()
+    return empty if total == 0 else 2 * np.logical_and(a, b).sum() / total
+
+
+def ref_ged(ss, ys):
+    d = lambda a, b: 1 - ref_iou(a, b)  # noqa: E731
+    n, m = len(ss), len(ys)
+    return (2 / (n * m) * sum(d(s, y) for s in ss for y in ys) - sum(d(a, b) for a in ss for b in ss) / n ** 2
+            - sum(d(a, b) for a in ys for b in ys) / m ** 2)
+
+
+def ref_hm_iou(ss, ys):
+    big_l = math.lcm(len(ss), len(ys))
+    ss_rep, ys_rep = list(ss) * (big_l // len(ss)), list(ys) * (big_l // len(ys))
+    cost = np.array([[1 - ref_iou(y, s) for s in ss_rep] for y in ys_rep])
+    rows, cols = linear_sum_assignment(cost)
+    return np.mean(1 - cost[rows, cols])
+
+
+def ref_soft_dice(ss, ys):
+    p, g = np.mean(ss, axis=0), np.mean(ys, axis=0)
+    vals = []
+    for tau in (0.1, 0.3, 0.5, 0.7, 0.9):
+        pt, gt = p > tau, g > tau
+        vals.append((2 * np.logical_and(pt, gt).sum() + 1e-6) / (pt.sum() + gt.sum() + 1e-6))
+    return np.mean(vals)
+
+
+def ref_d_max(ss, ys, empty=1.0):
+    return np.mean([max(ref_dice(s, y, empty) for y in ys) for s in ss])
+
+
+def ref_consensus(ss, ys, empty=0.0):
+    vote = np.sum(ss, axis=0) > len(ss) / 2
+    return [ref_dice(vote, y, empty) for y in ys]
+
+
+# ---------------------------------------------------------------- real masks
+def lidc_slices(root: Path) -> list[np.ndarray]:
+    """(4, 128, 128) boolean rater stacks of consecutive slices of each demo nodule, as lists per nodule."""
+    nodules = []
+    for nodule in sorted(root.glob("LIDC-IDRI-*/nodule-*")):
+        n_slices = len(list((nodule / "images").glob("slice-*.png")))
+        nodules.append([np.stack([imread(nodule / f"mask-{r}" / f"slice-{k}.png") > 127 for r in range(4)])
+                        for k in range(n_slices)])
+    return nodules
+
+
+@pytest.fixture(scope="module")
+def lidc(lidc_demo) -> list[list[np.ndarray]]:
+    return lidc_slices(lidc_demo)
+
+
+@pytest.fixture(scope="module")
+def nodule_mask(lidc) -> tuple[np.ndarray, np.ndarray]:
+    """A real non-empty rater mask A and a disjoint copy B (A rolled by half the crop)."""
+    a = next(r for slices in lidc for s in slices for r in s if r.sum() > 50)
+    b = np.roll(a, 64, axis=1)
+    assert a.any() and not (a & b).any() and a.sum() == b.sum()
+    return a, b
+
+
+# ---------------------------------------------------------------- hand-checkable cases (docs metrics.md)
+def test_identical_samples_and_raters(lidc):
+    raters = lidc[0][len(lidc[0]) // 2]
+    assert ged(raters, raters) == pytest.approx(0, abs=1e-12)
+    assert hm_iou(raters, raters) == 1.0
+    assert soft_dice(raters, raters) == 1.0
+
+
+def test_empty_and_constant(nodule_mask):
+    a, _ = nodule_mask
+    empty = np.zeros((16,) + a.shape, bool)
+    assert ged(empty, empty[:4]) == 0.0
+    assert hm_iou(empty, empty[:4]) == 1.0
+    assert soft_dice(empty, empty[:4]) == 1.0
+    raters = np.stack([a] * 4)
+    assert ged(empty, raters) == 2.0
+    assert hm_iou(empty, raters) == 0.0
+    # the empty-mask rule is a parameter: with d(empty, empty) = 1 every pair is at distance 1
+    assert hm_iou(empty, empty[:4], empty_distance=1.0) == 0.0
+    # one empty sample against {empty, A}: 2*(0+1)/2 - 0 - (0+1+1+0)/4 = 0.5; with d(empty, empty) = 1: 2 - 1 - 3/4
+    assert ged(empty[:1], [empty[0], a]) == pytest.approx(0.5)
+    assert ged(empty[:1], [empty[0], a], empty_distance=1.0) == pytest.approx(0.25)
+
+
+def test_two_disjoint_raters(nodule_mask):
+    a, b = nodule_mask
+    assert ged([a, b], [a, b]) == pytest.approx(0.0)
+    assert ged([a, a], [a, b]) == pytest.approx(2 * 0.5 - 0 - 0.5)
+    assert hm_iou([a, a], [a, b]) == pytest.approx(0.5)
+    # P = 1 on A, G = 0.5 on A and B (|A| = |B|): tau 0.1, 0.3 -> 2|A|/3|A|; tau >= 0.5 -> G_tau empty (strict >)
+    n = int(a.sum())
+    low, high = (2 * n + 1e-6) / (3 * n + 1e-6), 1e-6 / (n + 1e-6)
+    assert soft_dice([a, a], [a, b]) == pytest.approx((2 * low + 3 * high) / 5, rel=1e-12)
+    assert soft_dice([a, a], [a, b], thresholds=(0.3,)) == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_hm_iou_replicates_to_lcm(nodule_mask):
+    a, b = nodule_mask
+    # N = 4, M = 2: raters {A, B, A, B} against {A, A, A, B}: three perfect matches and one A-B pair.
+    assert hm_iou([a, a, a, b], [a, b]) == pytest.approx(3 / 4)
+    # N = 3, M = 2 (L = 6): samples x2 = 4 A + 2 B, raters x3 = 3 A + 3 B -> 5 matches of 6.
+    assert hm_iou([a, a, b], [a, b]) == pytest.approx(5 / 6)
+    # matching the raw N x M matrix would score only M samples and give 1.0 here
+    assert hm_iou([a, a, a, b], [a, b]) < 1.0
+
+
+def test_d_max_and_consensus_dice(nodule_mask):
+    a, b = nodule_mask
+    empty = np.zeros_like(a)
+    assert d_max([a, empty], [a, empty]) == 1.0
+    assert d_max([a, empty], [a, empty], empty_dice=0.0) == 0.5
+    assert np.isnan(d_max([a, empty], [a, empty], empty_dice=float("nan")))
+    assert d_max([a, b], [a, a]) == 0.5
+    assert consensus_dice([a, a, b], [a, b]) == {"per_rater": [1.0, 0.0], "mean": 0.5}
+    # {A, B}: no pixel has a strict majority, the consensus is empty
+    assert consensus_dice([a, b], [empty, a]) == {"per_rater": [0.0, 0.0], "mean": 0.0}
+    assert consensus_dice([a, b], [empty, a], empty_dice=1.0) == {"per_rater": [1.0, 0.0], "mean": 0.5}
+
+
+# ---------------------------------------------------------------- agreement with the loop reference on real masks
+def neighbour_pairs(lidc, n_samples: int):
+    """(samples, raters): raters of slices k-1 and k+1 (first ``n_samples``) against the raters of the middle
+    slice k of each nodule, then of the slice above it, so consecutive pairs come from different nodules."""
+    for offset in (0, 1):
+        for slices in lidc:
+            k = len(slices) // 2 + offset
+            if 1 <= k < len(slices) - 1:
+                yield np.concatenate([slices[k - 1], slices[k + 1]])[:n_samples], slices[k]
+
+
+@pytest.mark.parametrize("n_samples", [8, 6, 3])
+def test_agrees_with_loop_reference_on_lidc(lidc, n_samples):
+    pairs = list(itertools.islice(neighbour_pairs(lidc, n_samples), 12))
+    assert len(pairs) == 12
+    batch = multirater_metrics_batch(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), chunk=5)
+    for i, (ss, ys) in enumerate(pairs):
+        expected = {"GED": ref_ged(ss, ys), "HM-IoU": ref_hm_iou(ss, ys), "Soft-Dice": ref_soft_dice(ss, ys),
+                    "D_max": ref_d_max(ss, ys), "D_consensus": np.mean(ref_consensus(ss, ys))}
+        got = {"GED": ged(ss, ys), "HM-IoU": hm_iou(ss, ys), "Soft-Dice": soft_dice(ss, ys),
+               "D_max": d_max(ss, ys), "D_consensus": consensus_dice(ss, ys)["mean"]}
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-10), (key, i)
+            assert batch[key][i] == pytest.approx(value, abs=1e-10), (key, i)
+        np.testing.assert_allclose(batch["D_consensus_per_rater"][i], ref_consensus(ss, ys), atol=1e-10)
+    assert len({round(v, 6) for v in batch["GED"]}) > 3  # the cases are not all alike
+
+
+def test_3d_shifted_spleen(spleen_crop):
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(spleen_crop / "sub-spleen2_ct_seg-manual.nii.gz"))) > 0
+    seg = seg[::2, ::2, ::2]
+    shifts = [(0, 0, 0), (1, 0, 0), (0, 3, 0), (0, 0, -4), (2, 2, 2), (0, 8, 8)]
+    masks = np.stack([np.roll(seg, s, axis=(0, 1, 2)) for s in shifts])
+    ss, ys = masks[:4], masks[[0, 3, 5]]
+    np.testing.assert_allclose(iou_distance_matrix(ss, ys), [[1 - ref_iou(s, y) for y in ys] for s in ss], atol=1e-12)
+    assert ged(ss, ys) == pytest.approx(ref_ged(ss, ys), abs=1e-10)
+    assert hm_iou(ss, ys) == pytest.approx(ref_hm_iou(ss, ys), abs=1e-10)
+    assert soft_dice(ss, ys) == pytest.approx(ref_soft_dice(ss, ys), abs=1e-10)
+    assert d_max(ss, ys) == pytest.approx(ref_d_max(ss, ys), abs=1e-10)
+    assert 0 < ged(ss, ys) < 1 and 0 < hm_iou(ss, ys) < 1
+    assert ged(masks, masks) == pytest.approx(0, abs=1e-12)
+    # torch tensors (any device) give the same numbers
+    assert ged(torch.from_numpy(ss), torch.from_numpy(ys)) == ged(ss, ys)
+
+
+def test_pure_function_bad_input(nodule_mask):
+    a, _ = nodule_mask
+    with pytest.raises(ValueError, match="spatial shape"):
+        ged([a], [a[:64]])
+    with pytest.raises(ValueError, match="N = 0"):
+        hm_iou(np.zeros((0,) + a.shape, bool), [a])
+    with pytest.raises(ValueError, match="binar"):
+        soft_dice([a * 0.7], [a])
+
+
+# ---------------------------------------------------------------- region Dice (BraTS)
+def crop_brats(brats2015, box, out_file: Path) -> None:
+    """Crop the real 2015 label, fold non-enhancing (3) into NCR (1) as BraTS 2017+ did, then nnU-Net's own
+    Dataset137 conversion (BraTS 1 NCR, 2 ED, 4 ET -> nnU-Net 2, 1, 3)."""
+    img = sitk.ReadImage(str(brats2015 / "test" / "brats_2013_pat0001_1" / "OTMultiClass.nii.gz"))
+    arr = sitk.GetArrayFromImage(img)[box].astype(np.uint8)
+    arr[arr == 3] = 1
+    tmp = out_file.with_name("brats2021_" + out_file.name)
+    cropped = sitk.GetImageFromArray(arr)
+    cropped.SetSpacing(img.GetSpacing())
+    sitk.WriteImage(cropped, str(tmp))
+    copy_BraTS_segmentation_and_convert_labels_to_nnUNet(str(tmp), str(out_file))
+    tmp.unlink()
+
+
+def test_brats_region_dice(brats2015, tmp_path):
+    ref, pred = tmp_path / "labelsTs", tmp_path / "pred"
+    ref.mkdir(), pred.mkdir()
+    tumour, no_tumour = np.s_[60:72, 100:148, 60:100], np.s_[0:6, 0:20, 0:20]
+    crop_brats(brats2015, tumour, ref / "BraTS_001.nii.gz")
+    crop_brats(brats2015, no_tumour, ref / "BraTS_002.nii.gz")
+    ref_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(ref / "BraTS_001.nii.gz")))
+    assert set(np.unique(ref_arr)) == {0, 1, 2, 3}
+    pred_arr = np.roll(ref_arr, 2, axis=1)  # a prediction two voxels off, with the enhancing tumour exact
+    pred_arr[pred_arr == 3] = 2
+    pred_arr[ref_arr == 3] = 3
+    for name, arr in (("BraTS_001", pred_arr), ("BraTS_002", np.zeros((6, 20, 20), np.uint8))):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(pred / f"{name}.nii.gz"))
+    dj = {"channel_names": {"0": "FLAIR"}, "labels": BRATS_2021_LABELS,
+          "regions_class_order": BRATS_2021_REGIONS_CLASS_ORDER, "file_ending": ".nii.gz", "numTraining": 2}
+    save_json(dj, str(tmp_path / "dataset.json"))
+    out = tmp_path / "summary_regions.json"
+    main(["-i", str(pred), "-ref", str(ref), "-djfile", str(tmp_path / "dataset.json"), "-o", str(out)])
+    summary = load_json(str(out))
+    expected = {}
+    for key, labels in (("(1, 2, 3)", [1, 2, 3]), ("(2, 3)", [2, 3]), ("(3,)", [3])):
+        a, b = np.isin(ref_arr, labels), np.isin(pred_arr, labels)
+        expected[key] = 2 * (a & b).sum() / (a.sum() + b.sum())
+        per_case = {c["case"]: c["metrics"][key]["Dice"] for c in summary["metric_per_case"]}
+        assert per_case["BraTS_001"] == pytest.approx(expected[key])
+        assert per_case["BraTS_002"] == 1.0  # empty reference and empty prediction
+        assert summary["mean"][key]["Dice"] == pytest.approx((expected[key] + 1) / 2)
+    assert expected["(3,)"] == 1.0 and 0.5 < expected["(1, 2, 3)"] < 1
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(np.mean([(v + 1) / 2 for v in expected.values()]))
+    assert "scores 1.0" in summary["conventions"]["Dice"]
+    direct = dice_per_region(ref_arr, pred_arr, [(1, 2, 3)])
+    assert direct[(1, 2, 3)]["Dice"] == pytest.approx(expected["(1, 2, 3)"])
+
+
+# ---------------------------------------------------------------- the CLI on a tiny raw dataset + prediction folder
+CASES = ("LIDC_0001", "LIDC_0002", "LIDC_0003")
+
+
+@pytest.fixture
+def tiny_dataset(lidc, nnunet_env, tmp_path):
+    """Raw Dataset901 with 4 raters per test case (real demo masks, 0/1 PNGs) and a prediction folder with 8
+    samples per case (the raters of the neighbouring slices); returns (raw, pred, {case: (samples, raters)})."""
+    raw = Path(nnunet_env["nnUNet_raw"]) / "Dataset901_LIDCTiny"
+    pred = tmp_path / "pred"
+    for sub in ("labelsTs", "labelsTs_raters", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    (pred / "samples").mkdir(parents=True)
+    rw = NaturalImage2DIO()
+    arrays = {}
+    pairs = list(neighbour_pairs(lidc, 8))
+    for case, (ss, ys) in zip(CASES, [pairs[6], pairs[7], pairs[0]]):  # two with 4 raters, one with 2 empty
+        for k, y in enumerate(ys):
+            rw.write_seg(y[None].astype(np.uint8), str(raw / "labelsTs_raters" / f"{case}_r{k}.png"), {})
+        rw.write_seg((ys.sum(0) > 2)[None].astype(np.uint8), str(raw / "labelsTs" / f"{case}.png"), {})
+        for k, s in enumerate(ss):
+            rw.write_seg(s[None].astype(np.uint8), str(pred / "samples" / f"{case}_s{k:02d}.png"), {})
+        rw.write_seg((ss.sum(0) > 4)[None].astype(np.uint8), str(pred / f"{case}.png"), {})
+        arrays[case] = (ss, ys)
+    save_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "nodule": 1}, "numTraining": 0,
+               "file_ending": ".png",
+               "arseg": {"num_raters": 4, "raters_folder": "labelsTr_raters", "test_raters_folder": "labelsTs_raters",
+                         "patient_of_case": {c: "LIDC-IDRI-0001" for c in CASES}}}, str(raw / "dataset.json"))
+    return raw, pred, arrays
+
+
+def test_cli_subprocess(tiny_dataset):
+    raw, pred, arrays = tiny_dataset
+    proc = subprocess.run([sys.executable, "-m", "nnunet_arseg.evaluation.evaluate", "-i", str(pred), "-d", "901"],
+                          capture_output=True, text=True, env=os.environ.copy(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (pred / "summary_arseg.json").is_file() and not (pred / "summary.json").exists()
+    summary = load_json(str(pred / "summary_arseg.json"))
+    assert [c["case"] for c in summary["metric_per_case"]] == list(CASES)
+    for entry in summary["metric_per_case"]:
+        ss, ys = arrays[entry["case"]]
+        m = entry["metrics"]["1"]
+        assert (m["N"], m["M"]) == (8, 4) and len(entry["sample_files"]) == 8
+        assert m["GED"] == pytest.approx(ref_ged(ss, ys), abs=1e-10)
+        assert m["HM-IoU"] == pytest.approx(ref_hm_iou(ss, ys), abs=1e-10)
+        assert m["Soft-Dice"] == pytest.approx(ref_soft_dice(ss, ys), abs=1e-10)
+        assert m["D_max"] == pytest.approx(ref_d_max(ss, ys), abs=1e-10)
+        assert m["D_consensus_per_rater"] == pytest.approx(ref_consensus(ss, ys), abs=1e-10)
+    for key in ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus"):
+        per_case = [c["metrics"]["1"][key] for c in summary["metric_per_case"]]
+        assert summary["mean"]["1"][key] == pytest.approx(np.mean(per_case))
+    conv = summary["conventions"]
+    assert conv["N"] == [8] and conv["M"] == [4] and conv["empty_distance"] == 0.0
+    assert conv["Soft-Dice"]["thresholds"] == [0.1, 0.3, 0.5, 0.7, 0.9] and "lcm" in conv["HM-IoU"]
+    assert "all 3 cases" in conv["images"] and "max Dice over the raters" in conv["D_max"]
+    assert "GED" in proc.stdout
+
+
+def test_folder_api_with_reference_and_raw(tiny_dataset):
+    raw, pred, arrays = tiny_dataset
+    out = pred / "other.json"
+    main(["-i", str(pred), "-raw", str(raw), "--regions", "-o", str(out)])
+    summary = load_json(str(out))
+    direct = evaluate_multirater_folder(str(pred), str(raw), [str(raw / "labelsTs_raters")], [str(raw / "labelsTs")],
+                                        verbose=False)
+    assert summary["mean"]["1"] == pytest.approx(direct["mean"]["1"])
+    ss, ys = arrays[CASES[0]]
+    vote, consensus = ss.sum(0) > 4, ys.sum(0) > 2
+    dice = 2 * (vote & consensus).sum() / (vote.sum() + consensus.sum())
+    assert summary["metric_per_case"][0]["metrics"]["1"]["Dice"] == pytest.approx(dice)
+    assert 0.3 < dice < 1
+    case = evaluate_case(ss.astype(np.uint8), ys.astype(np.uint8))
+    assert case[1]["GED"] == pytest.approx(summary["metric_per_case"][0]["metrics"]["1"]["GED"])
+    ss, ys = arrays[CASES[2]]
+    assert not (ss.sum(0) > 4).any() and not (ys.sum(0) > 2).any()
+    assert summary["metric_per_case"][2]["metrics"]["1"]["Dice"] == 1.0  # empty reference, empty prediction
+
+
+def run_main_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_bad_input(tiny_dataset, capsys):
+    raw, pred, _ = tiny_dataset
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "999"])
+    assert "-d 999" in err and "unknown dataset" in err and "-raw" in err
+
+    rater = raw / "labelsTs_raters" / f"{CASES[1]}_r3.png"
+    rater.rename(rater.with_suffix(".bak"))
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert CASES[1] in err and "num_raters" in err
+    for k in range(3):
+        (raw / "labelsTs_raters" / f"{CASES[1]}_r{k}.png").unlink()
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"case {CASES[1]}" in err and "no rater files" in err
+
+    for f in (pred / "samples").glob(f"{CASES[1]}_s*.png"):
+        f.unlink()
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"case {CASES[1]}" in err and "N = 0" in err and "--save_samples" in err
+    (pred / f"{CASES[1]}.png").unlink()
+
+    rw = NaturalImage2DIO()
+    bad = pred / "samples" / f"{CASES[2]}_s03.png"
+    rw.write_seg(np.zeros((1, 64, 128), np.uint8), str(bad), {})
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert "shape mismatch" in err and bad.name in err
+
+    rw.write_seg(np.zeros((1, 128, 128), np.uint8), str(bad), {})
+    rw.write_seg(np.full((1, 128, 128), 255, np.uint8), str(raw / "labelsTs_raters" / f"{CASES[2]}_r0.png"), {})
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"{CASES[2]}_r0.png" in err and "0/255" in err
+
+    (pred / "samples" / f"{CASES[0]}_s05.png").unlink()
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"{CASES[0]}_s5.png" in err or f"{CASES[0]}_s05.png" in err
+    assert not (pred / "summary_arseg.json").exists()
