@@ -1,0 +1,125 @@
+"""Writing an nnU-Net raw dataset safely: staged in a hidden sibling folder, every file atomic, no silent overwrite."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+CONVERTED_BY = "nnunet_arseg dataset_conversion"  # dataset.json "converted_by": marks folders --overwrite may replace
+
+
+class ConversionError(RuntimeError):
+    """Bad input or a refused action; the message names the file and the fix."""
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not 0 < dataset_id < 1000:
+        raise ConversionError(f"dataset id must be 1..999, got {dataset_id}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise ConversionError(f"dataset name {name!r} must be letters, digits, '_' or '-' (e.g. LIDC)")
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+
+
+def check_case_id(case: str, source: str | Path) -> str:
+    """A case id nnU-Net can use: no path characters and no ``_XXXX`` tail that reads like a channel suffix."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", case) or _CHANNEL_SUFFIX.search(case):
+        raise ConversionError(f"{source}: derived case id {case!r} is not a valid nnU-Net identifier "
+                              "(letters, digits, '_' and '-', not ending in '_' + 4 digits); rename the input")
+    return case
+
+
+def check_unique_cases(sources: dict[str, list[str]]) -> None:
+    """``sources`` maps case id -> the inputs it came from; two inputs with one id is an error."""
+    dups = {c: s for c, s in sources.items() if len(s) > 1}
+    if dups:
+        case, files = next(iter(dups.items()))
+        raise ConversionError(f"duplicated case id {case!r} from {files} ({len(dups)} duplicated id(s) in all); "
+                              "each input must map to its own case: remove or rename the duplicate")
+
+
+def _tmp_sibling(path: Path) -> Path:
+    # keep the real ending so writers that pick the format from it (SimpleITK, PIL) still do
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
+    """Run ``writer(tmp)`` on a temporary name beside ``path``, then move it into place."""
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_png(arr_HW: np.ndarray, path: str | Path) -> None:
+    """A 2D uint8 (bool is stored as 0/1) or uint16 array as a lossless grey PNG."""
+    from PIL import Image
+
+    if arr_HW.dtype not in (np.uint8, np.uint16):
+        arr_HW = arr_HW.astype(np.uint8)
+    write_atomic(path, lambda tmp: Image.fromarray(np.ascontiguousarray(arr_HW)).save(tmp, format="PNG"))
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _owned_by_us(folder: Path) -> bool:
+    try:
+        return load_json(str(folder / "dataset.json")).get("converted_by") == CONVERTED_BY
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def staged_dataset(raw_folder: str | Path, dataset_id: int, name: str, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder ``.DatasetXXX_NAME.partial``; on success move it to ``DatasetXXX_NAME``.
+
+    Refuses when the final folder exists (unless ``overwrite`` and it was written by these converters) or when
+    another folder already uses the id. The old dataset is only removed after the new one is in place.
+    On failure the staging folder is removed and nothing else is touched.
+    """
+    raw_folder = Path(raw_folder)
+    final = raw_folder / dataset_folder_name(dataset_id, name)
+    others = sorted(p.name for p in raw_folder.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p != final)
+    if others:
+        raise ConversionError(f"{raw_folder / others[0]} already uses dataset id {dataset_id}; nnU-Net needs ids "
+                              "to be unique: choose another -d or remove that folder yourself")
+    if final.exists():
+        if not overwrite:
+            raise ConversionError(f"{final} exists; pass --overwrite to replace it or choose another -d/-n")
+        if not _owned_by_us(final):
+            raise ConversionError(f"{final} exists and was not written by this converter (dataset.json has no "
+                                  f"converted_by={CONVERTED_BY!r}); move or delete it yourself")
+    raw_folder.mkdir(parents=True, exist_ok=True)
+    staging = raw_folder / f".{final.name}.partial"
+    if staging.exists():  # our own leftover from an interrupted run; never trusted
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        old = raw_folder / f".{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
