@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +103,23 @@ def split_by_patient(patients: list[str], test_fraction: float, seed: int) -> se
 
 def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: int, name: str = "LIDC",
                  test_fraction: float | None = None, seed: int = 12345, threshold: float | None = None,
-                 no_crop: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+                 no_crop: bool = False, overwrite: bool = False, progress: bool = True,
+                 test_input_folder: str | Path | None = None) -> Path:
     """Convert one LIDC layout to ``raw_folder/DatasetXXX_NAME``; returns that folder.
 
     The layout's own split is kept unless ``test_fraction`` is given (then patients are re-split, seeded);
-    layouts without a split use ``test_fraction`` (default 0.2).
+    layouts without a split use ``test_fraction`` (default 0.2). ``test_input_folder`` (same layout) gives the
+    test set explicitly: all of ``input_folder`` is then training data.
     """
     layout, cases = find_rater_cases(input_folder)
+    if test_input_folder is not None:
+        if test_fraction is not None:
+            raise ConversionError("give either a test folder (--test_input) or --test_fraction, not both")
+        test_layout, test_cases = find_rater_cases(test_input_folder)
+        if test_layout != layout:
+            raise ConversionError(f"{test_input_folder} is in the {test_layout} layout but {input_folder} in the "
+                                  f"{layout} layout; give both in the same layout")
+        cases = [replace(rc, split="train") for rc in cases] + [replace(rc, split="test") for rc in test_cases]
     sources: dict[str, list[str]] = {}
     for rc in cases:
         sources.setdefault(rc.case, []).append(str(rc.image))
@@ -176,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test_fraction", type=float, default=None,
                         help="share of patients held out as test set (default 0.2; the layout's own split when "
                              "it has one and this flag is not given)")
+    parser.add_argument("--test_input", default=None,
+                        help="a second folder (same layout) whose cases form the test set; all of -i is then training")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the patient split")
     parser.add_argument("--threshold", type=float, default=None,
                         help="binarise non-binary (e.g. JPEG) masks as mask > T; use 127 for the CIMD layout")
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("-o not given and nnUNet_raw is not set")
     try:
         convert_lidc(args.i, raw, args.d, args.n, args.test_fraction, args.seed, args.threshold, args.no_crop,
-                     args.overwrite, progress=not args.disable_progress_bar)
+                     args.overwrite, progress=not args.disable_progress_bar, test_input_folder=args.test_input)
     except ConversionError as e:
         sys.exit(f"nnUNetv2_arseg_convert_lidc: error: {e}")
 

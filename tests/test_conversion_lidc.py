@@ -246,3 +246,19 @@ def test_existing_output_and_overwrite(small_lidc, tmp_path):
     with pytest.raises(ConversionError, match="not written by this converter"):
         _convert(small_lidc, raw, 121, overwrite=True)
     assert load_json(str(foreign / "dataset.json")) == {"name": "someone else's"}
+
+
+def test_explicit_test_folder(lidc_demo, tmp_path):
+    """``--test_input``: every case of the second folder is a test case, every case of -i a training case."""
+    train_in, test_in = tmp_path / "train", tmp_path / "test"
+    for folder, patients in ((train_in, ("LIDC-IDRI-0002", "LIDC-IDRI-0005")), (test_in, ("LIDC-IDRI-0014",))):
+        folder.mkdir()
+        for p in patients:
+            (folder / p).symlink_to(lidc_demo / p)
+    ds = _convert(train_in, tmp_path / "raw", 105, test_input_folder=test_in)
+    patient_of_case = load_json(ds / "dataset.json")["arseg"]["patient_of_case"]
+    assert {patient_of_case[c] for c in _cases(ds / "imagesTs")} == {"LIDC-IDRI-0014"}
+    assert {patient_of_case[c] for c in _cases(ds / "imagesTr")} == {"LIDC-IDRI-0002", "LIDC-IDRI-0005"}
+    assert len(_cases(ds / "imagesTs")) == len(find_lidc_slices(test_in))
+    with pytest.raises(ConversionError, match="duplicated case id"):
+        _convert(train_in, tmp_path / "raw2", 106, test_input_folder=train_in)
