@@ -1,0 +1,12 @@
+"""nnU-Net trainers of AR-Seg (``nnUNetTrainerARSeg`` and its variants), rater loading and grouped folds."""
+from __future__ import annotations
+
+from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
+from nnunet_arseg.training.variants import (nnUNetTrainerARSeg_5epochs, nnUNetTrainerARSeg_10epochs,
+                                            nnUNetTrainerARSeg_50epochs, nnUNetTrainerARSeg_100epochs,
+                                            nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_mirroring,
+                                            nnUNetTrainerARSeg_tiny)
+
+__all__ = ["nnUNetTrainerARSeg", "nnUNetTrainerARSeg_5epochs", "nnUNetTrainerARSeg_10epochs",
+           "nnUNetTrainerARSeg_50epochs", "nnUNetTrainerARSeg_100epochs", "nnUNetTrainerARSeg_250epochs",
+           "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_tiny"]

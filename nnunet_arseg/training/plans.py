@@ -1,0 +1,51 @@
+"""Plans rewriting: the configuration's ``architecture`` becomes AR-Seg's, so the ``plans.json`` that nnU-Net copies to
+the results folder names ``nnunet_arseg.network.ARSegNetwork`` with all its arguments (and the predictor can rebuild
+the network from the plans alone)."""
+from __future__ import annotations
+
+from copy import deepcopy
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+ARSEG_NETWORK_CLASS = "nnunet_arseg.network.ARSegNetwork"
+
+
+def is_arseg_architecture(architecture: dict) -> bool:
+    return architecture.get("network_class_name") == ARSEG_NETWORK_CLASS
+
+
+def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, has_regions: bool | None = None) -> dict:
+    """AR-Seg's ``architecture`` block for a configuration (kept as is when it already is AR-Seg's).
+
+    ``has_regions=None`` leaves it to ``build_arseg_architecture``'s default (only for callers without dataset.json).
+    ``overrides`` go to ``build_arseg_architecture``; our own key ``max_features_per_stage`` caps the widths of the
+    plans' U-Net encoder (for small-machine variants).
+    """
+    if is_arseg_architecture(stock_architecture):
+        return deepcopy(stock_architecture)
+    from nnunet_arseg.network import build_arseg_architecture
+    kwargs = dict(overrides) if has_regions is None else {**overrides, "has_regions": has_regions}
+    cap = kwargs.pop("max_features_per_stage", None)
+    arch = build_arseg_architecture(deepcopy(stock_architecture), tuple(patch_size), **kwargs)
+    if cap is not None:
+        arch["arch_kwargs"]["features_per_stage"] = [min(int(f), int(cap))
+                                                     for f in arch["arch_kwargs"]["features_per_stage"]]
+    return arch
+
+
+def rewrite_plans_for_arseg(plans: dict, configuration: str, dataset_json: dict, overrides: dict) -> dict:
+    """A copy of ``plans`` whose ``configuration`` (inherited fields resolved by nnU-Net) uses AR-Seg's network.
+
+    Only ``plans['configurations'][configuration]['architecture']`` changes; everything else (plans name, data
+    identifier, other configurations, ``continue_training``) is kept, so preprocessing is shared with stock nnU-Net.
+    """
+    plans = deepcopy(plans)
+    if configuration not in plans["configurations"]:
+        raise KeyError(f"configuration {configuration!r} is not in the plans {plans.get('plans_name')} "
+                       f"(available: {sorted(plans['configurations'])})")
+    manager = PlansManager(plans)
+    cfg = manager.get_configuration(configuration)
+    has_regions = manager.get_label_manager(dataset_json).has_regions
+    plans["configurations"][configuration]["architecture"] = arseg_architecture(
+        cfg.configuration["architecture"], cfg.patch_size, overrides, has_regions)
+    return plans
