@@ -1,0 +1,280 @@
+"""``ARSegNetwork``: the one ``nn.Module`` nnU-Net builds from the plans (design.md, "Network contract").
+
+It holds the image encoder (the encoder of the plans' own U-Net), the image embedding f, the block-causal transformer
+and the mask tokenizer, and optionally the U-Net's decoder as an auxiliary deterministic head.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pydoc
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_arseg.consensus import (binary_entropy_bits, fuse_labels, label_logits_from_frequencies, majority_vote,
+                                    region_logits_from_frequencies, vote_frequency)
+from nnunet_arseg.segmentor.embedding import build_embedding
+from nnunet_arseg.segmentor.sampling import sample_token_maps
+from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
+from nnunet_arseg.tokenizer import MaskTokenizer
+
+__all__ = ["ARSegNetwork", "build_arseg_architecture", "ARSEG_PRESETS", "STAGES"]
+
+STAGES = ("tokenizer", "segmentor")
+NETWORK_CLASS_NAME = "nnunet_arseg.network.ARSegNetwork"
+
+# our arch_kwargs keys with their defaults; "tokenizer"/"transformer" are MaskTokenizer/BlockCausalTransformer kwargs
+ARSEG_PRESETS = {
+    "reference": {"tokenizer": {}, "transformer": {"width": 256, "depth": 8, "heads": 8},
+                  "embedding": "svd", "num_prefix_tokens": 256},
+    "tiny": {"tokenizer": {"ch": 16, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "z_channels": 32,
+                           "codebook_size": 256, "code_dim": 16},
+             "transformer": {"width": 64, "depth": 2, "heads": 4, "dropout": 0.0},
+             "embedding": "svd", "num_prefix_tokens": 64},
+}
+COMMON_DEFAULTS = {"feature_stage": None, "has_regions": False, "num_samples": 16, "top_k": 100,
+                   "aux_head": False, "aux_weight": 1.0}
+
+
+class _DeepSupervisionFlag(nn.Module):
+    """Stands in for ``.decoder`` without the aux head: nnU-Net's trainer sets ``decoder.deep_supervision``."""
+
+    def __init__(self):
+        super().__init__()
+        self.deep_supervision = False
+
+
+def _locate(name_or_obj, what: str):
+    if not isinstance(name_or_obj, str):
+        return name_or_obj
+    obj = pydoc.locate(name_or_obj)
+    if obj is None:
+        raise ImportError(f"{what} {name_or_obj!r} (from the plans' arch_kwargs) cannot be imported; fix the name")
+    return obj
+
+
+class ARSegNetwork(nn.Module):
+    """AR-Seg (reference §1-§3) for one nnU-Net configuration.
+
+    Args:
+        input_channels, num_classes: from nnU-Net (``num_classes`` = ``label_manager.num_segmentation_heads``).
+        patch_size: the configuration's patch size; tokenizer and embedding are sized for it.
+        encoder_class_name: the plans' own U-Net class; its encoder is the image encoder.
+        tokenizer, transformer: kwargs of ``MaskTokenizer`` / ``BlockCausalTransformer`` (sizes).
+        embedding: ``"svd"`` (§2.3) or ``"linear"``; num_prefix_tokens: N_f.
+        feature_stage: encoder stage whose feature map is embedded (None: the deepest with >= N_f positions).
+        has_regions: nnU-Net regions (one condition class per region) or labels (one per foreground label).
+        num_samples: default N of the eval forward; top_k: sampling top-k.
+        aux_head, aux_weight: train the U-Net decoder on the same binary target (Dice + BCE) beside the token loss.
+        deep_supervision: accepted from nnU-Net; only affects the aux decoder.
+        **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, patch_size, encoder_class_name: str =
+                 "dynamic_network_architectures.architectures.unet.PlainConvUNet", tokenizer: dict | None = None,
+                 transformer: dict | None = None, embedding: str = "svd", num_prefix_tokens: int = 256,
+                 feature_stage: int | None = None, has_regions: bool = False, num_samples: int = 16,
+                 top_k: int | None = 100, aux_head: bool = False, aux_weight: float = 1.0,
+                 deep_supervision: bool = False, **unet_kwargs):
+        super().__init__()
+        self.patch_size = tuple(int(n) for n in patch_size)
+        self.has_regions, self.num_classes = bool(has_regions), int(num_classes)
+        self.num_cond = self.num_classes if self.has_regions else self.num_classes - 1
+        if self.num_cond < 1:
+            raise ValueError(f"num_classes={num_classes} leaves no foreground class to segment (has_regions={has_regions})")
+        self.num_samples, self.top_k, self.aux_weight = int(num_samples), top_k, float(aux_weight)
+        for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
+            if unet_kwargs.get(key) is not None:
+                unet_kwargs[key] = _locate(unet_kwargs[key], key)
+        unet = _locate(encoder_class_name, "encoder_class_name")(
+            input_channels=input_channels, num_classes=self.num_cond, deep_supervision=deep_supervision, **unet_kwargs)
+        if hasattr(unet, "initialize"):
+            unet.apply(unet.initialize)
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder if aux_head else _DeepSupervisionFlag()
+        self.aux_head = bool(aux_head)
+
+        spatial, shapes = list(self.patch_size), []
+        for stride in self.encoder.strides:
+            if any(n % s for n, s in zip(spatial, stride)):
+                raise ValueError(f"patch_size {self.patch_size} is not divisible by the encoder strides "
+                                 f"{self.encoder.strides}; use the plans' patch size")
+            spatial = [n // s for n, s in zip(spatial, stride)]
+            shapes.append(tuple(spatial))
+        if feature_stage is None:
+            feature_stage = max([0] + [i for i, s in enumerate(shapes) if torch.Size(s).numel() >= num_prefix_tokens])
+        self.feature_stage = int(feature_stage) % len(shapes)
+        channels = self.encoder.output_channels[self.feature_stage]
+        self.tokenizer = MaskTokenizer(len(self.patch_size), self.patch_size, **(tokenizer or {}))
+        transformer = dict(transformer or {})
+        self.embedding = build_embedding(embedding, channels, shapes[self.feature_stage], num_prefix_tokens,
+                                         transformer.get("width", 256))
+        self.transformer = BlockCausalTransformer(num_prefix_tokens, self.tokenizer.scales,
+                                                  self.tokenizer.quantizer.C, self.tokenizer.quantizer.V,
+                                                  self.num_cond, **transformer)
+        self.register_buffer("stage_code", torch.tensor(0, dtype=torch.long))
+
+    # ---- stage ----
+    @property
+    def stage(self) -> str:
+        return STAGES[int(self.stage_code)]
+
+    @stage.setter
+    def stage(self, name: str) -> None:
+        if name not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {name!r}")
+        self.stage_code.fill_(STAGES.index(name))
+        self.tokenizer.requires_grad_(name == "tokenizer")
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.stage == "segmentor":
+            self.tokenizer.eval()
+        return self
+
+    def stage_parameters(self) -> list[nn.Parameter]:
+        """The parameters the current stage trains (the tokenizer's, or everything else)."""
+        if self.stage == "tokenizer":
+            return list(self.tokenizer.parameters())
+        tok = {id(p) for p in self.tokenizer.parameters()}
+        return [p for p in self.parameters() if id(p) not in tok]
+
+    # ---- shared pieces ----
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != len(self.patch_size) + 2 or tuple(x.shape[2:]) != self.patch_size:
+            raise ValueError(f"input must have the shape (B, C, *{self.patch_size}), got {tuple(x.shape)}; "
+                             "AR-Seg works on whole patches of the plans' patch size")
+
+    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image prefix (B, N_f, D) and the encoder's skips."""
+        self._check_input(x)
+        skips = self.encoder(x)
+        return self.embedding(skips[self.feature_stage]), skips
+
+    def _cls(self, cls: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        if cls is None:
+            if self.num_cond != 1:
+                raise ValueError(f"cls is required: this network has {self.num_cond} condition classes")
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        return torch.as_tensor(cls, device=device).long().view(-1).expand(batch)
+
+    # ---- training ----
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls: torch.Tensor | None = None):
+        """With ``mask``: the current stage's loss dict (train or eval mode). Without: eval logits (see
+        ``consensus_logits``)."""
+        if mask is None:
+            return self.consensus_logits(x)
+        if self.stage == "tokenizer":
+            loss, logs = self.tokenizer.loss(mask)
+            return {**logs, "loss": loss}
+        return self.segmentor_loss(x, mask, self._cls(cls, x.shape[0], x.device))
+
+    def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor) -> dict:
+        """Token cross-entropy with teacher forcing (§2.6), + the aux head's Dice + BCE if on."""
+        with torch.no_grad():
+            idx_list = self.tokenizer.mask_to_idx(mask)
+            x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
+            target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
+        prefix_BND, skips = self.encode_image(x)
+        logits_BLV = self.transformer(prefix_BND, x_BLC, cls_B)
+        token_ce = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1))
+        logs = {"token_ce": token_ce.item(),
+                "token_acc": (logits_BLV.argmax(-1) == target_BL).float().mean().item()}
+        loss = token_ce
+        if self.aux_head:
+            out = self.decoder(skips)
+            aux_B1 = (out[0] if isinstance(out, (list, tuple)) else out).gather(
+                1, cls_B.view(-1, *[1] * (mask.ndim - 1)).expand(-1, 1, *mask.shape[2:]))
+            aux = binary_dice_bce(aux_B1, mask)
+            logs["aux_loss"] = aux.item()
+            loss = loss + self.aux_weight * aux
+        logs["loss"] = loss
+        return logs
+
+    # ---- sampling ----
+    def _decode(self, f_hat_BCz: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Binary masks (B, *patch) of f_hats, decoded a few at a time."""
+        return torch.cat([self.tokenizer.decode_f_hat(f) > 0 for f in f_hat_BCz.split(chunk)])[:, 0]
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
+               with_scales: bool = True, use_cache: bool = True) -> dict:
+        """Draw N samples per image and class (§3), the image encoded once.
+
+        Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool, ``consensus``
+        (B, K, *patch) bool, ``soft`` (B, K, *patch) vote frequency, ``uncertainty`` (B, K, *patch) entropy in bits,
+        ``scales`` (B, K, S, *patch) bool coarse-to-fine masks of sample 0 (if ``with_scales``), and ``fused``
+        (B, *patch): the label map of §3.4 (labels) or the region consensus (regions), when all classes are drawn.
+        """
+        n = self.num_samples if num_samples is None else int(num_samples)
+        classes = list(range(self.num_cond)) if classes is None else [int(c) for c in classes]
+        was_training = self.training
+        self.eval()
+        try:
+            prefix_BND, _ = self.encode_image(x)
+            B = x.shape[0]
+            samples, scales = [], []
+            for c in classes:
+                cls_B = torch.full((B,), c, dtype=torch.long, device=x.device)
+                _, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND, cls_B,
+                                                      n, seed=int(seed) * 1009 + c, top_k=self.top_k,
+                                                      use_cache=use_cache, keep_every=n if with_scales else None)
+                samples.append(self._decode(f_hat).view(B, n, *self.patch_size))
+                if with_scales:
+                    scales.append(torch.stack([self._decode(f) for f in partial], dim=1))
+        finally:
+            self.train(was_training)
+        samples_BKN = torch.stack(samples, dim=1)
+        soft = vote_frequency(samples_BKN, dim=2)
+        out = {"classes": classes, "samples": samples_BKN, "consensus": majority_vote(samples_BKN, dim=2),
+               "soft": soft, "uncertainty": binary_entropy_bits(soft)}
+        if with_scales:
+            out["scales"] = torch.stack(scales, dim=1)
+        if classes == list(range(self.num_cond)):
+            out["fused"] = out["consensus"] if self.has_regions else fuse_labels(soft, class_dim=1)
+        return out
+
+    def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval output (B, num_classes, *patch): log of the normalised vote [1 - max fg, p_1..p_C] (labels) or
+        logit(p) (regions), so nnU-Net's export gives the consensus; N and the seed come from the environment
+        (``nnUNet_ARSEG_NUM_SAMPLES``, ``nnUNet_ARSEG_SEED``) or the stored default N and seed 0."""
+        n = int(os.environ.get("nnUNet_ARSEG_NUM_SAMPLES", self.num_samples))
+        seed = int(os.environ.get("nnUNet_ARSEG_SEED", 0))
+        soft = self.sample(x, n, seed, with_scales=False)["soft"]
+        return region_logits_from_frequencies(soft) if self.has_regions else label_logits_from_frequencies(soft, 1)
+
+
+def binary_dice_bce(logits_B1: torch.Tensor, mask_B1: torch.Tensor) -> torch.Tensor:
+    """Soft Dice (per sample) + BCE on one binary channel, in fp32."""
+    logits, target = logits_B1.float().flatten(1), mask_B1.float().flatten(1)
+    p = torch.sigmoid(logits)
+    dice_B = (2 * (p * target).sum(1) + 1e-6) / (p.sum(1) + target.sum(1) + 1e-6)
+    return 1 - dice_B.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def build_arseg_architecture(stock_architecture: dict, patch_size, preset: str = "reference", **overrides) -> dict:
+    """Turn the plans' stock ``architecture`` entry into AR-Seg's: same U-Net kwargs at the top level (so
+    ``_kw_requires_import`` keeps working), plus our keys (``ARSEG_PRESETS[preset]``, then ``overrides``; the
+    ``tokenizer``/``transformer`` dicts are merged key by key)."""
+    if preset not in ARSEG_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(ARSEG_PRESETS)}, got {preset!r}")
+    for key in ("network_class_name", "arch_kwargs", "_kw_requires_import"):
+        if key not in stock_architecture:
+            raise ValueError(f"the stock architecture entry has no {key!r}; pass plans['configurations'][c]['architecture']")
+    ours = {**copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(ARSEG_PRESETS[preset])}
+    for key, value in overrides.items():
+        ours[key] = {**ours[key], **value} if key in ("tokenizer", "transformer") and value is not None else value
+    arch_kwargs = copy.deepcopy(stock_architecture["arch_kwargs"])
+    arch_kwargs.pop("deep_supervision", None)
+    arch_kwargs.update(encoder_class_name=stock_architecture["network_class_name"],
+                       patch_size=[int(n) for n in patch_size], **ours)
+    try:
+        json.dumps(arch_kwargs)
+    except TypeError as e:
+        raise TypeError(f"AR-Seg arch_kwargs must be JSON-serialisable for the plans file: {e}") from None
+    return {"network_class_name": NETWORK_CLASS_NAME, "arch_kwargs": arch_kwargs,
+            "_kw_requires_import": list(stock_architecture["_kw_requires_import"])}

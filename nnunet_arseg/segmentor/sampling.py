@@ -1,0 +1,85 @@
+"""Seeded per-scale sampling (reference §3.1): temperature schedule, top-k, multinomial draws, scale by scale.
+
+Every random call takes the one ``torch.Generator`` seeded here, so a seed fixes the samples. N samples of an image
+are drawn as one batch: the image prefix and the condition are repeated N times (rows b * N + n).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
+
+__all__ = ["REFERENCE_TEMPERATURES", "temperature_schedule", "sample_top_k", "sample_token_maps"]
+
+REFERENCE_TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1)
+
+
+def temperature_schedule(num_scales: int, reference=REFERENCE_TEMPERATURES) -> list[float]:
+    """The reference's per-scale temperatures (K = 8), linearly interpolated over scale position for other K."""
+    if num_scales == len(reference):
+        return [float(t) for t in reference]
+    if num_scales == 1:
+        return [float(reference[0])]
+    pos = np.linspace(0.0, 1.0, num_scales)
+    return np.interp(pos, np.linspace(0.0, 1.0, len(reference)), np.asarray(reference, dtype=float)).tolist()
+
+
+def sample_top_k(logits_BlV: torch.Tensor, temperature: float, top_k: int | None,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Draw one token per position from softmax(logits / temperature) restricted to the top-k logits, (B, l)."""
+    logits_BlV = logits_BlV.float() / max(temperature, 1e-6)
+    if top_k is not None and 0 < top_k < logits_BlV.shape[-1]:
+        kth_Bl1 = logits_BlV.topk(top_k, dim=-1).values[..., -1:]
+        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, float("-inf"))
+    probs_NV = logits_BlV.softmax(-1).reshape(-1, logits_BlV.shape[-1])
+    return torch.multinomial(probs_NV, 1, generator=generator).view(logits_BlV.shape[:-1])
+
+
+@torch.no_grad()
+def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND: torch.Tensor, cls_B: torch.Tensor,
+                      num_samples: int, seed: int, top_k: int | None = 100, temperatures=None,
+                      use_cache: bool = True, keep_every: int | None = None):
+    """Sample N token maps per image, scale by scale.
+
+    Args:
+        transformer: the block-causal transformer (put it in eval mode first).
+        quantizer: the tokenizer's ``MultiScaleQuantizer`` (``embed_idx_and_next_input``).
+        prefix_BND, cls_B: image prefix (encoded once) and condition class per image.
+        num_samples: N; the rows of the outputs are b * N + n.
+        seed: seeds the one generator of all draws.
+        use_cache: KV cache on (fast) or recompute the whole sequence at every scale (same samples).
+        keep_every: also return the partial f_hat of every ``keep_every``-th row after each scale (e.g. N: sample 0).
+
+    Returns ``(idx_list, f_hat_BCz, partial_f_hats)``: token maps (B * N, *pn) per scale, the final f_hat
+    (B * N, Cvae, *z), and a list (one per scale) of partial f_hats of the kept rows (empty without keep_every).
+    """
+    scales = transformer.scales
+    temps = temperature_schedule(len(scales)) if temperatures is None else list(temperatures)
+    if len(temps) != len(scales):
+        raise ValueError(f"need one temperature per scale ({len(scales)}), got {temps}")
+    generator = torch.Generator(device=prefix_BND.device).manual_seed(int(seed))
+    prefix_BND = prefix_BND.repeat_interleave(num_samples, dim=0)
+    cls_B = cls_B.repeat_interleave(num_samples, dim=0)
+    f_hat, next_x, xs, idx_list, partial = None, None, [], [], []
+    transformer.kv_caching(use_cache)
+    try:
+        cond_BD = transformer.condition(cls_B)
+        for si, pn in enumerate(scales):
+            if use_cache:
+                h = transformer.embed_step(si, prefix_BND if si == 0 else next_x, cond_BD)
+                logits_BlV = transformer.run(h, cond_BD, 0 if si == 0 else transformer.starts[si])
+            else:
+                x_BLC = torch.cat(xs, dim=1) if xs else prefix_BND.new_zeros(prefix_BND.shape[0], 0,
+                                                                              quantizer.C)
+                logits_BlV = transformer(prefix_BND, x_BLC, cls_B, num_scales=si + 1)
+            idx_Bpn = sample_top_k(logits_BlV[:, -transformer.lengths[si]:], temps[si], top_k, generator).view(-1, *pn)
+            idx_list.append(idx_Bpn)
+            f_hat, next_x = quantizer.embed_idx_and_next_input(si, f_hat, idx_Bpn)
+            if keep_every:
+                partial.append(f_hat[::keep_every])
+            if next_x is not None:
+                xs.append(next_x)
+    finally:
+        transformer.kv_caching(False)
+    return idx_list, f_hat, partial

@@ -1,0 +1,228 @@
+"""ARSegNetwork: built by nnU-Net from plans, 2D/3D shapes, eval logits, and overfitting real LIDC slices."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_arseg.consensus import fuse_labels
+from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture
+
+TINY_TOKENIZER = {"ch": 8, "ch_mult": [1, 2, 2, 4, 4], "num_res_blocks": 1, "z_channels": 16, "codebook_size": 64,
+                  "code_dim": 8}
+TINY_TRANSFORMER = {"width": 32, "depth": 2, "heads": 4, "dropout": 0.0}
+
+
+def stock_architecture(dims: int, n_stages: int, features: list[int]) -> dict:
+    """The ``architecture`` entry nnU-Net 2.8.1's default planner writes (PlainConvUNet)."""
+    conv, norm = ("Conv2d", "InstanceNorm2d") if dims == 2 else ("Conv3d", "InstanceNorm3d")
+    return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": n_stages, "features_per_stage": features,
+                            "conv_op": f"torch.nn.modules.conv.{conv}", "kernel_sizes": [[3] * dims] * n_stages,
+                            "strides": [[1] * dims] + [[2] * dims] * (n_stages - 1),
+                            "n_conv_per_stage": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+                            "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.{norm}",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+def plans_with_arseg(patch_2d=(128, 128), patch_3d=(16, 32, 32), **overrides) -> dict:
+    """A plans dict as nnU-Net writes it, plus ``arseg_2d``/``arseg_3d`` configurations inheriting from the stock ones."""
+    stock_2d = stock_architecture(2, 6, [32, 64, 128, 256, 512, 512])
+    stock_3d = stock_architecture(3, 4, [8, 16, 32, 64])
+    common = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 4,
+              "median_image_size_in_voxels": [128.0, 128.0], "spacing": [1.0, 1.0],
+              "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+              "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                     "force_separate_z": None},
+              "batch_dice": True}
+    tiny = {"tokenizer": TINY_TOKENIZER, "transformer": TINY_TRANSFORMER, **overrides}
+    return {"dataset_name": "Dataset501_LIDC", "plans_name": "nnUNetPlans_arseg",
+            "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+            "original_median_shape_after_transp": [1, 128, 128], "image_reader_writer": "NaturalImage2DIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "configurations": {
+                "2d": {**common, "patch_size": list(patch_2d), "architecture": stock_2d},
+                "3d_fullres": {**common, "patch_size": list(patch_3d), "spacing": [1.0, 1.0, 1.0],
+                               "median_image_size_in_voxels": [16.0, 32.0, 32.0], "architecture": stock_3d},
+                "arseg_2d": {"inherits_from": "2d",
+                             "architecture": build_arseg_architecture(stock_2d, patch_2d, preset="tiny", **tiny)},
+                "arseg_3d": {"inherits_from": "3d_fullres",
+                             "architecture": build_arseg_architecture(stock_3d, patch_3d, preset="tiny", **tiny)}},
+            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {}}
+
+
+def build(plans: dict, configuration: str, num_outputs: int) -> ARSegNetwork:
+    """Exactly nnU-Net's path: PlansManager -> ConfigurationManager -> the stock trainer's static builder."""
+    pm = PlansManager(plans)
+    return nnUNetTrainer.build_network_architecture(pm, pm.get_configuration(configuration), 1, num_outputs,
+                                                    enable_deep_supervision=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: oversubscribed threads make small CPU workloads many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_build_arseg_architecture_keeps_stock_kwargs_and_is_json():
+    stock = stock_architecture(2, 6, [32, 64, 128, 256, 512, 512])
+    before = copy.deepcopy(stock)
+    arch = build_arseg_architecture(stock, (128, 128), transformer={"depth": 4}, num_samples=8, aux_head=True)
+    assert stock == before  # the stock entry is not modified
+    assert arch["network_class_name"] == "nnunet_arseg.network.ARSegNetwork"
+    kw = arch["arch_kwargs"]
+    assert {k: kw[k] for k in stock["arch_kwargs"]} == stock["arch_kwargs"]
+    assert kw["encoder_class_name"] == stock["network_class_name"] and kw["patch_size"] == [128, 128]
+    assert kw["transformer"] == {"width": 256, "depth": 4, "heads": 8}  # merged into the reference preset
+    assert kw["num_samples"] == 8 and kw["aux_head"] is True and kw["embedding"] == "svd"
+    assert arch["_kw_requires_import"] == stock["_kw_requires_import"]
+    with pytest.raises(ValueError, match="preset"):
+        build_arseg_architecture(stock, (128, 128), preset="huge")
+
+
+def test_nnunet_builds_it_from_plans_and_stage_travels_with_weights():
+    plans = plans_with_arseg()
+    net = build(plans, "arseg_2d", 2)
+    assert isinstance(net, ARSegNetwork) and net.stage == "tokenizer" and net.num_cond == 1
+    assert isinstance(net.encoder.stages[0][0].convs[0].conv, torch.nn.Conv2d)  # the plans' own U-Net encoder
+    assert net.tokenizer.scales[-1] == (8, 8) and net.embedding.num_tokens == 64
+    net.decoder.deep_supervision = True  # what nnU-Net's set_deep_supervision_enabled does
+    net.stage = "segmentor"
+    assert not any(p.requires_grad for p in net.tokenizer.parameters())
+    net.train()
+    assert not net.tokenizer.training and net.transformer.training
+    other = build(plans, "arseg_2d", 2)
+    other.load_state_dict(net.state_dict())
+    assert other.stage == "segmentor"
+    for a, b in zip(net.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="stage"):
+        net.stage = "decoder"
+
+
+def test_training_losses_2d_labels_with_aux_head():
+    plans = plans_with_arseg(aux_head=True)
+    net = build(plans, "arseg_2d", 3)  # background + 2 labels -> 2 condition classes
+    assert net.num_cond == 2
+    x, mask = torch.randn(2, 1, 128, 128), torch.zeros(2, 1, 128, 128)
+    mask[:, :, 40:70, 50:90] = 1
+    out = net(x, mask=mask, cls=torch.tensor([0, 1]))
+    assert set(out) >= {"loss", "dice_loss", "bce", "vq"} and out["loss"].requires_grad
+    net.stage = "segmentor"
+    out = net(x, mask=mask, cls=torch.tensor([1, 0]))
+    assert set(out) == {"loss", "token_ce", "token_acc", "aux_loss"}
+    out["loss"].backward()
+    assert net.transformer.head.weight.grad is not None and net.decoder.seg_layers[-1].weight.grad is not None
+    assert all(p.grad is None for p in net.tokenizer.parameters())
+    with pytest.raises(ValueError, match="cls is required"):
+        net(x, mask=mask)
+    with pytest.raises(ValueError, match="shape"):
+        net(torch.randn(1, 1, 64, 64), mask=mask[:1], cls=0)
+
+
+@pytest.mark.parametrize("configuration,num_outputs,regions", [("arseg_2d", 3, False), ("arseg_3d", 2, True)])
+def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch):
+    plans = plans_with_arseg(has_regions=regions, num_samples=3)
+    net = build(plans, configuration, num_outputs).eval()
+    net.stage = "segmentor"
+    patch = net.patch_size
+    x = torch.randn(2, 1, *patch)
+    out = net.sample(x, num_samples=4, seed=7)
+    K, S = net.num_cond, len(net.tokenizer.scales)
+    assert out["classes"] == list(range(K))
+    assert out["samples"].shape == (2, K, 4, *patch) and out["samples"].dtype == torch.bool
+    assert out["consensus"].shape == out["soft"].shape == out["uncertainty"].shape == (2, K, *patch)
+    assert out["scales"].shape == (2, K, S, *patch)
+    assert torch.equal(out["scales"][:, :, -1], out["samples"][:, :, 0])  # the last scale is sample 0
+    assert out["fused"].shape == ((2, K, *patch) if regions else (2, *patch))
+    again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False)
+    assert torch.equal(again["samples"][:, 0], out["samples"][:, K - 1])  # uncached, one class: same draws
+    monkeypatch.setenv("nnUNet_ARSEG_NUM_SAMPLES", "5")
+    with torch.inference_mode():
+        logits = net(x[:1])
+        assert torch.equal(logits, net(x[:1]))  # same input, same output
+    assert logits.shape == (1, num_outputs, *patch) and logits.isfinite().all()
+    soft = net.sample(x[:1], num_samples=5, seed=0, with_scales=False)["soft"]
+    assert torch.equal(soft * 5, (soft * 5).round())  # five samples
+    if regions:
+        assert torch.equal(logits.sigmoid() > 0.5, soft > 0.5)
+    else:
+        assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(soft, class_dim=1))
+    monkeypatch.setenv("nnUNet_ARSEG_SEED", "1")
+    with torch.inference_mode():
+        assert not torch.equal(net(x[:1]), logits)  # a random network's samples depend on the seed
+
+
+def lidc_slices(root, count: int, crop: int = 64):
+    """The first slice of the first ``count`` nodules whose consensus (>= 3 of 4 raters) is non-empty."""
+    from skimage.io import imread
+    images, masks = [], []
+    for nodule in sorted(root.glob("LIDC-IDRI-*/nodule-*")):
+        first = sorted(nodule.glob("images/slice-*.png"))[0]
+        votes = np.stack([imread(nodule / f"mask-{r}" / first.name) > 0 for r in range(4)]).sum(0)
+        if (votes > 2).sum() > 20:
+            images.append(imread(first))
+            masks.append(votes > 2)
+        if len(images) == count:
+            break
+    lo = (images[0].shape[0] - crop) // 2
+    x = torch.tensor(np.stack(images)[:, None, lo:lo + crop, lo:lo + crop], dtype=torch.float32) / 255.0
+    m = torch.tensor(np.stack(masks)[:, None, lo:lo + crop, lo:lo + crop], dtype=torch.float32)
+    return (x - x.mean()) / x.std(), m
+
+
+def dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1).bool(), b.flatten(1).bool()
+    return 2 * (a & b).sum(1) / (a.sum(1) + b.sum(1)).clamp_min(1)
+
+
+def test_overfits_real_lidc_slices(lidc_demo):
+    """Tokenizer then segmentor on 4 real slices: token CE -> ~0 and the sampled consensus reproduces the masks."""
+    torch.manual_seed(0)
+    x, m = lidc_slices(lidc_demo, 4)
+    net = ARSegNetwork(1, 2, patch_size=(64, 64), n_stages=4, features_per_stage=[8, 16, 32, 64],
+                       conv_op=torch.nn.Conv2d, kernel_sizes=3, strides=[1, 2, 2, 2], n_conv_per_stage=1,
+                       n_conv_per_stage_decoder=1, conv_bias=True, norm_op=torch.nn.InstanceNorm2d,
+                       norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+                       tokenizer={**TINY_TOKENIZER, "ch_mult": [1, 2, 4, 4]},  # latent 8x8, K = 8 as in §1.3
+                       transformer={"width": 64, "depth": 2, "heads": 4, "dropout": 0.0},
+                       num_prefix_tokens=16, num_samples=8)
+    opt = torch.optim.Adam(net.stage_parameters(), 5e-3)
+    for _ in range(150):
+        loss = net(x, mask=m)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        recon = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(m)) > 0
+    net.stage = "segmentor"
+    net.train()
+    opt = torch.optim.AdamW(net.stage_parameters(), 2e-3)
+    cls = torch.zeros(len(x), dtype=torch.long)
+    first = None
+    for _ in range(100):
+        out = net(x, mask=m, cls=cls)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else out["token_ce"]
+    assert first > 3.0 and out["token_ce"] < 0.15 and out["token_acc"] > 0.95
+    consensus = net.sample(x, 8, seed=0)["consensus"][:, 0]
+    assert dice(consensus, recon).min() > 0.9  # the segmentor reproduces the tokens it was trained on
+    assert dice(consensus, m).mean() > 0.7 and dice(recon, m).mean() > 0.7  # ... which reproduce the masks
