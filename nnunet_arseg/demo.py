@@ -62,7 +62,8 @@ def write_case_figures(raw_dataset: str, pred_dir: str, fig_dir: str, max_sample
 
     dataset_json = load_json(join(raw_dataset, "dataset.json"))
     ext = dataset_json["file_ending"]
-    rw = determine_reader_writer_from_dataset_json(dataset_json, join(raw_dataset, "imagesTs", f"x_0000{ext}"))()
+    example = subfiles(join(raw_dataset, "imagesTs"), suffix=ext)[0]
+    rw = determine_reader_writer_from_dataset_json(dataset_json, example)()
     raters_dir = join(raw_dataset, dataset_json["arseg"]["test_raters_folder"])
     num_raters = dataset_json["arseg"]["num_raters"]
     maybe_mkdir_p(fig_dir)

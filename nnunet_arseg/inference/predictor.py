@@ -3,6 +3,9 @@
 (docs/design.md, "Prediction output")."""
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 from nnunetv2.inference import predict_from_raw_data as stock
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -35,6 +38,7 @@ class ARSegPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        self._started = time.time()
         params = self.list_of_parameters or [None]
         parts, scales = [], None
         for i, (p, n) in enumerate(zip(params, split_samples(self.num_samples, len(params)))):
@@ -52,8 +56,11 @@ class ARSegPredictor(nnUNetPredictor):
         return consensus_logits_from_samples(samples_KN, self.label_manager.has_regions)
 
     def _write_extras(self, ofile: str | None, properties: dict) -> None:
-        if self._last is not None and ofile is not None and self.wants_extras:
-            write_case_extras(self, ofile, properties, **self._last)
+        if self._last is not None and ofile is not None:
+            if self.wants_extras:
+                write_case_extras(self, ofile, properties, **self._last)
+            print(f"{os.path.basename(ofile)}: {self.num_samples} samples in {time.time() - self._started:.1f} s",
+                  flush=True)
         self._last = None
 
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,

@@ -28,7 +28,8 @@ def sample_sliding_window(predictor, network, data_CX: torch.Tensor, num_samples
     acc = weight = scales = None
     gaussian = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device('cpu')) \
         if len(slicers) > 1 else torch.ones(patch)
-    for ti, sl in enumerate(tqdm(slicers, desc=desc, disable=desc is None or not predictor.allow_tqdm)):
+    show = desc is not None and predictor.allow_tqdm and len(slicers) > 1
+    for ti, sl in enumerate(tqdm(slicers, desc=desc, disable=not show)):
         tile = data[sl][None].to(device)
         out = network.sample(tile, num_samples, seed + ti, with_scales=with_scales and ti == 0)
         s_KN = out["samples"][0].cpu()

@@ -44,7 +44,8 @@ def write_multirater_summary(trainer, num_samples: int, seed: int = 0) -> dict:
             m = multirater_metrics_batch(samples_KN[k][None], rater_masks(raters, lm, k)[None])
             case[str(k)] = {name: float(m[name][0]) for name in METRIC_NAMES}
         per_case.append(case)
-        trainer.print_to_log_file(f"AR-Seg multi-rater validation {key}: {case}")
+        trainer.print_to_log_file(f"AR-Seg multi-rater validation {key}: " + "; ".join(
+            f"class {c}: " + ", ".join(f"{name} {v:.3f}" for name, v in case[c].items()) for c in case if c != "case"))
     classes = [str(k) for k in range(samples_KN.shape[0])] if per_case else []
     mean = {c: {name: float(np.nanmean([pc[c][name] for pc in per_case])) for name in METRIC_NAMES}
             for c in classes}

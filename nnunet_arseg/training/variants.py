@@ -57,3 +57,17 @@ class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
         self.num_validation_samples = 4
         self.tokenizer_lr = 1e-3
         self.segmentor_lr = 3e-4
+
+
+class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
+    """CPU-sized AR-Seg for budgets of minutes: the ``tiny`` preset (tokenizer ch 16, codebook 256; transformer width 64,
+    depth 2; SVD embedding), the plans' encoder capped at 64 features, batch <= 16, LRs raised for short training."""
+
+    arseg_arch_overrides = {"preset": "tiny", "max_features_per_stage": 64}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.batch_size_cap = 16
+        self.tokenizer_lr = 1e-3
+        self.segmentor_lr = 3e-4

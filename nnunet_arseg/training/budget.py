@@ -1,0 +1,161 @@
+"""Wall-time budgets for training: stop after ``nnUNet_ARSEG_BUDGET_MINUTES`` minutes of epochs (nnU-Net style variants).
+
+    nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerBudget          # stock U-Net
+    nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerARSeg_budget    # AR-Seg
+
+Epochs are short (50 training + 10 validation iterations) so the budget is met to within one epoch. The budget
+counts the wall time of the epochs (training, validation, checkpointing, plotting), not start-up or the final
+validation. Every decision is a pure function of the epoch timestamps nnU-Net's logger stores in each checkpoint, so
+``--c`` re-derives the same numbers and continues with the time that is left:
+
+- ``nnUNetTrainerBudget``: after the first epoch, ``num_epochs = floor(budget / first epoch's wall time)`` and the
+  poly LR schedule is stretched over exactly those epochs.
+- ``nnUNetTrainerARSeg_budget``: after the first (tokenizer) epoch, the phase boundary
+  ``num_tokenizer_epochs = round(fraction * budget / first epoch's wall time)`` (fraction from
+  ``nnUNet_ARSEG_BUDGET_TOKENIZER_FRACTION``, default 0.25: AR-Seg's 1:3 split); after the first segmentor epoch,
+  ``num_epochs`` from the time left. Each phase runs at least one epoch.
+
+Training also stops as soon as the budget is spent, whichever comes first. With fold ``all`` nnU-Net would validate on
+the training cases; these variants skip that final validation (predict a test set instead).
+"""
+from __future__ import annotations
+
+import math
+import os
+from time import time
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_arseg.training.phases import TOKENIZER, PhaseLRScheduler
+from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small
+from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
+
+BUDGET_ENV = "nnUNet_ARSEG_BUDGET_MINUTES"
+TOKENIZER_FRACTION_ENV = "nnUNet_ARSEG_BUDGET_TOKENIZER_FRACTION"
+UNDECIDED_EPOCHS = 10 ** 6  # loop bound until the first epoch has been timed
+MAX_BOOKKEEPING_S = 60.0  # a longer pause between two epochs is a restart (--c), not bookkeeping: not counted
+
+
+def env_float(name: str, trainer_name: str, default: float | None = None, low: float = 0.0,
+              high: float = math.inf) -> float:
+    """A float from the environment in ``(low, high]``; a clear error when unset (without default) or malformed."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        if default is not None:
+            return default
+        raise RuntimeError(f"{trainer_name} trains for a wall-time budget, but the environment variable {name} is not "
+                           f"set; set it to the number of minutes, e.g. `{name}=20 nnUNetv2_train ... -tr "
+                           f"{trainer_name}`")
+    try:
+        out = float(value)
+    except ValueError:
+        out = math.nan
+    if not low < out <= high:
+        raise RuntimeError(f"{trainer_name}: {name}={value!r} must be a number in ({low}, {high}]")
+    return out
+
+
+def epoch_wall_seconds(starts: list[float], ends: list[float], epoch: int, now: float,
+                       max_bookkeeping: float = MAX_BOOKKEEPING_S) -> float:
+    """Wall time of a finished epoch: from its start to the next epoch's start (``now`` if none was logged),
+    counting at most ``max_bookkeeping`` seconds after its logged end (a longer gap is a restart)."""
+    next_start = starts[epoch + 1] if epoch + 1 < len(starts) else now
+    return max(0.0, min(next_start - starts[epoch], ends[epoch] - starts[epoch] + max_bookkeeping))
+
+
+def spent_seconds(starts: list[float], ends: list[float], num_epochs: int, now: float) -> float:
+    """Wall time of the first ``num_epochs`` finished epochs."""
+    return sum(epoch_wall_seconds(starts, ends, e, now) for e in range(num_epochs))
+
+
+class BudgetReached(Exception):
+    """Raised at the start of an epoch that the budget does not allow; ``run_training`` ends training there."""
+
+
+class WallTimeBudgetMixin:
+    """Shared machinery; subclasses override ``plan_budget`` (what to decide from the epoch timings)."""
+
+    budget_iterations_per_epoch = 50
+    budget_val_iterations_per_epoch = 10
+
+    def plan_budget(self, now: float) -> int:
+        """Update ``num_epochs`` (and what depends on it) from the logged epoch times; return the smallest number of
+        epochs that must run even when the budget is spent."""
+        raise NotImplementedError
+
+    def epoch_times(self) -> tuple[list[float], list[float]]:
+        return (self.logger.get_value('epoch_start_timestamps', step=None),
+                self.logger.get_value('epoch_end_timestamps', step=None))
+
+    def run_training(self):
+        self.budget_seconds = 60.0 * env_float(BUDGET_ENV, type(self).__name__)
+        self.num_iterations_per_epoch = self.budget_iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.budget_val_iterations_per_epoch
+        self.save_every = 1
+        self.num_epochs = UNDECIDED_EPOCHS
+        self._budget_note = None
+        try:
+            super().run_training()
+        except BudgetReached as stop:
+            self.print_to_log_file(f"Wall-time budget: {stop}")
+            self.on_train_end()
+
+    def on_epoch_start(self):
+        now = time()
+        min_epochs = self.plan_budget(now)
+        starts, ends = self.epoch_times()
+        spent = spent_seconds(starts, ends, self.current_epoch, now)
+        note = f"num_epochs {self.num_epochs}" + (f", num_tokenizer_epochs {self.num_tokenizer_epochs}"
+                                                  if hasattr(self, "num_tokenizer_epochs") else "")
+        if note != self._budget_note:
+            self._budget_note = note
+            self.print_to_log_file(f"Wall-time budget {self.budget_seconds / 60:.1f} min: {note} "
+                                   f"({spent:.0f} s spent in {self.current_epoch} epochs)")
+        if self.current_epoch >= self.num_epochs:
+            raise BudgetReached(f"all {self.num_epochs} planned epochs done after {spent:.0f} s")
+        if spent >= self.budget_seconds and self.current_epoch >= min_epochs:
+            raise BudgetReached(f"{spent:.0f} s spent after {self.current_epoch} epochs "
+                                f"(budget {self.budget_seconds:.0f} s)")
+        super().on_epoch_start()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.fold == 'all':
+            self.print_to_log_file("Fold 'all' has no held-out cases: final validation skipped (budget variant)")
+            return
+        super().perform_actual_validation(save_probabilities)
+
+
+class nnUNetTrainerBudget(WallTimeBudgetMixin, nnUNetTrainer):
+    """Stock nnU-Net whose poly LR schedule is stretched over the epochs the budget allows."""
+
+    def plan_budget(self, now: float) -> int:
+        if self.current_epoch >= 1 and self.num_epochs == UNDECIDED_EPOCHS:
+            starts, ends = self.epoch_times()
+            self.num_epochs = max(1, int(self.budget_seconds // epoch_wall_seconds(starts, ends, 0, now)))
+            self.lr_scheduler.max_steps = self.num_epochs
+        return 1
+
+
+class nnUNetTrainerARSeg_budget(WallTimeBudgetMixin, nnUNetTrainerARSeg):
+    """AR-Seg with the budget split between its phases at an epoch fixed after the first epoch."""
+
+    def plan_budget(self, now: float) -> int:
+        starts, ends = self.epoch_times()
+        if self.current_epoch == 0:
+            self.num_tokenizer_epochs = UNDECIDED_EPOCHS
+            return 1
+        fraction = env_float(TOKENIZER_FRACTION_ENV, type(self).__name__, default=0.25, high=1.0)
+        n_tok = max(1, round(fraction * self.budget_seconds / epoch_wall_seconds(starts, ends, 0, now)))
+        self.num_tokenizer_epochs = n_tok
+        if self.current_epoch > n_tok and self.num_epochs == UNDECIDED_EPOCHS:
+            left = self.budget_seconds - spent_seconds(starts, ends, n_tok, now)
+            self.num_epochs = n_tok + max(1, int(left // epoch_wall_seconds(starts, ends, n_tok, now)))
+        if isinstance(self.lr_scheduler, PhaseLRScheduler):  # keep the schedule of the current phase consistent
+            tok = self.phase_of(self.current_epoch) == TOKENIZER
+            self.lr_scheduler.first_epoch = 0 if tok else n_tok
+            self.lr_scheduler.num_epochs = max(1, n_tok if tok else self.num_epochs - n_tok)
+        return n_tok + 1
+
+
+class nnUNetTrainerARSeg_small_budget(nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_small):
+    """``nnUNetTrainerARSeg_small`` (a CPU-sized model) under the wall-time budget."""
