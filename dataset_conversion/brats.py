@@ -28,7 +28,8 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_case_id, check_unique_cases,
-                                            copy_file, dataset_folder_name, staged_dataset, write_atomic)
+                                            copy_file, dataset_folder_name, staged_dataset)
+from nnunet_arseg.atomic import write_atomic
 
 SEQUENCES = ("t1", "t1ce", "t2", "flair")  # nnU-Net's Dataset137 channel order
 CHANNEL_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "Flair"}

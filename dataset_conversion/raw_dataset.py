@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunet_arseg.atomic import write_atomic
 
 CONVERTED_BY = "nnunet_arseg dataset_conversion"  # dataset.json "converted_by": marks folders --overwrite may replace
 
@@ -47,21 +48,6 @@ def check_unique_cases(sources: dict[str, list[str]]) -> None:
                               "each input must map to its own case: remove or rename the duplicate")
 
 
-def _tmp_sibling(path: Path) -> Path:
-    # keep the real ending so writers that pick the format from it (SimpleITK, PIL) still do
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
-def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
-    """Run ``writer(tmp)`` on a temporary name beside ``path``, then move it into place."""
-    path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_png(arr_HW: np.ndarray, path: str | Path) -> None:

@@ -23,7 +23,7 @@ from nnunet_arseg.nnunet_ext import EXT_DIR
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID}_LIDCDemo"
-TRAINER = "nnUNetTrainerARSeg_tiny"
+TRAINER = "nnUNetTrainerARSeg_tiny_demo"
 NUM_SAMPLES = 16
 
 
@@ -83,9 +83,12 @@ def write_case_figures(raw_dataset: str, pred_dir: str, fig_dir: str, max_sample
             (f"samples ({len(sample_files)})", [(f"sample {k}", s) for k, s in enumerate(samples)]),
         ]
         scales_png = join(pred_dir, "scales", f"{case}.png")
-        if isfile(scales_png):
+        if isfile(scales_png):  # a strip of the S coarse-to-fine masks of sample 0, side by side
             import matplotlib.image as mpimg
-            rows.append(("coarse to fine", [("scales of sample 0", mpimg.imread(scales_png)[..., :3].mean(-1) > 0.5)]))
+            strip = mpimg.imread(scales_png)[..., :3].mean(-1) > 0.5
+            width = image.shape[1]
+            rows.append(("coarse to fine (sample 0)", [(f"scale {si + 1}", strip[:, si * width:(si + 1) * width])
+                                                       for si in range(strip.shape[1] // width)]))
         path = join(fig_dir, f"{case}.png")
         save_panel_figure(path, rows, image=image)
         written.append(path)

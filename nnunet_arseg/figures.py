@@ -1,16 +1,11 @@
 """PNG figures a person would rather look at: samples, consensus, uncertainty, coarse-to-fine scales."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 
-
-def _atomic_savefig(fig, path: str) -> None:
-    tmp = f"{path}.partial.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+from nnunet_arseg.atomic import write_atomic
 
 
 def save_panel_figure(path: str, rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]],
@@ -46,5 +41,5 @@ def save_panel_figure(path: str, rows: Sequence[tuple[str, Sequence[tuple[str, n
         axes[ri, 0].text(-0.08, 0.5, row_title, transform=axes[ri, 0].transAxes, rotation=90,
                          ha="right", va="center", fontsize=9)
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     plt.close(fig)

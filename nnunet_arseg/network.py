@@ -84,7 +84,8 @@ class ARSegNetwork(nn.Module):
         self.has_regions, self.num_classes = bool(has_regions), int(num_classes)
         self.num_cond = self.num_classes if self.has_regions else self.num_classes - 1
         if self.num_cond < 1:
-            raise ValueError(f"num_classes={num_classes} leaves no foreground class to segment (has_regions={has_regions})")
+            raise ValueError(f"num_classes={num_classes} leaves no foreground class to segment "
+                             f"(has_regions={has_regions})")
         self.num_samples, self.top_k, self.aux_weight = int(num_samples), top_k, float(aux_weight)
         for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
             if unet_kwargs.get(key) is not None:
@@ -264,7 +265,8 @@ def build_arseg_architecture(stock_architecture: dict, patch_size, preset: str =
         raise ValueError(f"preset must be one of {sorted(ARSEG_PRESETS)}, got {preset!r}")
     for key in ("network_class_name", "arch_kwargs", "_kw_requires_import"):
         if key not in stock_architecture:
-            raise ValueError(f"the stock architecture entry has no {key!r}; pass plans['configurations'][c]['architecture']")
+            raise ValueError(f"the stock architecture entry has no {key!r}; "
+                             "pass plans['configurations'][c]['architecture']")
     ours = {**copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(ARSEG_PRESETS[preset])}
     for key, value in overrides.items():
         ours[key] = {**ours[key], **value} if key in ("tokenizer", "transformer") and value is not None else value

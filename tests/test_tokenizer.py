@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from nnunet_arseg.tokenizer import MaskTokenizer, MultiScaleQuantizer, default_scales

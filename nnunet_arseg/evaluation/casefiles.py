@@ -5,7 +5,6 @@ Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_
 """
 from __future__ import annotations
 
-import os
 import re
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
@@ -106,9 +105,3 @@ def reference_file(case: str, reference_folders: list[str], file_ending: str) ->
                             f"{' or '.join(reference_folders)}; give the right label folder with -ref FOLDER")
 
 
-def atomic_save_json(obj: dict, path: str) -> None:
-    """Write JSON to a temporary name beside ``path``, then move it in place."""
-    from batchgenerators.utilities.file_and_folder_operations import save_json
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_json(obj, tmp, sort_keys=False)
-    os.replace(tmp, path)

@@ -16,6 +16,7 @@ from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key, reg
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from tqdm import tqdm
 
+from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.evaluation import casefiles
 from nnunet_arseg.evaluation.multirater import METRIC_NAMES, SOFT_DICE_THRESHOLDS, multirater_metrics_batch
 from nnunet_arseg.evaluation.regions import (dice_per_region, foreground_labels_or_regions,
@@ -127,7 +128,7 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
         per_case.append(entry)
     summary = _summarise(per_case, keys, conv, bool(raters_folders), bool(reference_folders))
     if output_file is not None:
-        casefiles.atomic_save_json(summary, output_file)
+        save_json_atomic(summary, output_file)
     return summary
 
 

@@ -9,6 +9,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
+from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.consensus import binary_entropy_bits
 
 
@@ -35,18 +36,11 @@ def class_membership(seg: np.ndarray, label_manager, k: int) -> np.ndarray:
     return np.isin(seg, np.atleast_1d(values))
 
 
-def _atomic(path: str, write) -> None:
-    folder, name = os.path.split(path)
-    tmp = join(folder, f".tmp{os.getpid()}_{name}")  # keeps the extension: writers pick the format from it
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _png(path: str, img: np.ndarray, vmax: float = 1.0, cmap: str = "gray") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    _atomic(path, lambda p: plt.imsave(p, img, cmap=cmap, vmin=0, vmax=vmax, format="png"))
+    write_atomic(path, lambda p: plt.imsave(p, img, cmap=cmap, vmin=0, vmax=vmax, format="png"))
 
 
 def _view_2d(arr: np.ndarray) -> np.ndarray:
@@ -70,13 +64,14 @@ def write_case_extras(predictor, ofile: str, properties: dict, samples_KN: torch
     if predictor.save_samples:
         maybe_mkdir_p(join(out_dir, "samples"))
         for n, seg in enumerate(segs):
-            _atomic(join(out_dir, "samples", f"{case}_s{n:02d}{ext}"), lambda p, s=seg: rw.write_seg(s, p, properties))
+            write_atomic(join(out_dir, "samples", f"{case}_s{n:02d}{ext}"),
+                         lambda p, s=seg: rw.write_seg(s, p, properties))
     if predictor.save_uncertainty:
         maybe_mkdir_p(join(out_dir, "uncertainty"))
         num_classes = samples_KN.shape[0]
         freq = [np.mean([class_membership(s, lm, k) for s in segs], axis=0) for k in range(num_classes)]
         unc = binary_entropy_bits(torch.from_numpy(np.stack(freq))).amax(0).numpy().astype(np.float32)
-        _atomic(join(out_dir, "uncertainty", f"{case}.npz"), lambda p: np.savez_compressed(p, uncertainty=unc))
+        write_atomic(join(out_dir, "uncertainty", f"{case}.npz"), lambda p: np.savez_compressed(p, uncertainty=unc))
         _png(join(out_dir, "uncertainty", f"{case}.png"), _view_2d(unc), cmap="magma")
     if predictor.save_scales and scales_KS is not None:
         maybe_mkdir_p(join(out_dir, "scales"))

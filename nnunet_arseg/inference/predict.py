@@ -15,9 +15,9 @@ import os
 import sys
 from functools import partial
 
-from batchgenerators.utilities.file_and_folder_operations import (isdir, isfile, join, load_json, maybe_mkdir_p,
-                                                                  save_json)
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p
 
+from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.nnunet_ext import EXT_DIR, ensure_ext_trainer_env
 
 PROG = "nnUNetv2_arseg_predict"
@@ -95,11 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     out = rest[rest.index("-o") + 1] if "-o" in rest else None
     if out is not None and isdir(out):
         maybe_mkdir_p(out)
-        tmp = join(out, f".arseg_predict_args.json.tmp{os.getpid()}")
-        save_json({"num_samples": ours.num_samples, "seed": ours.seed, "save_samples": ours.save_samples,
-                   "save_uncertainty": ours.save_uncertainty, "save_scales": ours.save_scales,
-                   "nnunet_args": rest}, tmp, sort_keys=False)
-        os.replace(tmp, join(out, "arseg_predict_args.json"))
+        save_json_atomic({"num_samples": ours.num_samples, "seed": ours.seed, "save_samples": ours.save_samples,
+                          "save_uncertainty": ours.save_uncertainty, "save_scales": ours.save_scales,
+                          "nnunet_args": rest}, join(out, "arseg_predict_args.json"))
 
 
 if __name__ == "__main__":

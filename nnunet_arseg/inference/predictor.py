@@ -78,7 +78,8 @@ class ARSegPredictor(nnUNetPredictor):
                 data_iterator._finish()
 
     def predict_from_files_sequential(self, list_of_lists_or_source_folder,
-                                      output_folder_or_list_of_truncated_output_files, save_probabilities: bool = False, overwrite: bool = True,
+                                      output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
                                       folder_with_segs_from_prev_stage: str = None):
         """The stock sequential loop, with the extras written right after each case's in-process export (same
         signature as the stock method: nnU-Net records its arguments by introspection)."""

@@ -34,7 +34,7 @@ class SVDEmbedding(nn.Module):
         component index; here the pooled ``U_k diag(S~)`` (N_f x r) is multiplied by ``V^T`` (r x C), which is the
         pooled rank-k reconstruction of the feature map (N_f x C);
       * the channel MLP maps C -> D (the reference keeps C = D = 256).
-    The SVD runs in fp32 with autocast off (``torch.linalg.svd(full_matrices=False)``); see ``svd_tokens`` for gradients.
+    The SVD runs in fp32 with autocast off (``torch.linalg.svd(full_matrices=False)``); gradients: see ``svd_tokens``.
     """
 
     def __init__(self, in_channels: int, spatial_shape, num_tokens: int, dim: int, energy_ratio: float = 0.95,
@@ -44,14 +44,16 @@ class SVDEmbedding(nn.Module):
         dims = len(self.spatial_shape)
         conv = _conv_op(dims)
         c = in_channels
-        self.num_tokens, self.dim, self.energy_ratio, self.residual_weight = num_tokens, dim, energy_ratio, residual_weight
+        self.num_tokens, self.dim = num_tokens, dim
+        self.energy_ratio, self.residual_weight = energy_ratio, residual_weight
         hidden = max(c // 16, 4)
         self.channel_attn = nn.Sequential(conv(c, hidden, 1), nn.ReLU(inplace=True), conv(hidden, c, 1), nn.Sigmoid())
         self.pos_map = nn.Parameter(torch.randn(1, c, *self.spatial_shape) * 0.02)
         mid = max(c // 4, 8)
         self.importance = nn.Sequential(
             conv(c, mid, 3, padding=1), nn.GroupNorm(math.gcd(8, mid), mid), nn.ReLU(inplace=True),
-            conv(mid, max(mid // 2, 4), 3, padding=1), nn.ReLU(inplace=True), conv(max(mid // 2, 4), 1, 1), nn.Sigmoid())
+            conv(mid, max(mid // 2, 4), 3, padding=1), nn.ReLU(inplace=True), conv(max(mid // 2, 4), 1, 1),
+            nn.Sigmoid())
         self.sv_enhancer = nn.Sequential(nn.Linear(1, 32), nn.ReLU(inplace=True), nn.Linear(32, 1))
         self.fusion = nn.Sequential(nn.Linear(c, max(c // 2, dim // 2)), nn.LayerNorm(max(c // 2, dim // 2)),
                                     nn.ReLU(inplace=True), nn.Dropout(dropout),

@@ -5,8 +5,8 @@ from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 from nnunet_arseg.training.variants import (nnUNetTrainerARSeg_5epochs, nnUNetTrainerARSeg_10epochs,
                                             nnUNetTrainerARSeg_50epochs, nnUNetTrainerARSeg_100epochs,
                                             nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_mirroring,
-                                            nnUNetTrainerARSeg_tiny)
+                                            nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_tiny_demo)
 
 __all__ = ["nnUNetTrainerARSeg", "nnUNetTrainerARSeg_5epochs", "nnUNetTrainerARSeg_10epochs",
            "nnUNetTrainerARSeg_50epochs", "nnUNetTrainerARSeg_100epochs", "nnUNetTrainerARSeg_250epochs",
-           "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_tiny"]
+           "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_tiny", "nnUNetTrainerARSeg_tiny_demo"]

@@ -3,7 +3,7 @@
     nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerBudget          # stock U-Net
     nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerARSeg_budget    # AR-Seg
 
-Epochs are short (50 training + 10 validation iterations) so the budget is met to within one epoch. The budget
+Epochs are short (20 training + 4 validation iterations) so the budget is met to within one epoch. The budget
 counts the wall time of the epochs (training, validation, checkpointing, plotting), not start-up or the final
 validation. Every decision is a pure function of the epoch timestamps nnU-Net's logger stores in each checkpoint, so
 ``--c`` re-derives the same numbers and continues with the time that is left:
@@ -75,8 +75,8 @@ class BudgetReached(Exception):
 class WallTimeBudgetMixin:
     """Shared machinery; subclasses override ``plan_budget`` (what to decide from the epoch timings)."""
 
-    budget_iterations_per_epoch = 50
-    budget_val_iterations_per_epoch = 10
+    budget_iterations_per_epoch = 20  # the stock U-Net takes ~10 s per step of 8 slices on 2 busy CPU cores
+    budget_val_iterations_per_epoch = 4
 
     def plan_budget(self, now: float) -> int:
         """Update ``num_epochs`` (and what depends on it) from the logged epoch times; return the smallest number of
@@ -126,7 +126,14 @@ class WallTimeBudgetMixin:
 
 
 class nnUNetTrainerBudget(WallTimeBudgetMixin, nnUNetTrainer):
-    """Stock nnU-Net whose poly LR schedule is stretched over the epochs the budget allows."""
+    """Stock nnU-Net whose poly LR schedule is stretched over the epochs the budget allows; batch <= 8 (as
+    ``nnUNetTrainerARSeg_small``: the plans' GPU-sized batch of 128x128 slices takes minutes per step on a CPU)."""
+
+    batch_size_cap = 8
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        self.batch_size = min(self.batch_size, self.batch_size_cap)
 
     def plan_budget(self, now: float) -> int:
         if self.current_epoch >= 1 and self.num_epochs == UNDECIDED_EPOCHS:

@@ -8,13 +8,13 @@ the geometry of the case's preprocessed ``seg``). The folder sits *beside* the d
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, maybe_mkdir_p
 from nnunetv2.training.dataloading.nnunet_dataset import (nnUNetBaseDataset, nnUNetDatasetBlosc2,
                                                           nnUNetDatasetNumpy)
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+from nnunet_arseg.atomic import write_atomic
 
 
 def rater_info(dataset_json: dict) -> dict | None:
@@ -44,10 +44,6 @@ def raw_rater_files(raw_dataset_folder: str, dataset_json: dict, case: str) -> l
     return files
 
 
-def _save_npz_atomic(path: str, **arrays) -> None:
-    tmp = path[:-len(".npz")] + f".tmp{os.getpid()}.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def preprocess_raters(raw_dataset_folder: str, preprocessed_data_folder: str, identifiers: list[str],
@@ -73,7 +69,8 @@ def preprocess_raters(raw_dataset_folder: str, preprocessed_data_folder: str, id
             _, seg, _ = preprocessor.run_case(cases[k]["images"], f, plans_manager, configuration_manager,
                                               dataset_json)
             segs.append(seg.astype(np.int8))
-        _save_npz_atomic(join(out_folder, k + ".npz"), raters=np.stack(segs))
+        raters_RX = np.stack(segs)
+        write_atomic(join(out_folder, k + ".npz"), lambda tmp: np.savez_compressed(tmp, raters=raters_RX))
     return out_folder
 
 

@@ -1,9 +1,6 @@
 """Cross-validation folds grouped by patient, so that one patient's slices never straddle train and validation."""
 from __future__ import annotations
 
-import os
-
-from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 
@@ -30,8 +27,3 @@ def patient_grouped_splits(identifiers: list[str], patient_of_case: dict[str, st
     return splits
 
 
-def write_splits_atomic(splits: list[dict], path: str) -> None:
-    """``save_json`` to a temporary name in the same folder, then rename (never a half-written splits file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_json(splits, tmp)
-    os.replace(tmp, path)

@@ -7,8 +7,6 @@ Set-up once per shell: ``export nnUNet_extTrainer=$(nnUNetv2_arseg_ext_dir)``.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
@@ -19,6 +17,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.training import phases, raters, splits
 from nnunet_arseg.training.pseudo_dice import normalise_loss_output, teacher_forced_mask_logits
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg
@@ -137,7 +136,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             keys = infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
                 self.preprocessed_dataset_folder)
             self.print_to_log_file("Creating a 5-fold split grouped by patient (dataset.json['arseg'])")
-            splits.write_splits_atomic(splits.patient_grouped_splits(keys, patient_of_case), splits_file)
+            save_json_atomic(splits.patient_grouped_splits(keys, patient_of_case), splits_file)
         return super().do_split()
 
     # ---------------------------------------------------------------- steps
@@ -210,9 +209,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             'arseg_phase': self._applied_phase,
             'arseg_scheduler_state': self.lr_scheduler.state_dict(),
         }
-        tmp = f"{filename}.tmp{os.getpid()}"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        write_atomic(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """Rebuild the optimizer of the stored phase, then restore weights, optimizer, scheduler, epoch and logs.

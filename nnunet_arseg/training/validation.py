@@ -5,13 +5,12 @@ Scored in the preprocessed geometry (samples and preprocessed raters share it; f
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.evaluation.multirater import METRIC_NAMES, multirater_metrics_batch
 from nnunet_arseg.inference.sampling_window import sample_sliding_window
 from nnunet_arseg.training.phases import unwrap_network
@@ -55,8 +54,6 @@ def write_multirater_summary(trainer, num_samples: int, seed: int = 0) -> dict:
                "mean": mean, "metric_per_case": per_case}
     folder = join(trainer.output_folder, "validation")
     maybe_mkdir_p(folder)
-    tmp = join(folder, f".summary_arseg.json.tmp{os.getpid()}")
-    save_json(summary, tmp, sort_keys=False)
-    os.replace(tmp, join(folder, "summary_arseg.json"))
+    save_json_atomic(summary, join(folder, "summary_arseg.json"))
     trainer.print_to_log_file("AR-Seg multi-rater validation:", mean)
     return summary
