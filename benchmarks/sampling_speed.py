@@ -7,6 +7,7 @@ that its peak memory is its own. Timing does not depend on the weights (the numb
 networks are timed unless ``-m MODEL_FOLDER`` (an ``nnUNetTrainerARSeg*`` results folder) gives trained ones.
 
     python benchmarks/sampling_speed.py [-device cpu] [-n 1 4 16 32] [--repeats 3] [--preset reference|tiny]
+                                        [--threads T] [-m MODEL_FOLDER]
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _worker(args) -> dict:
     from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
     from nnunet_arseg.training.variants import nnUNetTrainerARSeg_tiny
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dataset_json = load_json(join(args.preprocessed, "dataset.json"))
     if args.model_folder:
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", choices=["reference", "tiny"], default="reference",
                         help="AR-Seg size (default: the reference sizes, as nnUNetTrainerARSeg trains)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch CPU threads (default: all cores; use 1 on a machine shared with other jobs)")
     parser.add_argument("-m", dest="model_folder", default=None, help="trained nnUNetTrainerARSeg* results folder")
     parser.add_argument("--worker", choices=["nnunet", "arseg"], help=argparse.SUPPRESS)
     parser.add_argument("--num_samples", type=int, default=1, help=argparse.SUPPRESS)
@@ -123,6 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         preprocessed = _prepare_plans(workdir)
         common = [sys.executable, __file__, "-device", args.device, "--repeats", str(args.repeats),
+                  "--threads", str(args.threads),
                   "--preset", args.preset, "--preprocessed", preprocessed]
         if args.model_folder:
             common += ["-m", args.model_folder]
@@ -140,7 +144,7 @@ def main() -> None:
         name = "nnU-Net (mirroring TTA)" if r["config"] == "nnunet" else f"AR-Seg N={r['num_samples']}"
         rel_n1 = f"{r['seconds'] / n1:.2f}" if n1 and r["config"] == "arseg" else "-"
         print(f"{name:<28}{r['seconds']:>10.3f}{r['seconds'] / base:>11.2f}{rel_n1:>10}{r['peak_mib']:>10}")
-    print(json.dumps({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    print(json.dumps({"device": args.device, "torch": torch.__version__, "threads": args.threads,
                       "preset": args.preset, "results": results}))
 
 
