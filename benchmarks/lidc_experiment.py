@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 
-from batchgenerators.utilities.file_and_folder_operations import (isdir, isfile, join, load_json, maybe_mkdir_p,
-                                                                  save_json, subdirs, subfiles)
+from batchgenerators.utilities.file_and_folder_operations import (isfile, join, load_json, maybe_mkdir_p, save_json,
+                                                                  subdirs, subfiles)
 
 BIN = os.path.dirname(sys.executable)
 STOCK_TRAINER = "nnUNetTrainerBudget"
@@ -179,7 +179,8 @@ def main() -> None:
     results = {}
     for trainer in (args.arseg_trainer, STOCK_TRAINER):
         fold_dir = join(env["nnUNet_results"], name, f"{trainer}__nnUNetPlans__2d", f"fold_{args.fold}")
-        resume = ["--c"] if any(isfile(join(fold_dir, f"checkpoint_{c}.pth")) for c in ("latest", "best")) else []
+        resume = ["--c"] if any(isfile(join(fold_dir, f"checkpoint_{c}.pth")) for c in ("latest", "best")) \
+            and not isfile(done(f"train_{trainer}")) else []
         run_step(f"train {trainer} for {args.budget_minutes:g} min" + (" (resuming)" if resume else ""),
                  [join(BIN, "nnUNetv2_train"), did, "2d", args.fold, "-tr", trainer, "-device", device] + resume,
                  train_env, done(f"train_{trainer}"))
