@@ -1,12 +1,16 @@
 """nnU-Net trainers of AR-Seg (``nnUNetTrainerARSeg`` and its variants), rater loading and grouped folds."""
 from __future__ import annotations
 
+from nnunet_arseg.training.budget import nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_small_budget, nnUNetTrainerBudget
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 from nnunet_arseg.training.variants import (nnUNetTrainerARSeg_5epochs, nnUNetTrainerARSeg_10epochs,
                                             nnUNetTrainerARSeg_50epochs, nnUNetTrainerARSeg_100epochs,
                                             nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_mirroring,
-                                            nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_tiny_demo)
+                                            nnUNetTrainerARSeg_small, nnUNetTrainerARSeg_tiny,
+                                            nnUNetTrainerARSeg_tiny_demo)
 
 __all__ = ["nnUNetTrainerARSeg", "nnUNetTrainerARSeg_5epochs", "nnUNetTrainerARSeg_10epochs",
            "nnUNetTrainerARSeg_50epochs", "nnUNetTrainerARSeg_100epochs", "nnUNetTrainerARSeg_250epochs",
-           "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_tiny", "nnUNetTrainerARSeg_tiny_demo"]
+           "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_small", "nnUNetTrainerARSeg_tiny",
+           "nnUNetTrainerARSeg_tiny_demo", "nnUNetTrainerARSeg_budget", "nnUNetTrainerARSeg_small_budget",
+           "nnUNetTrainerBudget"]
