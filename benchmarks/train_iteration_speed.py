@@ -1,10 +1,11 @@
-"""Seconds per training iteration and peak memory of an nnU-Net trainer on preprocessed data.
+"""Seconds per training iteration and peak memory of AR-Seg's trainer against nnU-Net's own, in one run.
 
-    python benchmarks/train_iteration_speed.py -d 501 -c 2d -tr nnUNetTrainerARSeg [-phase segmentor] [-n 10]
+    python benchmarks/train_iteration_speed.py -d 501 [-c 2d] [-tr nnUNetTrainer nnUNetTrainerARSeg] [-n 10]
 
-Runs in a fresh process per call (peak memory is per process): builds the trainer exactly as ``nnUNetv2_train``
-does, warms up for 2 iterations, then times ``-n`` calls of ``train_step`` on batches from its own data loader.
-Results (with ``-device cpu``: peak RSS; with cuda: ``torch.cuda.max_memory_allocated``) are printed as JSON.
+Each (trainer, phase) runs in a fresh process (peak memory is per process): it builds the trainer exactly as
+``nnUNetv2_train`` does, warms up for 2 iterations, then times ``-n`` calls of ``train_step`` on batches from its own
+data loader. AR-Seg is timed in both phases (tokenizer, segmentor). Prints one line per run, the ratios against the
+first trainer, and the results as JSON (with ``-device cpu``: peak RSS; with cuda: ``torch.cuda.max_memory_allocated``).
 ``nnUNet_results`` is redirected to a temporary folder, so no real results are touched.
 """
 from __future__ import annotations
@@ -13,21 +14,13 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("-d", required=True)
-    p.add_argument("-c", default="2d")
-    p.add_argument("-tr", default="nnUNetTrainerARSeg")
-    p.add_argument("-p", default="nnUNetPlans")
-    p.add_argument("-phase", default="tokenizer", choices=("tokenizer", "segmentor"),
-                   help="AR-Seg phase to time (ignored for other trainers)")
-    p.add_argument("-n", type=int, default=10)
-    p.add_argument("-device", default="cpu")
-    args = p.parse_args()
+def _worker(args) -> dict:
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="bench_results_")
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     from nnunet_arseg.nnunet_ext import ensure_ext_trainer_env
@@ -55,11 +48,45 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     n_params = sum(q.numel() for q in trainer.network.parameters())
-    print(json.dumps({"trainer": args.tr, "phase": args.phase if hasattr(trainer, "num_tokenizer_epochs") else None,
-                      "batch_size": trainer.batch_size, "patch_size": trainer.configuration_manager.patch_size,
-                      "params_M": round(n_params / 1e6, 2), "s_per_iteration": round(dt, 3),
-                      "peak_memory_MiB": round(peak), "device": args.device, "torch_threads": torch.get_num_threads()}))
     trainer.on_train_end()
+    return {"trainer": args.tr, "phase": args.phase if hasattr(trainer, "num_tokenizer_epochs") else None,
+            "batch_size": trainer.batch_size, "patch_size": list(trainer.configuration_manager.patch_size),
+            "params_M": round(n_params / 1e6, 2), "s_per_iteration": round(dt, 3),
+            "peak_memory_MiB": round(peak), "device": args.device, "torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("-d", required=True)
+    p.add_argument("-c", default="2d")
+    p.add_argument("-tr", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerARSeg"],
+                   help="trainers to time; the first is the baseline of the ratios")
+    p.add_argument("-p", default="nnUNetPlans")
+    p.add_argument("-n", type=int, default=10)
+    p.add_argument("-device", default="cpu")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("-phase", default="tokenizer", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.tr = args.worker
+        print(json.dumps(_worker(args)))
+        return
+    results = []
+    for tr in args.tr:
+        for phase in (("tokenizer", "segmentor") if "ARSeg" in tr else ("tokenizer",)):
+            cmd = [sys.executable, __file__, "-d", args.d, "-c", args.c, "-p", args.p, "-n", str(args.n),
+                   "-device", args.device, "--worker", tr, "-phase", phase]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            results.append(json.loads(out))
+            print(f"{tr} {results[-1]['phase'] or ''}: {results[-1]['s_per_iteration']} s/it", file=sys.stderr)
+    base = results[0]
+    print(f"{'trainer':<32}{'phase':<11}{'batch':>6}{'params M':>9}{'s/it':>8}{'x base':>8}{'peak MiB':>9}"
+          f"{'x base':>8}")
+    for r in results:
+        print(f"{r['trainer']:<32}{r['phase'] or '-':<11}{r['batch_size']:>6}{r['params_M']:>9}"
+              f"{r['s_per_iteration']:>8}{r['s_per_iteration'] / base['s_per_iteration']:>8.2f}"
+              f"{r['peak_memory_MiB']:>9}{r['peak_memory_MiB'] / base['peak_memory_MiB']:>8.2f}")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
