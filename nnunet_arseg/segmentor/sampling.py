@@ -1,7 +1,9 @@
 """Seeded per-scale sampling (reference §3.1): temperature schedule, top-k, multinomial draws, scale by scale.
 
 Every random call takes the one ``torch.Generator`` seeded here, so a seed fixes the samples. N samples of an image
-are drawn as one batch: the image prefix and the condition are repeated N times (rows b * N + n).
+are drawn as one batch (rows b * N + n). With the KV cache, the first step (image prefix and start tokens, which
+are the same for all N samples of an image) runs once per image and its cache is repeated N times; without it,
+the prefix and the condition are repeated N times.
 """
 from __future__ import annotations
 
@@ -59,16 +61,22 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
     if len(temps) != len(scales):
         raise ValueError(f"need one temperature per scale ({len(scales)}), got {temps}")
     generator = torch.Generator(device=prefix_BND.device).manual_seed(int(seed))
-    prefix_BND = prefix_BND.repeat_interleave(num_samples, dim=0)
-    cls_B = cls_B.repeat_interleave(num_samples, dim=0)
     f_hat, next_x, xs, idx_list, partial = None, None, [], [], []
     transformer.kv_caching(use_cache)
     try:
+        if use_cache:  # step 0 once per image, then its cache and logits serve the N samples
+            cond_BD = transformer.condition(cls_B)
+            logits0_BlV = transformer.run(transformer.embed_step(0, prefix_BND, cond_BD), cond_BD, 0)
+            transformer.repeat_cache(num_samples)
+        prefix_BND = prefix_BND.repeat_interleave(num_samples, dim=0)
+        cls_B = cls_B.repeat_interleave(num_samples, dim=0)
         cond_BD = transformer.condition(cls_B)
         for si, pn in enumerate(scales):
-            if use_cache:
-                h = transformer.embed_step(si, prefix_BND if si == 0 else next_x, cond_BD)
-                logits_BlV = transformer.run(h, cond_BD, 0 if si == 0 else transformer.starts[si])
+            if use_cache and si == 0:
+                logits_BlV = logits0_BlV.repeat_interleave(num_samples, dim=0)
+            elif use_cache:
+                h = transformer.embed_step(si, next_x, cond_BD)
+                logits_BlV = transformer.run(h, cond_BD, transformer.starts[si])
             else:
                 x_BLC = torch.cat(xs, dim=1) if xs else prefix_BND.new_zeros(prefix_BND.shape[0], 0,
                                                                               quantizer.C)

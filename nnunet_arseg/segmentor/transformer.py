@@ -126,6 +126,13 @@ class BlockCausalTransformer(nn.Module):
         for b in self.blocks:
             b.attn.kv_caching(enable)
 
+    def repeat_cache(self, n: int) -> None:
+        """Repeat every cached row n times (rows b -> b * n + i): positions computed once per image serve its n
+        samples."""
+        for b in self.blocks:
+            b.attn.cached_k = b.attn.cached_k.repeat_interleave(n, dim=0)
+            b.attn.cached_v = b.attn.cached_v.repeat_interleave(n, dim=0)
+
     def embed_step(self, si: int, inp: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Input features with positions: si = 0 takes the prefix (B, N_f, D) and returns [prefix | start tokens];
         si >= 1 takes the inputs (B, l, Cvae) of scale si (and of the scales after it, if l covers them)."""
