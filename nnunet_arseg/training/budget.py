@@ -1,4 +1,4 @@
-"""Wall-time budgets for training: stop after ``nnUNet_ARSEG_BUDGET_MINUTES`` minutes of epochs (nnU-Net style variants).
+"""Wall-time budgets for training: stop after ``nnUNet_ARSEG_BUDGET_MINUTES`` minutes of epochs (one-hook variants).
 
     nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerBudget          # stock U-Net
     nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerARSeg_budget    # AR-Seg
@@ -8,12 +8,12 @@ counts the wall time of the epochs (training, validation, checkpointing, plottin
 validation. Every decision is a pure function of the epoch timestamps nnU-Net's logger stores in each checkpoint, so
 ``--c`` re-derives the same numbers and continues with the time that is left:
 
-- ``nnUNetTrainerBudget``: after the first epoch, ``num_epochs = floor(budget / first epoch's wall time)`` and the
-  poly LR schedule is stretched over exactly those epochs.
+- ``nnUNetTrainerBudget``: at every epoch, ``num_epochs`` = the epochs done + those the time left allows at the mean
+  epoch time so far, and the poly LR schedule is stretched over them.
 - ``nnUNetTrainerARSeg_budget``: after the first (tokenizer) epoch, the phase boundary
   ``num_tokenizer_epochs = round(fraction * budget / first epoch's wall time)`` (fraction from
-  ``nnUNet_ARSEG_BUDGET_TOKENIZER_FRACTION``, default 0.25: AR-Seg's 1:3 split); after the first segmentor epoch,
-  ``num_epochs`` from the time left. Each phase runs at least one epoch.
+  ``nnUNet_ARSEG_BUDGET_TOKENIZER_FRACTION``, default 0.25: AR-Seg's 1:3 split); in the segmentor phase,
+  ``num_epochs`` as above from the mean segmentor epoch time. Each phase runs at least one epoch.
 
 Training also stops as soon as the budget is spent, whichever comes first. With fold ``all`` nnU-Net would validate on
 the training cases; these variants skip that final validation (predict a test set instead).
@@ -66,6 +66,14 @@ def epoch_wall_seconds(starts: list[float], ends: list[float], epoch: int, now: 
 def spent_seconds(starts: list[float], ends: list[float], num_epochs: int, now: float) -> float:
     """Wall time of the first ``num_epochs`` finished epochs."""
     return sum(epoch_wall_seconds(starts, ends, e, now) for e in range(num_epochs))
+
+
+def epochs_that_fit(starts: list[float], ends: list[float], first: int, done: int, budget: float, now: float) -> int:
+    """``done`` epochs plus as many more as the time left allows at the mean wall time of epochs ``first..done-1``
+    (re-planned at every epoch, so one slow epoch on a shared machine does not fix the plan)."""
+    spent = spent_seconds(starts, ends, done, now)
+    per_epoch = sum(epoch_wall_seconds(starts, ends, e, now) for e in range(first, done)) / max(1, done - first)
+    return done + max(0, int((budget - spent) // max(per_epoch, 1e-6)))
 
 
 class BudgetReached(Exception):
@@ -136,10 +144,10 @@ class nnUNetTrainerBudget(WallTimeBudgetMixin, nnUNetTrainer):
         self.batch_size = min(self.batch_size, self.batch_size_cap)
 
     def plan_budget(self, now: float) -> int:
-        if self.current_epoch >= 1 and self.num_epochs == UNDECIDED_EPOCHS:
+        if self.current_epoch >= 1:
             starts, ends = self.epoch_times()
-            self.num_epochs = max(1, int(self.budget_seconds // epoch_wall_seconds(starts, ends, 0, now)))
-            self.lr_scheduler.max_steps = self.num_epochs
+            self.num_epochs = epochs_that_fit(starts, ends, 0, self.current_epoch, self.budget_seconds, now)
+            self.lr_scheduler.max_steps = max(1, self.num_epochs)
         return 1
 
 
@@ -154,9 +162,9 @@ class nnUNetTrainerARSeg_budget(WallTimeBudgetMixin, nnUNetTrainerARSeg):
         fraction = env_float(TOKENIZER_FRACTION_ENV, type(self).__name__, default=0.25, high=1.0)
         n_tok = max(1, round(fraction * self.budget_seconds / epoch_wall_seconds(starts, ends, 0, now)))
         self.num_tokenizer_epochs = n_tok
-        if self.current_epoch > n_tok and self.num_epochs == UNDECIDED_EPOCHS:
-            left = self.budget_seconds - spent_seconds(starts, ends, n_tok, now)
-            self.num_epochs = n_tok + max(1, int(left // epoch_wall_seconds(starts, ends, n_tok, now)))
+        if self.current_epoch > n_tok:
+            self.num_epochs = max(n_tok + 1, epochs_that_fit(starts, ends, n_tok, self.current_epoch,
+                                                             self.budget_seconds, now))
         if isinstance(self.lr_scheduler, PhaseLRScheduler):  # keep the schedule of the current phase consistent
             tok = self.phase_of(self.current_epoch) == TOKENIZER
             self.lr_scheduler.first_epoch = 0 if tok else n_tok
