@@ -135,10 +135,10 @@ def main() -> None:
          env, False)
     figures = write_case_figures(raw_dataset, pred_dir, join(out, "figures"))
 
-    mean = load_json(summary_file)["mean"]
+    mean = load_json(summary_file)["foreground_mean"]
     print(f"\n[demo] finished in {(time.time() - t0) / 60:.1f} min")
     print("[demo] held-out slices, 16 samples each, against 4 raters: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if isinstance(v, float)))
+          + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
     print(f"[demo] figures (image, raters, samples, consensus, uncertainty, scales): {join(out, 'figures')} "
           f"({len(figures)} PNG)")
     print(f"[demo] predictions: {pred_dir}\n[demo] metrics: {summary_file}")
