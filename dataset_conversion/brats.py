@@ -28,7 +28,8 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_case_id, check_unique_cases,
-                                            copy_file, dataset_folder_name, staged_dataset)
+                                            converter_parser, copy_file, dataset_folder_name, run_converter,
+                                            staged_dataset)
 from nnunet_arseg.atomic import write_atomic
 
 SEQUENCES = ("t1", "t1ce", "t2", "flair")  # nnU-Net's Dataset137 channel order
@@ -197,26 +198,13 @@ def convert_brats_back(pred_folder: str | Path, out_folder: str | Path, overwrit
 
 
 def main(argv: list[str] | None = None) -> None:
-    from nnunetv2.paths import nnUNet_raw
-
-    parser = argparse.ArgumentParser(prog="nnUNetv2_arseg_convert_brats", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-i", required=True, help="folder with BraTS case folders (2021 or 2013/2015 layout)")
-    parser.add_argument("-o", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
-    parser.add_argument("-d", type=int, required=True, help="dataset id (1..999)")
-    parser.add_argument("-n", default="BraTS2021", help="dataset name (default BraTS2021)")
+    parser = converter_parser("nnUNetv2_arseg_convert_brats", __doc__.split("\n\n")[0],
+                              "folder with BraTS case folders (2021 or 2013/2015 layout)", "BraTS2021")
     parser.add_argument("--sequences", nargs="+", default=list(SEQUENCES), choices=SEQUENCES,
                         help="channels, in this order (default: t1 t1ce t2 flair)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset this converter wrote before")
-    parser.add_argument("--disable_progress_bar", action="store_true")
     args = parser.parse_args(argv)
-    raw = args.o if args.o is not None else nnUNet_raw
-    if raw is None:
-        parser.error("-o not given and nnUNet_raw is not set")
-    try:
-        convert_brats(args.i, raw, args.d, args.n, tuple(args.sequences), args.overwrite,
-                      progress=not args.disable_progress_bar)
-    except ConversionError as e:
-        sys.exit(f"nnUNetv2_arseg_convert_brats: error: {e}")
+    run_converter(parser, args, lambda raw: convert_brats(args.i, raw, args.d, args.n, tuple(args.sequences),
+                                                          args.overwrite, progress=not args.disable_progress_bar))
 
 
 def main_back(argv: list[str] | None = None) -> None:

@@ -11,8 +11,6 @@ and would clip the lung around small nodules; a per-image z-score is the honest 
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,8 +20,8 @@ from tqdm import tqdm
 
 from dataset_conversion.lidc_layouts import (NUM_RATERS, LidcSlice, RaterCase, find_lidc_slices,
                                              find_rater_cases)
-from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_unique_cases, dataset_folder_name,
-                                            save_png, staged_dataset)
+from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_unique_cases, converter_parser,
+                                            dataset_folder_name, run_converter, save_png, staged_dataset)
 
 __all__ = ["LidcSlice", "find_lidc_slices", "consensus", "binarize_mask", "split_by_patient", "convert_lidc", "main"]
 
@@ -177,13 +175,8 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from nnunetv2.paths import nnUNet_raw
-
-    parser = argparse.ArgumentParser(prog="nnUNetv2_arseg_convert_lidc", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-i", required=True, help="LIDC crops: LIDC-IDRI-slices, DeepMind or CIMD layout")
-    parser.add_argument("-o", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
-    parser.add_argument("-d", type=int, required=True, help="dataset id (1..999)")
-    parser.add_argument("-n", default="LIDC", help="dataset name (default LIDC)")
+    parser = converter_parser("nnUNetv2_arseg_convert_lidc", __doc__.split("\n\n")[0],
+                              "LIDC crops: LIDC-IDRI-slices, DeepMind or CIMD layout", "LIDC")
     parser.add_argument("--test_fraction", type=float, default=None,
                         help="share of patients held out as test set (default 0.2; the layout's own split when "
                              "it has one and this flag is not given)")
@@ -193,17 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="binarise non-binary (e.g. JPEG) masks as mask > T; use 127 for the CIMD layout")
     parser.add_argument("--no_crop", action="store_true", help="DeepMind layout: keep 180x180 (default: centre 128)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset this converter wrote before")
-    parser.add_argument("--disable_progress_bar", action="store_true")
     args = parser.parse_args(argv)
-    raw = args.o if args.o is not None else nnUNet_raw
-    if raw is None:
-        parser.error("-o not given and nnUNet_raw is not set")
-    try:
-        convert_lidc(args.i, raw, args.d, args.n, args.test_fraction, args.seed, args.threshold, args.no_crop,
-                     args.overwrite, progress=not args.disable_progress_bar, test_input_folder=args.test_input)
-    except ConversionError as e:
-        sys.exit(f"nnUNetv2_arseg_convert_lidc: error: {e}")
+    run_converter(parser, args, lambda raw: convert_lidc(
+        args.i, raw, args.d, args.n, args.test_fraction, args.seed, args.threshold, args.no_crop, args.overwrite,
+        progress=not args.disable_progress_bar, test_input_folder=args.test_input))
 
 
 if __name__ == "__main__":

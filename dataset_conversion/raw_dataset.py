@@ -1,9 +1,11 @@
 """Writing an nnU-Net raw dataset safely: staged in a hidden sibling folder, every file atomic, no silent overwrite."""
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -109,3 +111,28 @@ def staged_dataset(raw_folder: str | Path, dataset_id: int, name: str, overwrite
         shutil.rmtree(old)
     else:
         os.replace(staging, final)
+
+
+def converter_parser(prog: str, description: str, input_help: str, default_name: str) -> argparse.ArgumentParser:
+    """The flags every converter shares: ``-i -o -d -n --overwrite --disable_progress_bar``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-i", required=True, help=input_help)
+    parser.add_argument("-o", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    parser.add_argument("-d", type=int, required=True, help="dataset id (1..999)")
+    parser.add_argument("-n", default=default_name, help=f"dataset name (default {default_name})")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset this converter wrote before")
+    parser.add_argument("--disable_progress_bar", action="store_true")
+    return parser
+
+
+def run_converter(parser: argparse.ArgumentParser, args: argparse.Namespace, convert) -> None:
+    """Call ``convert(raw_folder)`` with ``-o`` or ``$nnUNet_raw``; a ``ConversionError`` ends with its message."""
+    from nnunetv2.paths import nnUNet_raw
+
+    raw = args.o if args.o is not None else nnUNet_raw
+    if raw is None:
+        parser.error("-o not given and nnUNet_raw is not set")
+    try:
+        convert(raw)
+    except ConversionError as e:
+        sys.exit(f"{parser.prog}: error: {e}")
