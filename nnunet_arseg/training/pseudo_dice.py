@@ -24,11 +24,3 @@ def teacher_forced_mask_logits(network, x: torch.Tensor, mask_B1: torch.Tensor, 
         pred.append(idx_BL[:, start:start + n].reshape(-1, *pn))
         start += n
     return tok.idx_to_logits(pred)
-
-
-def normalise_loss_output(out) -> dict:
-    """The network's training output as a dict with ``"loss"`` (the tokenizer stage returns ``(loss, logs)``)."""
-    if isinstance(out, dict):
-        return out
-    loss, logs = out
-    return {**logs, "loss": loss}

@@ -19,7 +19,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.training import phases, raters, splits
-from nnunet_arseg.training.pseudo_dice import normalise_loss_output, teacher_forced_mask_logits
+from nnunet_arseg.training.pseudo_dice import teacher_forced_mask_logits
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg
 from nnunet_arseg.training.validation import write_multirater_summary
 
@@ -163,7 +163,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         mask, cls_B = self._class_masks(batch['target'].to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = normalise_loss_output(self.network(data, mask=mask, cls=cls_B))["loss"]
+            loss = self.network(data, mask=mask, cls=cls_B)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.network.parameters() if p.requires_grad],
                                        self.grad_clip_norm)
@@ -176,7 +176,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         data = batch['data'].to(self.device, non_blocking=True)
         mask, cls_B = self._class_masks(batch['target'].to(self.device, non_blocking=True))
         with self._autocast():
-            out = normalise_loss_output(self.network(data, mask=mask, cls=cls_B))
+            out = self.network(data, mask=mask, cls=cls_B)
             pred = teacher_forced_mask_logits(self.network, data, mask, cls_B).float() > 0
         ref = mask > 0.5
         axes = tuple(range(1, pred.ndim))

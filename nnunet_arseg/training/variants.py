@@ -75,17 +75,18 @@ class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
 
 
 class nnUNetTrainerARSeg_tiny_demo(nnUNetTrainerARSeg_tiny):
-    """The tiny model trained long enough to draw real masks (``nnUNetv2_arseg_demo``): a few minutes on 2 CPU cores.
+    """The tiny model trained long enough to draw real masks (``nnUNetv2_arseg_demo``): about 5 minutes on 2 idle
+    CPU cores.
 
     ``nnUNetTrainerARSeg_tiny``'s 2 + 2 epochs of 5 iterations prove that everything runs, but the tokenizer alone
-    needs some hundred steps before its masks are more than noise; this variant takes 10 + 10 epochs of 30.
+    needs some hundred steps before its masks are more than noise; this variant takes 20 + 20 epochs of 30.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_tokenizer_epochs = 10
+        self.num_epochs = 40
+        self.num_tokenizer_epochs = 20
         self.num_iterations_per_epoch = 30
         self.num_val_iterations_per_epoch = 2
         self.save_every = 5
