@@ -15,7 +15,7 @@ import os
 import sys
 from functools import partial
 
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
 
 from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.nnunet_ext import EXT_DIR, ensure_ext_trainer_env
@@ -53,13 +53,13 @@ def check_model_folder(rest: list[str]) -> str | None:
     if not isfile(plans_file):
         _fail(f"no trained model at {folder} (plans.json missing). Train it with nnUNetv2_train {args.d} {args.c} FOLD "
               f"-tr {args.tr} -p {args.p}, or check -d/-tr/-p/-c and nnUNet_results.")
-    from nnunet_arseg.training.plans import ARSEG_NETWORK_CLASS
+    from nnunet_arseg.network import NETWORK_CLASS_NAME
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     cfg = PlansManager(load_json(plans_file)).get_configuration(args.c)
     name = cfg.network_arch_class_name
-    if name != ARSEG_NETWORK_CLASS:
+    if name != NETWORK_CLASS_NAME:
         _fail(f"{folder} holds a model of trainer {args.tr} with network {name}, not an AR-Seg model "
-              f"({ARSEG_NETWORK_CLASS}); predict it with nnUNetv2_predict, or pass -tr nnUNetTrainerARSeg (or the "
+              f"({NETWORK_CLASS_NAME}); predict it with nnUNetv2_predict, or pass -tr nnUNetTrainerARSeg (or the "
               f"AR-Seg variant you trained)")
     return folder
 
@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
         stock.nnUNetPredictor = stock_predictor
     out = rest[rest.index("-o") + 1] if "-o" in rest else None
     if out is not None and isdir(out):
-        maybe_mkdir_p(out)
         save_json_atomic({"num_samples": ours.num_samples, "seed": ours.seed, "save_samples": ours.save_samples,
                           "save_uncertainty": ours.save_uncertainty, "save_scales": ours.save_scales,
                           "nnunet_args": rest}, join(out, "arseg_predict_args.json"))

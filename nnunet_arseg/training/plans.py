@@ -7,11 +7,11 @@ from copy import deepcopy
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-ARSEG_NETWORK_CLASS = "nnunet_arseg.network.ARSegNetwork"
+from nnunet_arseg.network import NETWORK_CLASS_NAME, build_arseg_architecture
 
 
 def is_arseg_architecture(architecture: dict) -> bool:
-    return architecture.get("network_class_name") == ARSEG_NETWORK_CLASS
+    return architecture.get("network_class_name") == NETWORK_CLASS_NAME
 
 
 def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, has_regions: bool | None = None) -> dict:
@@ -23,7 +23,6 @@ def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, ha
     """
     if is_arseg_architecture(stock_architecture):
         return deepcopy(stock_architecture)
-    from nnunet_arseg.network import build_arseg_architecture
     kwargs = dict(overrides) if has_regions is None else {**overrides, "has_regions": has_regions}
     cap = kwargs.pop("max_features_per_stage", None)
     arch = build_arseg_architecture(deepcopy(stock_architecture), tuple(patch_size), **kwargs)

@@ -62,7 +62,8 @@ class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
 class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
     """CPU-sized AR-Seg for budgets of minutes: the ``tiny`` preset (codebook 256; transformer width 64, depth 2; SVD
     embedding) with tokenizer base width 8, the plans' encoder capped at 64 features, batch <= 8, LRs raised for short
-    training. Measured: 0.6 s per tokenizer and 1.1 s per segmentor iteration (batch 6, 128x128, one busy CPU thread)."""
+    training. Measured: 0.6 s per tokenizer and 1.1 s per segmentor iteration (batch 6, 128x128, one busy CPU
+    thread)."""
 
     arseg_arch_overrides = {"preset": "tiny", "max_features_per_stage": 64, "tokenizer": {"ch": 8}}
 
