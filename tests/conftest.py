@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ``../shared/data`` and a temporary nnU-Net environment."""
+"""Shared fixtures: the LIDC sample shipped in the package, the real data in ``../shared/data`` and a temporary
+nnU-Net environment."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+BUNDLED_LIDC = REPO / "nnunet_arseg" / "demo_data" / "lidc"
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def shared_data_path(*parts: str) -> Path:
@@ -21,10 +24,21 @@ def shared_data_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_nnunet_folders():
+    """Tests never see (or write to) the user's own nnU-Net folders; the ``nnunet_env`` fixture sets temporary ones."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in NNUNET_FOLDERS:
+            mp.delenv(key, raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def lidc_demo() -> Path:
-    """The 8-patient LIDC demo crops (LIDC-IDRI-slices layout, four raters per slice)."""
-    return shared_data_path("lidc", "demo")
+    """The 8-patient LIDC demo crops shipped in the package (LIDC-IDRI-slices layout, four raters per slice; the
+    same files as ``../shared/data/lidc/demo``), so these tests run on a user's clone too."""
+    assert BUNDLED_LIDC.is_dir(), f"the package's LIDC sample is missing: {BUNDLED_LIDC}"
+    return BUNDLED_LIDC
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +66,7 @@ def nnunet_env(tmp_path, monkeypatch) -> dict[str, str]:
         "nnUNet_def_n_proc": "1",
     }
     for key, value in env.items():
-        os.makedirs(value, exist_ok=True)
+        if key in NNUNET_FOLDERS:
+            os.makedirs(value, exist_ok=True)
         monkeypatch.setenv(key, value)
     return env
