@@ -21,7 +21,9 @@ from tqdm import tqdm
 from dataset_conversion.lidc_layouts import (NUM_RATERS, LidcSlice, RaterCase, find_lidc_slices,
                                              find_rater_cases)
 from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_unique_cases, converter_parser,
-                                            dataset_folder_name, run_converter, save_png, staged_dataset)
+                                            dataset_folder_name, name_list, run_converter, save_png, staged_dataset,
+                                            warn)
+from nnunet_arseg.io_checks import IncompleteFileError, check_complete
 
 __all__ = ["LidcSlice", "find_lidc_slices", "consensus", "binarize_mask", "split_by_patient", "convert_lidc", "main"]
 
@@ -39,6 +41,11 @@ def _read_gray(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise ConversionError(f"{path}: {what} is missing; every image needs its {NUM_RATERS} rater masks "
                               "(restore the file or remove the whole case from the input)")
+    try:
+        check_complete(path)
+    except IncompleteFileError as e:
+        raise ConversionError(f"{path}: cannot read the {what}: {e.reason}; replace the file or remove the "
+                              "case") from None
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
@@ -109,15 +116,17 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
     layouts without a split use ``test_fraction`` (default 0.2). ``test_input_folder`` (same layout) gives the
     test set explicitly: all of ``input_folder`` is then training data.
     """
-    layout, cases = find_rater_cases(input_folder)
+    layout, cases, left_out = find_rater_cases(input_folder)
+    left_out = [str(Path(input_folder) / p) for p in left_out]
     if test_input_folder is not None:
         if test_fraction is not None:
             raise ConversionError("give either a test folder (--test_input) or --test_fraction, not both")
-        test_layout, test_cases = find_rater_cases(test_input_folder)
+        test_layout, test_cases, test_left_out = find_rater_cases(test_input_folder)
         if test_layout != layout:
             raise ConversionError(f"{test_input_folder} is in the {test_layout} layout but {input_folder} in the "
                                   f"{layout} layout; give both in the same layout")
         cases = [replace(rc, split="train") for rc in cases] + [replace(rc, split="test") for rc in test_cases]
+        left_out += [str(Path(test_input_folder) / p) for p in test_left_out]
     sources: dict[str, list[str]] = {}
     for rc in cases:
         sources.setdefault(rc.case, []).append(str(rc.image))
@@ -134,6 +143,11 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
         test_patients = split_by_patient(patients, 0.2 if test_fraction is None else test_fraction, seed)
         is_test = [p in test_patients for p in patients]
         split_source = f"by patient, test_fraction={0.2 if test_fraction is None else test_fraction}, seed={seed}"
+    if not any(is_test) and test_fraction != 0:
+        raise ConversionError(_empty_test_set_message(input_folder, split_source, sorted(set(patients))))
+    if left_out:
+        warn(f"{len(left_out)} folder(s) or file(s) of the input do not fit the {layout} layout and were left out: "
+             f"{name_list(left_out)}. Rename them to the layout's names if they hold cases")
     crop = DEEPMIND_CROP if layout == "deepmind" and not no_crop else None
 
     with staged_dataset(raw_folder, dataset_id, name, overwrite) as out:
@@ -162,7 +176,7 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
                    "test_raters_folder": "labelsTs_raters",
                    "patient_of_case": {rc.case: rc.patient for rc in cases}},
             arseg_conversion={"input": str(Path(input_folder).resolve()), "layout": layout, "split": split_source,
-                              "threshold": threshold, "center_crop": crop})
+                              "threshold": threshold, "center_crop": crop, "left_out": left_out})
     final = Path(raw_folder) / dataset_folder_name(dataset_id, name)
     test_patients = {p for p, t in zip(patients, is_test) if t}
     print(f"Wrote {final}\n  layout {layout}; {len(cases)} cases from {len(set(patients))} patients, "
@@ -170,8 +184,19 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
           f"\n  train {len(cases) - n_test} cases / {len(set(patients) - test_patients)} patients; "
           f"test {n_test} cases / {len(test_patients)} patients ({split_source})"
           f"\n  empty masks: {empty_rater / (NUM_RATERS * len(cases)):.1%} of rater masks, "
-          f"{empty_consensus / len(cases):.1%} of consensus labels")
+          f"{empty_consensus / len(cases):.1%} of consensus labels"
+          + (f"\n  left out (not in the layout): {len(left_out)}, see the warning above" if left_out else ""))
     return final
+
+
+def _empty_test_set_message(input_folder, split_source: str, patients: list[str]) -> str:
+    if split_source == "layout":
+        return (f"{input_folder}: the layout's own split has no test case; pass --test_fraction F to hold out a "
+                "share of the patients, --test_input FOLDER for an explicit test set, or --test_fraction 0 to "
+                "convert everything as training data")
+    return (f"{input_folder}: {len(patients)} patient(s) ({name_list(patients)}) give an empty test set when the "
+            "test set is held out by patient; add patients, give the test set with --test_input FOLDER, or pass "
+            "--test_fraction 0 to convert everything as training data")
 
 
 def main(argv: list[str] | None = None) -> None:

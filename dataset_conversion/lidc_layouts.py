@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataset_conversion.raw_dataset import ConversionError, check_case_id
+from dataset_conversion.raw_dataset import ConversionError, check_case_id, name_list
 
 NUM_RATERS = 4
 
@@ -19,6 +19,7 @@ class LidcSlice:
     slice_index: int
     image: Path
     rater_masks: tuple[Path, ...]  # mask-0 .. mask-(R-1), in rater order; may not exist
+    series: str = ""  # what follows the patient id in its folder name ("LIDC-IDRI-0002_rescan" -> "rescan")
 
 
 @dataclass(frozen=True)
@@ -32,46 +33,85 @@ class RaterCase:
     split: str | None
 
 
-_PATIENT_RE = re.compile(r"^LIDC-IDRI-(\d+)$")
-_NODULE_RE = re.compile(r"^nodule-(\d+)$")
-_SLICE_RE = re.compile(r"^slice-(\d+)\.png$")
+_PATIENT_RE = re.compile(r"^LIDC-IDRI-(\d+)(.*)$", re.IGNORECASE)
+_NODULE_RE = re.compile(r"^nodule-(\d+)$", re.IGNORECASE)
+_SLICE_RE = re.compile(r"^slice-(\d+)\.png$", re.IGNORECASE)
+_MASK_RE = re.compile(r"^mask-(\d+)$", re.IGNORECASE)
 _DEEPMIND_SPLITS = {"train": "train", "val": "train", "test": "test"}
 _CIMD_SPLITS = {"training": "train", "testing": "test"}
 
 
-def find_lidc_slices(root: str | Path, num_raters: int = NUM_RATERS) -> list[LidcSlice]:
-    """All slices of the LIDC-IDRI-slices layout below ``root``, sorted by patient, nodule and slice (numerically).
+def _visible(folder: Path) -> list[Path]:
+    """Entries of ``folder`` without hidden ones (``.DS_Store``, our own ``.tmp-*``), sorted by name."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
-    Layout: ``LIDC-IDRI-XXXX/nodule-K/images/slice-N.png`` and ``mask-0..3/slice-N.png``. Rater mask paths are
-    returned whether or not they exist; the converter checks them.
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root))
+
+
+def scan_lidc_slices(root: str | Path, num_raters: int = NUM_RATERS) -> tuple[list[LidcSlice], list[str]]:
+    """The slices of the LIDC-IDRI-slices layout below ``root`` and what was left out (paths relative to ``root``).
+
+    Layout: ``LIDC-IDRI-XXXX/nodule-K/images/slice-N.png`` and ``mask-0..3/slice-N.png``; folder and file names
+    are matched without regard to case (``Images/``, ``slice-1.PNG``). A patient folder with a suffix
+    (``LIDC-IDRI-0002_rescan``) stays with its patient, for the split by patient, and its suffix goes into the case
+    id. Slices are sorted by patient, series, nodule and slice (numerically). Rater mask paths are returned whether
+    or not they exist; the converter checks them.
     """
     root = Path(root)
     slices: list[LidcSlice] = []
-    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir() and _PATIENT_RE.match(p.name)):
-        for nodule_dir in patient_dir.iterdir():
+    left_out: list[str] = []
+    for patient_dir in _visible(root):
+        m_pat = _PATIENT_RE.match(patient_dir.name)
+        if not patient_dir.is_dir() or m_pat is None:
+            if patient_dir.is_dir():
+                left_out.append(_rel(patient_dir, root))
+            continue
+        patient, series = f"LIDC-IDRI-{m_pat.group(1)}", re.sub(r"[^A-Za-z0-9]+", "", m_pat.group(2))
+        for nodule_dir in _visible(patient_dir):
             m_nod = _NODULE_RE.match(nodule_dir.name)
-            if m_nod is None or not (nodule_dir / "images").is_dir():
+            sub = {p.name.lower(): p for p in _visible(nodule_dir)} if nodule_dir.is_dir() else {}
+            if m_nod is None or "images" not in sub or not sub["images"].is_dir():
+                left_out.append(_rel(nodule_dir, root) + ("" if m_nod is None else " (no images/ folder)"))
                 continue
-            for image in (nodule_dir / "images").iterdir():
+            mask_dirs = {int(m.group(1)): p for n, p in sub.items() if (m := _MASK_RE.match(n)) and p.is_dir()}
+            left_out += [_rel(p, root) + f" (only mask-0..{num_raters - 1} are read)"
+                         for k, p in sorted(mask_dirs.items()) if k >= num_raters]
+            left_out += [_rel(p, root) for n, p in sorted(sub.items())
+                         if n != "images" and not (_MASK_RE.match(n) and p.is_dir())]
+            mask_files = {k: {f.name.lower(): f for f in _visible(mask_dirs[k])} if k in mask_dirs else {}
+                          for k in range(num_raters)}
+            for image in _visible(sub["images"]):
                 m_sl = _SLICE_RE.match(image.name)
-                if m_sl is None:
+                if m_sl is None or not image.is_file():
+                    left_out.append(_rel(image, root))
                     continue
-                masks = tuple(nodule_dir / f"mask-{k}" / image.name for k in range(num_raters))
-                slices.append(LidcSlice(patient_dir.name, int(m_nod.group(1)), int(m_sl.group(1)), image, masks))
-    slices.sort(key=lambda s: (s.patient, s.nodule, s.slice_index))
-    return slices
+                masks = tuple(mask_files[k].get(image.name.lower(), nodule_dir / f"mask-{k}" / image.name)
+                              for k in range(num_raters))
+                slices.append(LidcSlice(patient, int(m_nod.group(1)), int(m_sl.group(1)), image, masks, series))
+    slices.sort(key=lambda s: (s.patient, s.series, s.nodule, s.slice_index))
+    return slices, left_out
+
+
+def find_lidc_slices(root: str | Path, num_raters: int = NUM_RATERS) -> list[LidcSlice]:
+    """All slices of the LIDC-IDRI-slices layout below ``root`` (see ``scan_lidc_slices``)."""
+    return scan_lidc_slices(root, num_raters)[0]
 
 
 def short_patient(pid: str) -> str:
     """``LIDC-IDRI-0002`` -> ``LIDC0002``; other ids keep their letters and digits."""
     m = _PATIENT_RE.match(pid)
-    return f"LIDC{m.group(1)}" if m else re.sub(r"[^A-Za-z0-9]", "", pid)
+    return f"LIDC{m.group(1)}" if m and not m.group(2) else re.sub(r"[^A-Za-z0-9]", "", pid)
 
 
-def _slices_cases(root: Path, num_raters: int) -> list[RaterCase]:
-    return [RaterCase(check_case_id(f"{short_patient(s.patient)}_n{s.nodule}_s{s.slice_index:02d}", s.image),
-                      s.patient, s.image, s.rater_masks, None)
-            for s in find_lidc_slices(root, num_raters)]
+def _slices_cases(root: Path, num_raters: int) -> tuple[list[RaterCase], list[str]]:
+    slices, left_out = scan_lidc_slices(root, num_raters)
+    cases = [RaterCase(check_case_id(f"{short_patient(s.patient)}{'_' + s.series if s.series else ''}"
+                                     f"_n{s.nodule}_s{s.slice_index:02d}", s.image), s.patient, s.image,
+                       s.rater_masks, None)
+             for s in slices]
+    return cases, left_out
 
 
 def _deepmind_name(name: str) -> str:
@@ -80,24 +120,39 @@ def _deepmind_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "", name)
 
 
-def _deepmind_cases(root: Path, num_raters: int) -> list[RaterCase]:
-    cases = []
-    for split_dir in sorted(p for p in root.iterdir() if p.name in _DEEPMIND_SPLITS):
+def _deepmind_cases(root: Path, num_raters: int) -> tuple[list[RaterCase], list[str]]:
+    cases, left_out = [], []
+    for split_dir in _visible(root):
+        if split_dir.name not in _DEEPMIND_SPLITS:
+            left_out += [_rel(split_dir, root)] if split_dir.is_dir() else []
+            continue
         image_root, gt_root = split_dir / "images", split_dir / "gt"
         if not image_root.is_dir():
             raise ConversionError(f"{image_root} is missing; the DeepMind layout is {{train,val,test}}/images/<pid>/"
                                   "<name>.png with {train,val,test}/gt/<pid>/<name>_l0..3.png")
-        for image in sorted(image_root.glob("*/*.png")):
-            pid = image.parent.name
-            masks = tuple(gt_root / pid / f"{image.stem}_l{k}.png" for k in range(num_raters))
-            case = check_case_id(f"{short_patient(pid)}_{_deepmind_name(image.stem)}", image)
-            cases.append(RaterCase(case, pid, image, masks, _DEEPMIND_SPLITS[split_dir.name]))
-    return cases
+        for pid_dir in _visible(image_root):
+            if not pid_dir.is_dir():
+                left_out.append(_rel(pid_dir, root))
+                continue
+            files = _visible(pid_dir)
+            left_out += [_rel(f, root) for f in files if not (f.is_file() and f.suffix.lower() == ".png")]
+            gt_dir = gt_root / pid_dir.name
+            gt_files = {f.name.lower(): f for f in _visible(gt_dir)} if gt_dir.is_dir() else {}
+            for image in (f for f in files if f.is_file() and f.suffix.lower() == ".png"):
+                pid = image.parent.name
+                masks = tuple(gt_files.get(f"{image.stem}_l{k}.png".lower(), gt_dir / f"{image.stem}_l{k}.png")
+                              for k in range(num_raters))
+                case = check_case_id(f"{short_patient(pid)}_{_deepmind_name(image.stem)}", image)
+                cases.append(RaterCase(case, pid, image, masks, _DEEPMIND_SPLITS[split_dir.name]))
+    return cases, left_out
 
 
-def _cimd_cases(root: Path, num_raters: int) -> list[RaterCase]:
-    cases = []
-    for split_dir in sorted(p for p in root.iterdir() if p.name in _CIMD_SPLITS):
+def _cimd_cases(root: Path, num_raters: int) -> tuple[list[RaterCase], list[str]]:
+    cases, left_out = [], []
+    for split_dir in _visible(root):
+        if split_dir.name not in _CIMD_SPLITS:
+            left_out += [_rel(split_dir, root)] if split_dir.is_dir() else []
+            continue
         split = _CIMD_SPLITS[split_dir.name]
         for case_dir in sorted((p for p in split_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
             images = sorted(case_dir.glob("image_*.jpg"))
@@ -108,7 +163,7 @@ def _cimd_cases(root: Path, num_raters: int) -> list[RaterCase]:
             # the layout does not say which crops share a patient, so every crop is its own group
             case = check_case_id(f"CIMD_{'tr' if split == 'train' else 'ts'}{case_dir.name.zfill(3)}", case_dir)
             cases.append(RaterCase(case, case, images[0], masks, split))
-    return cases
+    return cases, left_out
 
 
 def detect_layout(root: str | Path) -> str:
@@ -129,12 +184,15 @@ def detect_layout(root: str | Path) -> str:
         "{training,testing}/<id>/image_*.jpg (+ label0..3_.jpg)")
 
 
-def find_rater_cases(root: str | Path, num_raters: int = NUM_RATERS) -> tuple[str, list[RaterCase]]:
-    """The layout of ``root`` and its cases in a deterministic order; an empty input is an error."""
+def find_rater_cases(root: str | Path, num_raters: int = NUM_RATERS) -> tuple[str, list[RaterCase], list[str]]:
+    """The layout of ``root``, its cases in a deterministic order and what was left out (paths relative to
+    ``root``: folders and files that do not fit the layout); an input without cases is an error."""
     root = Path(root)
     layout = detect_layout(root)
     reader = {"slices": _slices_cases, "deepmind": _deepmind_cases, "cimd": _cimd_cases}[layout]
-    cases = reader(root, num_raters)
+    cases, left_out = reader(root, num_raters)
     if not cases:
-        raise ConversionError(f"{root} looks like the {layout} layout but holds no image; check the -i folder")
-    return layout, cases
+        raise ConversionError(f"{root} looks like the {layout} layout but holds no image"
+                              + (f"; left out as not fitting the layout: {name_list(left_out)}" if left_out else "")
+                              + "; check the -i folder")
+    return layout, cases, left_out

@@ -8,7 +8,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -50,6 +50,15 @@ def check_unique_cases(sources: dict[str, list[str]]) -> None:
                               "each input must map to its own case: remove or rename the duplicate")
 
 
+def name_list(items: Sequence[str], limit: int = 8) -> str:
+    """``a, b, c`` or ``a, b, ... (and 12 more)``: names for a message that stays readable."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def warn(message: str) -> None:
+    """A warning on stderr: the run goes on, but the user must see what was left out."""
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def save_png(arr_HW: np.ndarray, path: str | Path) -> None:
@@ -72,20 +81,44 @@ def _owned_by_us(folder: Path) -> bool:
         return False
 
 
+def nnunet_id_folders() -> dict[str, Path]:
+    """``$nnUNet_preprocessed`` and ``$nnUNet_results`` where set: a new dataset id must be free there as well."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+
+    return {env.env_var_name: Path(env.get()) for env in (nnUNet_preprocessed, nnUNet_results) if env.is_set()}
+
+
+def check_dataset_id_free(dataset_id: int, name: str, folders: dict[str, Path]) -> None:
+    """Refuse an id that another dataset name already uses in any of ``folders`` ({label: folder}).
+
+    nnU-Net resolves ``-d 8`` by looking for ``Dataset008_*`` in nnUNet_raw, nnUNet_preprocessed and nnUNet_results
+    together and fails ("More than one dataset name found") when they disagree.
+    """
+    final_name = dataset_folder_name(dataset_id, name)
+    for label, folder in folders.items():
+        others = sorted(p.name for p in Path(folder).glob(f"Dataset{dataset_id:03d}_*")
+                        if p.is_dir() and p.name != final_name)
+        if others:
+            raise ConversionError(
+                f"{Path(folder) / others[0]} ({label}) already uses dataset id {dataset_id}; nnU-Net needs one "
+                f"dataset name per id across nnUNet_raw, nnUNet_preprocessed and nnUNet_results: choose another -d, "
+                f"or -n {others[0].split('_', 1)[1]} if this is that dataset, or remove that folder yourself")
+
+
 @contextmanager
-def staged_dataset(raw_folder: str | Path, dataset_id: int, name: str, overwrite: bool) -> Iterator[Path]:
+def staged_dataset(raw_folder: str | Path, dataset_id: int, name: str, overwrite: bool,
+                   id_folders: dict[str, Path] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder ``.DatasetXXX_NAME.partial``; on success move it to ``DatasetXXX_NAME``.
 
     Refuses when the final folder exists (unless ``overwrite`` and it was written by these converters) or when
-    another folder already uses the id. The old dataset is only removed after the new one is in place.
-    On failure the staging folder is removed and nothing else is touched.
+    another dataset name already uses the id in ``raw_folder`` or in ``id_folders`` (default: the nnU-Net
+    preprocessed and results folders, ``nnunet_id_folders()``). The old dataset is only removed after the new one
+    is in place. On failure the staging folder is removed and nothing else is touched.
     """
     raw_folder = Path(raw_folder)
     final = raw_folder / dataset_folder_name(dataset_id, name)
-    others = sorted(p.name for p in raw_folder.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p != final)
-    if others:
-        raise ConversionError(f"{raw_folder / others[0]} already uses dataset id {dataset_id}; nnU-Net needs ids "
-                              "to be unique: choose another -d or remove that folder yourself")
+    check_dataset_id_free(dataset_id, name, {"nnUNet_raw": raw_folder,
+                                             **(nnunet_id_folders() if id_folders is None else id_folders)})
     if final.exists():
         if not overwrite:
             raise ConversionError(f"{final} exists; pass --overwrite to replace it or choose another -d/-n")

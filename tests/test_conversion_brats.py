@@ -92,6 +92,8 @@ def test_brats2021_layout_cli_roundtrip_and_integrity(brats21_small, nnunet_env,
     res = subprocess.run(cli + ["--sequences", "flair", "t1ce"], env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "train 5; test 1 (0 with labels)" in res.stdout
+    assert ("WARNING: 1 of 6 case(s) have no segmentation and go to imagesTs without a label: BraTS2021_00005"
+            in res.stderr)
     ds_dir = Path(nnunet_env["nnUNet_raw"]) / "Dataset202_BraTS2021"
     assert sorted(p.name for p in (ds_dir / "imagesTs").iterdir()) == ["BraTS2021_00005_0000.nii.gz",
                                                                        "BraTS2021_00005_0001.nii.gz"]
@@ -104,9 +106,11 @@ def test_brats2021_layout_cli_roundtrip_and_integrity(brats21_small, nnunet_env,
     back = [sys.executable, "-c", "from dataset_conversion.brats import main_back; main_back()",
             "-i", str(ds_dir / "labelsTr"), "-o", str(tmp_path / "back"), "--disable_progress_bar"]
     assert subprocess.run(back, env=env, capture_output=True).returncode == 0
-    for f in sorted((tmp_path / "back").iterdir()):
-        case = f.name[: -len(".nii.gz")]
-        np.testing.assert_array_equal(_arr(f), _arr(brats21_small / case / f"{case}_seg.nii.gz"))
+    written = sorted(f.name for f in (tmp_path / "back").iterdir())
+    assert written == [f"BraTS2021_{i:05d}.nii.gz" for i in range(5)]  # every labelled case, nothing else
+    for name in written:
+        case = name[: -len(".nii.gz")]
+        np.testing.assert_array_equal(_arr(tmp_path / "back" / name), _arr(brats21_small / case / f"{case}_seg.nii.gz"))
     res = subprocess.run(back, env=env, capture_output=True, text=True)
     assert res.returncode == 1 and "pass --overwrite" in res.stderr
 
@@ -174,3 +178,83 @@ def test_bad_inputs(brats15_small, tmp_path):
     convert_brats(src, raw, 210, sequences=("flair",), overwrite=True, progress=False)
     assert load_json(str(first / "dataset.json"))["channel_names"] == {"0": "Flair"}
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset210_BraTS2021"]
+
+
+def _cut_in_half(path: Path) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data
+
+
+def test_truncated_nifti_is_an_error(brats21_small, nnunet_env, tmp_path):
+    """A .nii.gz cut short (SimpleITK would read the missing planes as zeros) stops the CLI and names the file."""
+    src = tmp_path / "in"
+    shutil.copytree(brats21_small, src)
+    env = {**os.environ, **nnunet_env}
+    cli = [sys.executable, "-m", "dataset_conversion.brats", "-i", str(src), "-d", "203", "--sequences", "flair",
+           "t1ce", "--disable_progress_bar"]
+    for name in ("BraTS2021_00002_t1ce.nii.gz", "BraTS2021_00003_seg.nii.gz"):
+        path = src / name[:15] / name
+        original = _cut_in_half(path)
+        res = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 1, res.stdout
+        assert f"{name}: cannot read the" in res.stderr and "cut short" in res.stderr
+        assert "replace the file or remove the case" in res.stderr
+        assert list(Path(nnunet_env["nnUNet_raw"]).iterdir()) == []  # nothing half-written
+        path.write_bytes(original)
+    assert subprocess.run(cli, env=env, cwd=REPO, capture_output=True).returncode == 0
+
+
+def _relabel(src: Path, dst: Path, old: int, new: int) -> np.ndarray:
+    img = sitk.ReadImage(str(src))
+    arr = sitk.GetArrayFromImage(img)
+    out = sitk.GetImageFromArray(np.where(arr == old, new, arr).astype(np.uint8))
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(dst))
+    return sitk.GetArrayFromImage(out)
+
+
+def test_brats2023_labels_and_layout(brats21_small, tmp_path, capsys):
+    cases = [f"BraTS2021_{i:05d}" for i in range(2)]
+    # 2023 labels (3 = enhancing) in files named as in 2021: an error that explains, then the flag
+    src = tmp_path / "in21"
+    for case in cases:
+        shutil.copytree(brats21_small / case, src / case)
+        _relabel(brats21_small / case / f"{case}_seg.nii.gz", src / case / f"{case}_seg.nii.gz", 4, 3)
+    raw = tmp_path / "raw"
+    _expect_failure(src, raw, r"_seg\.nii\.gz: label 3 found.*BraTS 2023.*--label_convention 2023")
+    ds = convert_brats(src, raw, 211, sequences=("flair", "t1ce"), progress=False, label_convention="2023")
+    for case in cases:  # the same nnU-Net labels as the original 2021 files give
+        expected = _arr(brats21_small / case / f"{case}_seg.nii.gz").astype(int)
+        np.testing.assert_array_equal(_arr(ds / "labelsTr" / f"{case}.nii.gz"), np.array([0, 2, 1, 0, 3])[expected])
+
+    # the 2023 file names are recognised by themselves: <case>/<case>-{t2f,t1c,seg}.nii.gz
+    src23 = tmp_path / "in23"
+    names = {}
+    for i, case in enumerate(cases):
+        new = f"BraTS-GLI-{i:05d}-000"
+        names[new] = case
+        (src23 / new).mkdir(parents=True)
+        shutil.copy(brats21_small / case / f"{case}_flair.nii.gz", src23 / new / f"{new}-t2f.nii.gz")
+        shutil.copy(brats21_small / case / f"{case}_t1ce.nii.gz", src23 / new / f"{new}-t1c.nii.gz")
+        shutil.copy(src / case / f"{case}_seg.nii.gz", src23 / new / f"{new}-seg.nii.gz")
+    (src23 / "BraTS-GLI-00009-000").mkdir()  # an empty folder: left out with a warning
+    ds23 = convert_brats(src23, raw, 212, sequences=("flair", "t1ce"), progress=False)
+    assert "WARNING: 1 folder(s)" in capsys.readouterr().err
+    dj = load_json(str(ds23 / "dataset.json"))
+    assert dj["arseg_conversion"]["layouts"] == ["2023"] and dj["arseg_conversion"]["label_conventions"] == ["2023"]
+    for new, case in names.items():
+        np.testing.assert_array_equal(_arr(ds23 / "labelsTr" / f"{new}.nii.gz"),
+                                      _arr(ds / "labelsTr" / f"{case}.nii.gz"))
+        np.testing.assert_array_equal(_arr(ds23 / "imagesTr" / f"{new}_0000.nii.gz"),
+                                      _arr(brats21_small / case / f"{case}_flair.nii.gz"))
+    # back to 2023 labels, as the prediction folder's dataset.json (nnU-Net copies it there) says
+    pred = tmp_path / "pred"
+    shutil.copytree(ds23 / "labelsTr", pred)
+    shutil.copy(ds23 / "dataset.json", pred / "dataset.json")
+    for f in convert_brats_back(pred, tmp_path / "back23", progress=False):
+        np.testing.assert_array_equal(_arr(f), _arr(src23 / f.name[:-7] / f"{f.name[:-7]}-seg.nii.gz"))
+    # 2021 labels in 2023 files: the other way round
+    new = next(iter(names))
+    shutil.copy(brats21_small / names[new] / f"{names[new]}_seg.nii.gz", src23 / new / f"{new}-seg.nii.gz")
+    _expect_failure(src23, tmp_path / "raw2", r"-seg\.nii\.gz: label 4 found.*--label_convention 2021")

@@ -262,3 +262,64 @@ def test_explicit_test_folder(lidc_demo, tmp_path):
     assert len(_cases(ds / "imagesTs")) == len(find_lidc_slices(test_in))
     with pytest.raises(ConversionError, match="duplicated case id"):
         _convert(train_in, tmp_path / "raw2", 106, test_input_folder=train_in)
+
+
+def test_unusual_names_read_and_leftovers_named(lidc_demo, tmp_path, capsys):
+    """``LIDC-IDRI-0002_rescan``, ``Images/`` and ``slice-1.PNG`` are read; what does not fit is named, with a count."""
+    src = tmp_path / "in"
+    shutil.copytree(lidc_demo / "LIDC-IDRI-0002", src / "LIDC-IDRI-0002_rescan")
+    for p in ("LIDC-IDRI-0005", "LIDC-IDRI-0006"):
+        shutil.copytree(lidc_demo / p, src / p)
+    for nodule in (src / "LIDC-IDRI-0005").iterdir():
+        (nodule / "images").rename(nodule / "Images")
+    images = src / "LIDC-IDRI-0006" / "nodule-0" / "images"
+    (images / "slice-1.png").rename(images / "slice-1.PNG")
+    (src / "to_check").mkdir()
+    (images / "slice-1.txt").write_text("notes")
+    expected = [s for s in find_lidc_slices(lidc_demo) if s.patient in ("LIDC-IDRI-0002", "LIDC-IDRI-0005",
+                                                                          "LIDC-IDRI-0006")]
+
+    ds = _convert(src, tmp_path / "raw", 130, test_fraction=0.34)
+    pat = load_json(ds / "dataset.json")["arseg"]["patient_of_case"]
+    assert len(pat) == len(expected) == len(_cases(ds / "imagesTr")) + len(_cases(ds / "imagesTs"))
+    assert sorted(set(pat.values())) == ["LIDC-IDRI-0002", "LIDC-IDRI-0005", "LIDC-IDRI-0006"]
+    rescan = [c for c in pat if c.startswith("LIDC0002_rescan_n")]
+    assert len(rescan) == sum(s.patient == "LIDC-IDRI-0002" for s in expected)  # kept with its patient
+    sub = "Ts" if (ds / "imagesTs" / "LIDC0006_n0_s01_0000.png").exists() else "Tr"
+    np.testing.assert_array_equal(_png(ds / f"images{sub}" / "LIDC0006_n0_s01_0000.png"),
+                                  _png(lidc_demo / "LIDC-IDRI-0006" / "nodule-0" / "images" / "slice-1.png"))
+    err = capsys.readouterr().err
+    assert "WARNING: 2 folder(s) or file(s)" in err and "to_check" in err and "slice-1.txt" in err
+    assert len(load_json(ds / "dataset.json")["arseg_conversion"]["left_out"]) == 2
+
+
+def test_empty_test_set_is_an_error(lidc_demo, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "LIDC-IDRI-0002").symlink_to(lidc_demo / "LIDC-IDRI-0002")
+    _expect_failure(src, tmp_path / "raw", r"1 patient\(s\) \(LIDC-IDRI-0002\) give an empty test set.*--test_input")
+    ds = _convert(src, tmp_path / "raw", 110, test_fraction=0.0)  # asked for: everything is training data
+    assert _cases(ds / "imagesTs") == [] and load_json(ds / "dataset.json")["numTraining"] > 0
+
+
+def test_dataset_id_checked_across_nnunet_folders(small_lidc, nnunet_env):
+    env = {**os.environ, **nnunet_env}
+    raw = Path(nnunet_env["nnUNet_raw"])
+    cli = [sys.executable, "-m", "dataset_conversion.lidc", "-i", str(small_lidc), "-d", "8", "--disable_progress_bar"]
+    for key in ("nnUNet_preprocessed", "nnUNet_results"):
+        other = Path(nnunet_env[key]) / "Dataset008_Other"
+        other.mkdir()
+        res = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 1 and f"Dataset008_Other ({key}) already uses dataset id 8" in res.stderr
+        assert "choose another -d" in res.stderr and list(raw.iterdir()) == []
+        other.rmdir()
+    (Path(nnunet_env["nnUNet_results"]) / "Dataset008_Other").mkdir()
+    res = subprocess.run(cli + ["-n", "Other"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr  # the same name is the same dataset
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset008_Other"]
+
+
+def test_truncated_png_named(small_lidc, tmp_path):
+    mask = small_lidc / "LIDC-IDRI-0005" / "nodule-1" / "mask-3" / "slice-2.png"
+    mask.write_bytes(mask.read_bytes()[:-40])
+    _expect_failure(small_lidc, tmp_path / "raw", r"mask-3/slice-2\.png: cannot read the rater 3 mask: .*cut short")
