@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -377,4 +378,89 @@ def test_cli_bad_input(tiny_dataset, capsys):
     (pred / "samples" / f"{CASES[0]}_s05.png").unlink()
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert f"{CASES[0]}_s5.png" in err or f"{CASES[0]}_s05.png" in err
+    assert not (pred / "summary_arseg.json").exists()
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def test_cli_truncated_sample_png(tiny_dataset, capsys):
+    raw, pred, _ = tiny_dataset
+    bad = pred / "samples" / f"{CASES[0]}_s02.png"
+    _cut(bad)
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"{bad}: the PNG's IDAT chunk is cut short" in err and "predict this case again" in err
+    assert not (pred / "summary_arseg.json").exists()
+
+
+def test_cli_one_case_with_fewer_samples(tiny_dataset, capsys):
+    raw, pred, _ = tiny_dataset
+    for k in (6, 7):
+        (pred / "samples" / f"{CASES[1]}_s{k:02d}.png").unlink()
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert "different numbers of samples" in err and f"{CASES[1]} has N = 6" in err and "2 cases have N = 8" in err
+    assert not (pred / "summary_arseg.json").exists()
+
+
+def test_cli_missing_cases(tiny_dataset, capsys):
+    """A prediction folder without one case of the raters is an error; --allow_missing scores the rest on purpose."""
+    raw, pred, arrays = tiny_dataset
+    for f in [pred / f"{CASES[2]}.png", *(pred / "samples").glob(f"{CASES[2]}_s*.png")]:
+        f.unlink()
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"1 of the 3 cases of {raw / 'labelsTs_raters'} have no prediction: {CASES[2]}" in err
+    assert "--allow_missing" in err and not (pred / "summary_arseg.json").exists()
+
+    main(["-i", str(pred), "-d", "901", "--allow_missing"])
+    out = capsys.readouterr().out
+    assert f"WARNING: 1 of the 3 cases of {raw / 'labelsTs_raters'} have no prediction" in out and CASES[2] in out
+    summary = load_json(str(pred / "summary_arseg.json"))
+    assert [c["case"] for c in summary["metric_per_case"]] == list(CASES[:2])
+    cases = summary["conventions"]["cases"]
+    assert (cases["expected"], cases["scored"], cases["missing_count"], cases["missing"]) == (3, 2, 1, [CASES[2]])
+    assert summary["conventions"]["images"].startswith("2 of the 3 cases") and "--allow_missing" in \
+        summary["conventions"]["images"]
+    ss, ys = arrays[CASES[0]]
+    assert summary["metric_per_case"][0]["metrics"]["1"]["GED"] == pytest.approx(ref_ged(ss, ys), abs=1e-10)
+
+    # the cases to score can be named: then only those must be there
+    main(["-i", str(pred), "-d", "901", "-cases", CASES[1], "-o", str(pred / "named.json")])
+    named = load_json(str(pred / "named.json"))
+    assert [c["case"] for c in named["metric_per_case"]] == [CASES[1]]
+    assert named["conventions"]["cases"]["missing"] == [] and "all 1 cases of -cases" in named["conventions"]["images"]
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901", "-cases", CASES[1], CASES[2]])
+    assert f"have no prediction: {CASES[2]}" in err
+    images = pred.parent / "imagesTs"  # or named by a folder of input images, <case>_0000.png
+    images.mkdir()
+    for case in CASES[:2]:
+        shutil.copy(pred / f"{case}.png", images / f"{case}_0000.png")
+    main(["-i", str(pred), "-d", "901", "-cases", str(images), "-o", str(pred / "folder.json")])
+    assert [c["case"] for c in load_json(str(pred / "folder.json"))["metric_per_case"]] == list(CASES[:2])
+
+
+def test_cli_reference_nifti_truncated_or_missing(lidc, tmp_path, capsys):
+    """Dice of .nii.gz predictions against reference labels: a truncated or missing prediction is an error."""
+    ref, pred = tmp_path / "labelsTs", tmp_path / "pred"
+    ref.mkdir(), pred.mkdir()
+    for i, slices in enumerate(lidc[:3]):  # one 3D case per nodule: rater 0 as reference, rater 1 as prediction
+        for folder, rater in ((ref, 0), (pred, 1)):
+            vol = np.stack([s[rater] for s in slices]).astype(np.uint8)
+            sitk.WriteImage(sitk.GetImageFromArray(vol), str(folder / f"case_{i}.nii.gz"))
+    save_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "nodule": 1}, "numTraining": 0,
+               "file_ending": ".nii.gz"}, str(tmp_path / "dataset.json"))
+    argv = ["-i", str(pred), "-ref", str(ref), "-djfile", str(tmp_path / "dataset.json")]
+    main(argv)
+    dice = [c["metrics"]["1"]["Dice"] for c in load_json(str(pred / "summary_arseg.json"))["metric_per_case"]]
+    assert len(dice) == 3 and all(0 < d < 1 for d in dice)
+    (pred / "summary_arseg.json").unlink()
+
+    bad = pred / "case_1.nii.gz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    err = run_main_error(capsys, argv)
+    assert f"{bad}: the gzip data ends early" in err and "predict this case again" in err
+    bad.unlink()
+    err = run_main_error(capsys, argv)
+    assert f"1 of the 3 cases of {ref} have no prediction: case_1" in err
     assert not (pred / "summary_arseg.json").exists()

@@ -6,8 +6,12 @@ Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
+
+
+_CHANNEL = re.compile(r"_\d{4}$")
 
 
 def find_raw_dataset(dataset: str | None = None, raw_folder: str | None = None) -> str:
@@ -105,3 +109,69 @@ def reference_file(case: str, reference_folders: list[str], file_ending: str) ->
                             f"{' or '.join(reference_folders)}; give the right label folder with -ref FOLDER")
 
 
+def label_cases(folder: str, file_ending: str) -> set[str]:
+    """Cases with a label ``<case><ext>`` in ``folder``."""
+    return {f[:-len(file_ending)] for f in subfiles(folder, suffix=file_ending, join=False)} if isdir(folder) else set()
+
+
+def named_cases(names: Sequence[str], file_ending: str) -> list[str]:
+    """Case ids given by the user: the ids, or one folder whose files name them (``<case>_XXXX<ext>`` images,
+    ``<case><ext>`` labels or predictions)."""
+    if len(names) == 1 and isdir(names[0]):
+        ids = {_CHANNEL.sub("", f[:-len(file_ending)]) for f in subfiles(names[0], suffix=file_ending, join=False)}
+        if not ids:
+            raise FileNotFoundError(f"-cases {names[0]}: no *{file_ending} file there to take the case ids from")
+        return sorted(ids)
+    return sorted(set(names))
+
+
+def expected_cases(predicted: set[str], raters_folders: Sequence[str], reference_folders: Sequence[str],
+                   file_ending: str) -> tuple[set[str], list[str]]:
+    """The cases a prediction folder must cover: every case of each rater or reference folder that holds at least
+    one predicted case (as nnU-Net's evaluator requires every reference file to be predicted); and those folders."""
+    expected, used = set(), []
+    for folder in raters_folders:
+        cases = set(_indexed_files(folder, file_ending, "r"))
+        if cases & predicted:
+            expected |= cases
+            used.append(folder)
+    for folder in reference_folders:
+        cases = label_cases(folder, file_ending)
+        if cases & predicted:
+            expected |= cases
+            used.append(folder)
+    return expected, used
+
+
+def missing_cases(predicted: set[str], expected: set[str], pred_folder: str, source: str,
+                  allow_missing: bool = False) -> list[str]:
+    """The cases of ``expected`` without a prediction; an error unless ``allow_missing``. ``source`` says where
+    ``expected`` comes from, for the message."""
+    missing = sorted(expected - predicted)
+    if missing and not allow_missing:
+        raise FileNotFoundError(
+            f"{pred_folder}: {len(missing)} of the {len(expected)} cases of {source} have no prediction: "
+            f"{_names(missing)}. Predict them (nnUNetv2_arseg_predict ... --continue_prediction), name the cases to "
+            f"score with -cases, or pass --allow_missing to score the {len(expected) - len(missing)} predicted "
+            f"cases only")
+    return missing
+
+
+def check_equal_sample_counts(samples_of: dict[str, list[str]], samples_folder: str) -> None:
+    """Every case needs the same number of samples N (metrics such as GED depend on N)."""
+    counts = {case: len(files) for case, files in samples_of.items()}
+    if len(set(counts.values())) <= 1:
+        return
+    values = sorted(counts.values())
+    common = max(set(values), key=values.count)
+    odd = sorted(c for c, n in counts.items() if n != common)
+    raise ValueError(
+        f"{samples_folder}: cases have different numbers of samples: {len(counts) - len(odd)} cases have "
+        f"N = {common} but {', '.join(f'{c} has N = {counts[c]}' for c in odd[:8])}"
+        f"{f' (and {len(odd) - 8} more)' if len(odd) > 8 else ''}. Every case needs the same N (an interrupted "
+        f"prediction?): predict those cases again with the same -num_samples (or delete their files and pass "
+        f"--allow_missing)")
+
+
+def _names(items: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (f", ... (and {len(items) - limit} more)" if len(items) > limit else "")

@@ -21,6 +21,7 @@ from nnunet_arseg.evaluation import casefiles
 from nnunet_arseg.evaluation.multirater import METRIC_NAMES, SOFT_DICE_THRESHOLDS, multirater_metrics_batch
 from nnunet_arseg.evaluation.regions import (dice_per_region, foreground_labels_or_regions,
                                              label_manager_from_dataset_json)
+from nnunet_arseg.io_checks import check_complete
 
 DEFAULT_CONVENTIONS = {"empty_distance": 0.0, "thresholds": SOFT_DICE_THRESHOLDS, "eps": 1e-6,
                        "d_max_empty_dice": 1.0, "consensus_empty_dice": 0.0, "region_empty_dice": 1.0}
@@ -49,11 +50,24 @@ def evaluate_case(samples, raters, labels_or_regions: Sequence = (1,), **convent
     return out
 
 
-def _read_stack(rw, files: list[str], allowed_values: set) -> list[np.ndarray]:
+_FIX_PREDICTION = "predict this case again"
+_FIX_REFERENCE = "restore it (e.g. convert the dataset again)"
+
+
+def _read_seg(rw, path: str, fix: str) -> np.ndarray:
+    """nnU-Net's ``read_seg`` of a file read to its end first; any failure is an error naming the file."""
+    check_complete(path, fix)
+    try:
+        return rw.read_seg(path)[0]
+    except Exception as e:  # readers raise many types for broken files
+        raise ValueError(f"{path}: cannot read it ({e.__class__.__name__}: {e}): {fix}") from e
+
+
+def _read_stack(rw, files: list[str], allowed_values: set, fix: str) -> list[np.ndarray]:
     """Label maps of ``files`` (each (1, *spatial) as nnU-Net reads them); rejects values outside the labels."""
     out = []
     for f in files:
-        seg = rw.read_seg(f)[0][0]
+        seg = _read_seg(rw, f, fix)[0]
         bad = set(np.unique(seg).tolist()) - allowed_values
         if bad:
             raise ValueError(f"{f} holds values {sorted(bad)} that are not labels of dataset.json "
@@ -74,12 +88,15 @@ def _check_shapes(case: str, sample_files, samples, rater_files, raters) -> None
 
 def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: Sequence[str] = (),
                                reference_folders: Sequence[str] = (), output_file: str | None = None,
-                               verbose: bool = True, **conventions) -> dict:
+                               verbose: bool = True, cases: Sequence[str] | None = None, allow_missing: bool = False,
+                               **conventions) -> dict:
     """Score a prediction folder; returns (and with ``output_file`` writes atomically) the summary dict.
 
     ``raters_folders``: folders with ``<case>_r<k><ext>`` (multi-rater metrics of ``pred_folder/samples``);
     ``reference_folders``: label folders (Dice per label/region of the consensus ``pred_folder/<case><ext>``).
-    At least one of them must be given.
+    At least one of them must be given. The prediction must cover ``cases`` (default: every case of each rater
+    or reference folder that holds a predicted case), each with the same number of samples; ``allow_missing``
+    scores the predicted ones only and says so in the summary.
     """
     dj = casefiles.load_dataset_json(dataset_json)
     conv = {**DEFAULT_CONVENTIONS, **conventions}
@@ -93,11 +110,27 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
     samples_of = casefiles.sample_files_per_case(samples_folder, ext) if raters_folders else {}
     raters_of = casefiles.rater_files_per_case(raters_folders, ext) if raters_folders else {}
     consensus = casefiles.consensus_cases(pred_folder, ext)
-    cases = sorted(set(consensus) | set(samples_of))
-    if not cases:
+    predicted = set(consensus) | set(samples_of)
+    if not predicted:
         raise FileNotFoundError(f"{pred_folder}: no predictions (*{ext}) and no samples in {samples_folder}")
+    if cases is not None:
+        expected, source = set(cases), f"-cases ({len(set(cases))} named)"
+    else:
+        expected, used = casefiles.expected_cases(predicted, raters_folders, reference_folders, ext)
+        source = " and ".join(used) if used else "the reference"
+    missing = casefiles.missing_cases(predicted, expected, pred_folder, source, allow_missing)
+    cases = sorted(predicted & expected) if cases is not None else sorted(predicted)
+    if not cases:
+        raise FileNotFoundError(f"{pred_folder}: none of the {len(expected)} cases of {source} is predicted")
     _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samples_folder, raters_folders,
                       reference_folders, ext, dj)
+    if raters_folders:
+        casefiles.check_equal_sample_counts({c: samples_of[c] for c in cases}, samples_folder)
+    coverage = {"expected": len(expected), "scored": len(cases), "missing": missing, "source": source,
+                "allow_missing": bool(allow_missing)}
+    if missing and verbose:
+        print(f"WARNING: {len(missing)} of the {len(expected)} cases of {source} have no prediction and are left "
+              f"out (--allow_missing): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     example = (samples_of[cases[0]][0] if raters_folders else join(pred_folder, cases[0] + ext))
     rw = determine_reader_writer_from_dataset_json(dj, example, verbose=False)()
     lm = label_manager_from_dataset_json(dj)
@@ -108,7 +141,8 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
         entry = {"case": case, "metrics": {}}
         if raters_folders:
             s_files, r_files = samples_of[case], raters_of[case]
-            samples, raters = _read_stack(rw, s_files, allowed), _read_stack(rw, r_files, allowed)
+            samples = _read_stack(rw, s_files, allowed, _FIX_PREDICTION)
+            raters = _read_stack(rw, r_files, allowed, _FIX_REFERENCE)
             _check_shapes(case, s_files, samples, r_files, raters)
             samples, raters = np.stack(samples), np.stack(raters)
             entry.update(sample_files=s_files, rater_files=r_files)
@@ -117,7 +151,7 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
         if reference_folders:
             ref_file = casefiles.reference_file(case, reference_folders, ext)
             pred_file = join(pred_folder, case + ext)
-            seg_ref, seg_pred = rw.read_seg(ref_file)[0], rw.read_seg(pred_file)[0]
+            seg_ref, seg_pred = _read_seg(rw, ref_file, _FIX_REFERENCE), _read_seg(rw, pred_file, _FIX_PREDICTION)
             if seg_ref.shape != seg_pred.shape:
                 raise ValueError(f"case {case}: reference {ref_file} has shape {seg_ref.shape} but prediction "
                                  f"{pred_file} has {seg_pred.shape}; they must be on the same grid")
@@ -126,7 +160,7 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
                                         empty_score=conv["region_empty_dice"]).items():
                 entry["metrics"].setdefault(label_or_region_to_key(k), {}).update(v)
         per_case.append(entry)
-    summary = _summarise(per_case, keys, conv, bool(raters_folders), bool(reference_folders))
+    summary = _summarise(per_case, keys, conv, bool(raters_folders), bool(reference_folders), coverage)
     if output_file is not None:
         save_json_atomic(summary, output_file)
     return summary
@@ -154,7 +188,7 @@ def _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samp
                                     f"is missing, so its Dice cannot be computed; re-run the prediction")
 
 
-def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions: bool) -> dict:
+def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions: bool, coverage: dict) -> dict:
     str_keys = [label_or_region_to_key(k) for k in keys]
     mean = {}
     for k in str_keys:
@@ -164,12 +198,16 @@ def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions
     foreground_mean = {n: float(np.nanmean([mean[k][n] for k in str_keys])) for n in fg_names}
     n_values = sorted({e["metrics"][str_keys[0]]["N"] for e in per_case}) if multirater else []
     m_values = sorted({e["metrics"][str_keys[0]]["M"] for e in per_case}) if multirater else []
-    return {"conventions": _conventions(conv, str_keys, n_values, m_values, multirater, regions, len(per_case)),
+    return {"conventions": _conventions(conv, str_keys, n_values, m_values, multirater, regions, coverage),
             "foreground_mean": foreground_mean, "mean": mean, "metric_per_case": per_case}
 
 
-def _conventions(conv, str_keys, n_values, m_values, multirater, regions, num_cases) -> dict:
-    c = {"images": f"all {num_cases} cases of the prediction folder (no first-180 subset as in BerDiff's script)",
+def _conventions(conv, str_keys, n_values, m_values, multirater, regions, coverage) -> dict:
+    n, source, missing = coverage["scored"], coverage["source"], coverage["missing"]
+    images = (f"{n} of the {coverage['expected']} cases of {source}: {len(missing)} without a prediction left out "
+              f"on purpose (--allow_missing)" if missing else
+              f"all {n} cases of {source} (no first-180 subset as in BerDiff's script)")
+    c = {"images": images, "cases": {**coverage, "missing_count": len(missing)},
          "labels_or_regions": str_keys,
          "binarisation": "per foreground label/region with nnU-Net's region_or_label_to_mask (labels, or regions "
                          "of dataset.json 'labels' with regions_class_order)",
@@ -211,6 +249,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no_raters", action="store_true", help="skip the multi-rater metrics")
     parser.add_argument("-djfile", help="dataset.json to use (default: the raw dataset's, else PRED/dataset.json)")
     parser.add_argument("-o", help="output json (default PRED/summary_arseg.json)")
+    parser.add_argument("-cases", nargs="+", default=None,
+                        help="the cases the prediction must cover and that are scored: case ids, or one folder whose "
+                             "files name them (e.g. the -i folder of the prediction); default: every case of the "
+                             "rater/reference folder that holds the predicted cases")
+    parser.add_argument("--allow_missing", "--chill", action="store_true",
+                        help="score the predicted cases even if some are missing (the summary says which); "
+                             "--chill as in nnUNetv2_evaluate_folder")
     parser.add_argument("--empty_distance", type=float, default=DEFAULT_CONVENTIONS["empty_distance"])
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(SOFT_DICE_THRESHOLDS))
     parser.add_argument("--d_max_empty_dice", type=float, default=DEFAULT_CONVENTIONS["d_max_empty_dice"])
@@ -241,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "and no reference labels were given (-ref FOLDER or --regions with -d/-raw)")
     out = args.o or join(args.i, "summary_arseg.json")
     try:
-        summary = evaluate_multirater_folder(args.i, dj, raters, refs, output_file=out,
+        cases = casefiles.named_cases(args.cases, dj["file_ending"]) if args.cases else None
+        summary = evaluate_multirater_folder(args.i, dj, raters, refs, output_file=out, cases=cases,
+                                             allow_missing=args.allow_missing,
                                              empty_distance=args.empty_distance, thresholds=tuple(args.thresholds),
                                              d_max_empty_dice=args.d_max_empty_dice,
                                              consensus_empty_dice=args.consensus_empty_dice,
