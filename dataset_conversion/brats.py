@@ -162,7 +162,7 @@ def _check_labels(seg_arr: np.ndarray, labels: str, path: Path) -> None:
         raise ConversionError(
             f"{path}: label 4 found, but BraTS 2023 labels are 0 background, 1 necrosis (NETC), 2 edema (SNFH), "
             "3 enhancing tumour (ET). If these segmentations use the 2021 labels (4 = enhancing), pass "
-            "--label_convention 2021")
+            "--label_convention 2021; BraTS 2024 post-treatment data (4 = resection cavity) are not supported")
     raise ConversionError(f"{path}: unexpected label values {bad[:5]} (allowed {sorted(allowed)} for "
                           f"{'BRATS 2013/2015' if labels == '2015' else f'BraTS {labels}'} labels); "
                           "this is not a BraTS segmentation, fix or remove it")
