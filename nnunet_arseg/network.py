@@ -1,7 +1,7 @@
 """``ARSegNetwork``: the one ``nn.Module`` nnU-Net builds from the plans (design.md, "Network contract").
 
-It holds the image encoder (the encoder of the plans' own U-Net), the image embedding f, the block-causal transformer
-and the mask tokenizer, and optionally the U-Net's decoder as an auxiliary deterministic head.
+It holds the image model (the plans' own U-Net: its encoder, and its decoder as a dense auxiliary head), the image
+embedding f, the block-causal transformer and the dataset's mask tokenizer (trained beforehand, frozen here).
 """
 from __future__ import annotations
 
@@ -21,22 +21,26 @@ from nnunet_arseg.segmentor.sampling import sample_token_maps
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
 from nnunet_arseg.tokenizer import MaskTokenizer
 
-__all__ = ["ARSegNetwork", "build_arseg_architecture", "ARSEG_PRESETS", "STAGES"]
+__all__ = ["ARSegNetwork", "build_arseg_architecture", "unwrap_network", "ARSEG_PRESETS", "PREFIX_SOURCES"]
 
-STAGES = ("tokenizer", "segmentor")
 NETWORK_CLASS_NAME = "nnunet_arseg.network.ARSegNetwork"
+PREFIX_SOURCES = ("encoder", "decoder")
 
-# our arch_kwargs keys with their defaults; "tokenizer"/"transformer" are MaskTokenizer/BlockCausalTransformer kwargs
+# our arch_kwargs keys with their defaults; "tokenizer"/"transformer" are MaskTokenizer/BlockCausalTransformer kwargs.
+# "max_features_per_stage" is not a network argument: it caps the plans' U-Net widths in the architecture entry.
 ARSEG_PRESETS = {
     "reference": {"tokenizer": {}, "transformer": {"width": 256, "depth": 8, "heads": 8},
                   "embedding": "svd", "num_prefix_tokens": 256},
-    "tiny": {"tokenizer": {"ch": 16, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "z_channels": 32,
-                           "codebook_size": 256, "code_dim": 16},
+    "small": {"tokenizer": {"ch": 32, "num_res_blocks": 1, "z_channels": 32, "space_to_depth": 4},
+              "transformer": {"width": 128, "depth": 3, "heads": 4, "dropout": 0.0},
+              "embedding": "linear", "prefix_source": "decoder", "aux_head": True, "max_features_per_stage": 64},
+    "tiny": {"tokenizer": {"ch": 16, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 256, "code_dim": 16,
+                           "space_to_depth": 4},
              "transformer": {"width": 64, "depth": 2, "heads": 4, "dropout": 0.0},
-             "embedding": "svd", "num_prefix_tokens": 64},
+             "embedding": "linear", "prefix_source": "decoder", "aux_head": True, "max_features_per_stage": 32},
 }
-COMMON_DEFAULTS = {"feature_stage": None, "has_regions": False, "num_samples": 16, "top_k": 100,
-                   "aux_head": False, "aux_weight": 1.0}
+COMMON_DEFAULTS = {"feature_stage": None, "prefix_source": "encoder", "has_regions": False, "num_samples": 16,
+                   "top_k": 100, "aux_head": False, "aux_weight": 1.0, "max_features_per_stage": None}
 
 
 class _DeepSupervisionFlag(nn.Module):
@@ -45,6 +49,15 @@ class _DeepSupervisionFlag(nn.Module):
     def __init__(self):
         super().__init__()
         self.deep_supervision = False
+
+
+class ImageModel(nn.Module):
+    """The plans' U-Net parts of an ``ARSegNetwork`` (the same modules, not copies), keyed as in a stock nnU-Net
+    checkpoint: what ``-pretrained_weights`` of a stock model can initialise."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
 
 
 def _locate(name_or_obj, what: str):
@@ -56,6 +69,24 @@ def _locate(name_or_obj, what: str):
     return obj
 
 
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and ``torch.compile`` wrappers."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
+
+
+def decode_with_features(decoder: nn.Module, skips: list[torch.Tensor], feature_stage: int | None):
+    """nnU-Net's ``UNetDecoder`` forward (full-resolution logits only) that also returns the output of decoder stage
+    ``feature_stage`` (None: no features)."""
+    x, features = skips[-1], None
+    for s in range(len(decoder.stages)):
+        x = decoder.stages[s](torch.cat((decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
+        if s == feature_stage:
+            features = x
+    return decoder.seg_layers[-1](x), features
+
+
 class ARSegNetwork(nn.Module):
     """AR-Seg (reference §1-§3) for one nnU-Net configuration.
 
@@ -65,19 +96,23 @@ class ARSegNetwork(nn.Module):
         encoder_class_name: the plans' own U-Net class; its encoder is the image encoder.
         tokenizer, transformer: kwargs of ``MaskTokenizer`` / ``BlockCausalTransformer`` (sizes).
         embedding: ``"svd"`` (§2.3) or ``"linear"``; num_prefix_tokens: N_f.
-        feature_stage: encoder stage whose feature map is embedded (None: the deepest with >= N_f positions).
+        prefix_source: ``"encoder"``: the prefix embeds encoder stage ``feature_stage`` (None: the deepest with
+            >= N_f positions), as the reference embeds its image encoder's output; ``"decoder"``: it embeds the
+            U-Net decoder stage whose resolution is the tokenizer's latent (one prefix token per latent cell, N_f
+            set accordingly; needs ``aux_head``).
         has_regions: nnU-Net regions (one condition class per region) or labels (one per foreground label).
-        num_samples: default N of the eval forward; top_k: sampling top-k.
-        aux_head, aux_weight: train the U-Net decoder on the same binary target (Dice + BCE) beside the token loss.
-        deep_supervision: accepted from nnU-Net; only affects the aux decoder.
+        num_samples: default N of the eval forward; top_k: sampling top-k (None: all codes).
+        aux_head, aux_weight: train the U-Net decoder on the same binary target (Dice + BCE) beside the token loss:
+            a dense signal for the image model.
+        deep_supervision: accepted from nnU-Net; unused (the aux head is trained at full resolution only).
         **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
     """
 
     def __init__(self, input_channels: int, num_classes: int, patch_size, encoder_class_name: str =
                  "dynamic_network_architectures.architectures.unet.PlainConvUNet", tokenizer: dict | None = None,
                  transformer: dict | None = None, embedding: str = "svd", num_prefix_tokens: int = 256,
-                 feature_stage: int | None = None, has_regions: bool = False, num_samples: int = 16,
-                 top_k: int | None = 100, aux_head: bool = False, aux_weight: float = 1.0,
+                 feature_stage: int | None = None, prefix_source: str = "encoder", has_regions: bool = False,
+                 num_samples: int = 16, top_k: int | None = 100, aux_head: bool = False, aux_weight: float = 1.0,
                  deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
@@ -86,17 +121,23 @@ class ARSegNetwork(nn.Module):
         if self.num_cond < 1:
             raise ValueError(f"num_classes={num_classes} leaves no foreground class to segment "
                              f"(has_regions={has_regions})")
+        if prefix_source not in PREFIX_SOURCES:
+            raise ValueError(f"prefix_source must be one of {PREFIX_SOURCES}, got {prefix_source!r}")
+        if prefix_source == "decoder" and not aux_head:
+            raise ValueError("prefix_source='decoder' embeds the U-Net decoder's features: set aux_head=True")
         self.num_samples, self.top_k, self.aux_weight = int(num_samples), top_k, float(aux_weight)
         for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
             if unet_kwargs.get(key) is not None:
                 unet_kwargs[key] = _locate(unet_kwargs[key], key)
         unet = _locate(encoder_class_name, "encoder_class_name")(
-            input_channels=input_channels, num_classes=self.num_cond, deep_supervision=deep_supervision, **unet_kwargs)
+            input_channels=input_channels, num_classes=self.num_cond, deep_supervision=False, **unet_kwargs)
         if hasattr(unet, "initialize"):
             unet.apply(unet.initialize)
         self.encoder = unet.encoder
         self.decoder = unet.decoder if aux_head else _DeepSupervisionFlag()
         self.aux_head = bool(aux_head)
+        self.tokenizer = MaskTokenizer(len(self.patch_size), self.patch_size, **(tokenizer or {}))
+        self.tokenizer.requires_grad_(False)
 
         spatial, shapes = list(self.patch_size), []
         for stride in self.encoder.strides:
@@ -105,44 +146,49 @@ class ARSegNetwork(nn.Module):
                                  f"{self.encoder.strides}; use the plans' patch size")
             spatial = [n // s for n, s in zip(spatial, stride)]
             shapes.append(tuple(spatial))
-        if feature_stage is None:
-            feature_stage = max([0] + [i for i, s in enumerate(shapes) if torch.Size(s).numel() >= num_prefix_tokens])
-        self.feature_stage = int(feature_stage) % len(shapes)
-        channels = self.encoder.output_channels[self.feature_stage]
-        self.tokenizer = MaskTokenizer(len(self.patch_size), self.patch_size, **(tokenizer or {}))
+        self.prefix_source = prefix_source
+        if prefix_source == "decoder":
+            # decoder stage s outputs the resolution of encoder stage n_stages - 2 - s; take the coarsest one that
+            # is at least as fine as the latent on every axis (pooled to the latent shape when finer)
+            latent = self.tokenizer.latent_shape
+            matches = [s for s in range(len(shapes) - 1)
+                       if all(n >= m for n, m in zip(shapes[len(shapes) - 2 - s], latent))]
+            if not matches:
+                raise ValueError(f"no U-Net decoder stage is as fine as the tokenizer's latent {latent}; use "
+                                 f"prefix_source='encoder'")
+            self.feature_stage = matches[0]
+            feature_shape = latent
+            channels = self.encoder.output_channels[len(shapes) - 2 - self.feature_stage]
+            num_prefix_tokens = int(torch.Size(feature_shape).numel())
+        else:
+            if feature_stage is None:
+                feature_stage = max([0] + [i for i, s in enumerate(shapes)
+                                           if torch.Size(s).numel() >= num_prefix_tokens])
+            self.feature_stage = int(feature_stage) % len(shapes)
+            feature_shape = shapes[self.feature_stage]
+            channels = self.encoder.output_channels[self.feature_stage]
         transformer = dict(transformer or {})
-        self.embedding = build_embedding(embedding, channels, shapes[self.feature_stage], num_prefix_tokens,
+        self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
                                          transformer.get("width", 256))
         self.transformer = BlockCausalTransformer(num_prefix_tokens, self.tokenizer.scales,
                                                   self.tokenizer.quantizer.C, self.tokenizer.quantizer.V,
                                                   self.num_cond, **transformer)
-        self.register_buffer("stage_code", torch.tensor(0, dtype=torch.long))
-
-    # ---- stage ----
-    @property
-    def stage(self) -> str:
-        return STAGES[int(self.stage_code)]
-
-    @stage.setter
-    def stage(self, name: str) -> None:
-        if name not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {name!r}")
-        self.stage_code.fill_(STAGES.index(name))
-        self.tokenizer.requires_grad_(name == "tokenizer")
-        self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.stage == "segmentor":
-            self.tokenizer.eval()
+        self.tokenizer.eval()  # trained beforehand; frozen here
         return self
 
-    def stage_parameters(self) -> list[nn.Parameter]:
-        """The parameters the current stage trains (the tokenizer's, or everything else)."""
-        if self.stage == "tokenizer":
-            return list(self.tokenizer.parameters())
-        tok = {id(p) for p in self.tokenizer.parameters()}
-        return [p for p in self.parameters() if id(p) not in tok]
+    def trainable_parameters(self, freeze_encoder: bool = False) -> list[nn.Parameter]:
+        """What the segmentor trains: everything but the tokenizer (and the image encoder when frozen)."""
+        frozen = {id(p) for p in self.tokenizer.parameters()}
+        if freeze_encoder:
+            frozen |= {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    def image_model(self) -> ImageModel:
+        """The U-Net parts as a module keyed like a stock nnU-Net checkpoint (shares the parameters)."""
+        return ImageModel(self.encoder, self.decoder)
 
     # ---- shared pieces ----
     def _check_input(self, x: torch.Tensor) -> None:
@@ -150,11 +196,19 @@ class ARSegNetwork(nn.Module):
             raise ValueError(f"input must have the shape (B, C, *{self.patch_size}), got {tuple(x.shape)}; "
                              "AR-Seg works on whole patches of the plans' patch size")
 
-    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image prefix (B, N_f, D) and the encoder's skips."""
+    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image prefix (B, N_f, D) and, with the aux head, its full-resolution logits (B, num_cond, *patch)."""
         self._check_input(x)
         skips = self.encoder(x)
-        return self.embedding(skips[self.feature_stage]), skips
+        if not self.aux_head:
+            return self.embedding(skips[self.feature_stage]), None
+        if self.prefix_source == "encoder":
+            return self.embedding(skips[self.feature_stage]), decode_with_features(self.decoder, skips, None)[0]
+        aux_logits, features = decode_with_features(self.decoder, skips, self.feature_stage)
+        latent = self.tokenizer.latent_shape
+        if tuple(features.shape[2:]) != latent:
+            features = (F.adaptive_avg_pool2d if len(latent) == 2 else F.adaptive_avg_pool3d)(features, latent)
+        return self.embedding(features), aux_logits
 
     def _cls(self, cls: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         if cls is None:
@@ -164,36 +218,40 @@ class ARSegNetwork(nn.Module):
         return torch.as_tensor(cls, device=device).long().view(-1).expand(batch)
 
     # ---- training ----
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls: torch.Tensor | None = None):
-        """With ``mask``: the current stage's loss dict (train or eval mode). Without: eval logits (see
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls: torch.Tensor | None = None,
+                with_prediction: bool = False):
+        """With ``mask``: the training loss dict (see ``segmentor_loss``). Without: eval logits (see
         ``consensus_logits``)."""
         if mask is None:
             return self.consensus_logits(x)
-        if self.stage == "tokenizer":
-            loss, logs = self.tokenizer.loss(mask)
-            return {**logs, "loss": loss}
-        return self.segmentor_loss(x, mask, self._cls(cls, x.shape[0], x.device))
+        return self.segmentor_loss(x, mask, self._cls(cls, x.shape[0], x.device), with_prediction)
 
-    def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor) -> dict:
-        """Token cross-entropy with teacher forcing (§2.6), + the aux head's Dice + BCE if on."""
+    def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor,
+                       with_prediction: bool = False) -> dict:
+        """Token cross-entropy with teacher forcing (§2.6), + the aux head's Dice + BCE if on. ``with_prediction``
+        adds ``prediction``: the mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling)."""
         with torch.no_grad():
             idx_list = self.tokenizer.mask_to_idx(mask)
             x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
             target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
-        prefix_BND, skips = self.encode_image(x)
+        prefix_BND, aux_logits = self.encode_image(x)
         logits_BLV = self.transformer(prefix_BND, x_BLC, cls_B)
         token_ce = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1))
         logs = {"token_ce": token_ce.item(),
                 "token_acc": (logits_BLV.argmax(-1) == target_BL).float().mean().item()}
         loss = token_ce
         if self.aux_head:
-            out = self.decoder(skips)
-            aux_B1 = (out[0] if isinstance(out, (list, tuple)) else out).gather(
-                1, cls_B.view(-1, *[1] * (mask.ndim - 1)).expand(-1, 1, *mask.shape[2:]))
+            aux_B1 = aux_logits.gather(1, cls_B.view(-1, *[1] * (mask.ndim - 1)).expand(-1, 1, *mask.shape[2:]))
             aux = binary_dice_bce(aux_B1, mask)
             logs["aux_loss"] = aux.item()
             loss = loss + self.aux_weight * aux
         logs["loss"] = loss
+        if with_prediction:
+            with torch.no_grad():
+                idx_BL = logits_BLV.argmax(-1)
+                pred = list(idx_BL.split(self.transformer.lengths, dim=1))
+                logs["prediction"] = self.tokenizer.idx_to_logits(
+                    [p.reshape(-1, *pn) for p, pn in zip(pred, self.tokenizer.scales)])
         return logs
 
     # ---- sampling ----
@@ -272,6 +330,9 @@ def build_arseg_architecture(stock_architecture: dict, patch_size, preset: str =
         ours[key] = {**ours[key], **value} if key in ("tokenizer", "transformer") and value is not None else value
     arch_kwargs = copy.deepcopy(stock_architecture["arch_kwargs"])
     arch_kwargs.pop("deep_supervision", None)
+    cap = ours.pop("max_features_per_stage")
+    if cap is not None:
+        arch_kwargs["features_per_stage"] = [min(int(f), int(cap)) for f in arch_kwargs["features_per_stage"]]
     arch_kwargs.update(encoder_class_name=stock_architecture["network_class_name"],
                        patch_size=[int(n) for n in patch_size], **ours)
     try:

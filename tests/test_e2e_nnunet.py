@@ -63,33 +63,47 @@ def trained(lidc_demo, tmp_path_factory):
     train_env = _env(base, nnUNet_n_proc_DA="0")
     train_cmd = [str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"]
     fold = Path(paths["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    # first run: killed as soon as the first segmentor epoch starts (checkpoint_latest of epoch 1 exists)
-    log1 = root / "train1.log"
-    with open(log1, "w") as f:
-        proc = subprocess.Popen(train_cmd, env=train_env, stdout=f, stderr=subprocess.STDOUT)
+    # run 1 is killed while the tokenizer trains, run 2 (--c) once the first epoch is checkpointed, run 3 finishes
+    logs = [_run_until_killed(train_cmd, train_env, root / "train1.log", "tokenizer step 50/"),
+            _run_until_killed(train_cmd + ["--c"], train_env, root / "train2.log", "Epoch 1\n")]
+    assert (fold / "checkpoint_latest.pth").is_file() and not (fold / "checkpoint_final.pth").exists()
+    logs.append(_run(train_cmd + ["--c"], train_env))
+    return {"root": root, "base": base, "fold": fold, "logs": logs, "paths": paths}
+
+
+def _run_until_killed(cmd: list[str], env: dict, log: Path, marker: str) -> str:
+    """Start ``cmd`` and SIGKILL it as soon as its output contains ``marker``; returns the output."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None and "Epoch 2" not in log1.read_text():
+        while time.time() < deadline and proc.poll() is None and marker not in log.read_text():
             time.sleep(0.1)
-        assert proc.poll() is None, f"training ended before it could be interrupted:\n{log1.read_text()[-3000:]}"
+        assert proc.poll() is None, f"training ended before it could be interrupted:\n{log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert (fold / "checkpoint_latest.pth").is_file() and not (fold / "checkpoint_final.pth").exists()
-    log2 = _run(train_cmd + ["--c"], train_env)
-    return {"root": root, "base": base, "fold": fold, "log1": log1.read_text(), "log2": log2, "paths": paths}
+    return log.read_text()
 
 
-def test_training_phases_and_resume(trained):
-    log1, log2, fold = trained["log1"], trained["log2"], trained["fold"]
-    assert "AR-Seg phase: tokenizer" in log1 and "entering the segmentor phase at epoch 2" in log1
-    # resumed from the tokenizer-phase checkpoint of epoch 1: the segmentor optimizer is built when epoch 2 starts
-    assert "resumed at epoch 2 from a tokenizer-phase checkpoint" in log2
-    assert "entering the segmentor phase at epoch 2" in log2 and "Epoch 0" not in log2
+def test_tokenizer_once_then_segmentor_epochs_and_resume(trained):
+    log1, log2, log3 = trained["logs"]
+    fold = trained["fold"]
+    tok_dir = next((Path(trained["paths"]["nnUNet_results"]) / DATASET / "ARSegTokenizer__nnUNetPlans__2d").iterdir())
+    # the dataset's tokenizer: trained in run 1, resumed from its own checkpoint in run 2, never again in run 3
+    assert "Training the dataset's mask tokenizer" in log1 and "resuming at step 50" in log2
+    assert "Training the dataset's mask tokenizer" not in log3 and "Epoch 0\n" not in log3
+    stored = torch.load(tok_dir / "tokenizer.pth", map_location="cpu", weights_only=False)
+    assert stored["summary"]["steps"] >= 50 and (tok_dir / "progress.png").is_file()
+    assert not (tok_dir / "tokenizer_latest.pth").exists() and not (tok_dir / ".lock").exists()
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert ckpt["current_epoch"] == 4 and ckpt["arseg_phase"] == "segmentor"
-    assert ckpt["inference_allowed_mirroring_axes"] is None
-    assert len(ckpt["logging"]["train_losses"]) == 4  # the logs of the killed run were kept
+    assert ckpt["current_epoch"] == 3 and ckpt["inference_allowed_mirroring_axes"] is None
+    assert len(ckpt["logging"]["train_losses"]) == 3  # the logs of the killed run were kept
+    # every epoch trains the segmentor, so checkpoint_best holds the dataset's tokenizer and a trained segmentor
+    best = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    for weights in (best, ckpt):
+        for k, v in stored["state_dict"].items():
+            assert torch.equal(weights["network_weights"]["tokenizer." + k], v), k
     plans = (fold.parent / "plans.json").read_text()
-    assert "nnunet_arseg.network.ARSegNetwork" in plans
+    assert "nnunet_arseg.network.ARSegNetwork" in plans and '"latent_stride"' in plans
     assert (fold / "progress.png").is_file()
     # grouped folds: no patient in both train and validation of fold 0
     import json
@@ -113,7 +127,7 @@ def test_final_validation_and_val_flag(trained):
     import json
     s = json.loads(summary.read_text())
     assert s["num_samples"] == 4 and set(s["mean"]["0"]) >= {"GED", "HM-IoU", "Soft-Dice"}
-    assert all(np.isfinite(v) for v in s["mean"]["0"].values() if v is not None)
+    assert all(np.isfinite(s["mean"]["0"][k]) for k in ("GED", "HM-IoU", "Soft-Dice"))
 
 
 def test_arseg_predict_outputs(trained):

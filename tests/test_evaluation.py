@@ -464,3 +464,18 @@ def test_cli_reference_nifti_truncated_or_missing(lidc, tmp_path, capsys):
     err = run_main_error(capsys, argv)
     assert f"1 of the 3 cases of {ref} have no prediction: case_1" in err
     assert not (pred / "summary_arseg.json").exists()
+
+
+def test_presence_shares_gap_and_correlation():
+    from nnunet_arseg.evaluation.multirater import presence_calibration
+    samples = np.zeros((16, 8, 8), bool)
+    samples[:4, 2:4, 2:4] = True  # 4 of 16 samples draw a mask
+    raters = np.zeros((4, 8, 8), bool)
+    raters[:2, 2:5, 2:5] = True  # 2 of 4 raters do
+    out = multirater_metrics_batch(samples[None], raters[None])
+    assert out["presence_samples"][0] == 0.25 and out["presence_raters"][0] == 0.5
+    assert out["presence_gap"][0] == 0.25
+    perfect = presence_calibration([0.0, 0.5, 1.0], [0.0, 0.5, 1.0])
+    assert perfect == {"presence_gap": 0.0, "presence_correlation": pytest.approx(1.0)}
+    blind = presence_calibration([0.6, 0.6, 0.6], [0.0, 0.5, 1.0])  # the model draws as often everywhere
+    assert blind["presence_gap"] == pytest.approx(1.1 / 3) and np.isnan(blind["presence_correlation"])

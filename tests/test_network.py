@@ -11,9 +11,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_arseg.consensus import fuse_labels
 from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 
-TINY_TOKENIZER = {"ch": 8, "ch_mult": [1, 2, 2, 4, 4], "num_res_blocks": 1, "z_channels": 16, "codebook_size": 64,
-                  "code_dim": 8}
+TINY_TOKENIZER = {"ch": 8, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 64, "code_dim": 8,
+                  "space_to_depth": 4, "latent_stride": 16}
 TINY_TRANSFORMER = {"width": 32, "depth": 2, "heads": 4, "dropout": 0.0}
 
 
@@ -95,24 +96,30 @@ def test_build_arseg_architecture_keeps_stock_kwargs_and_is_json():
         build_arseg_architecture(stock, (128, 128), preset="huge")
 
 
-def test_nnunet_builds_it_from_plans_and_stage_travels_with_weights():
+def test_nnunet_builds_it_from_plans_with_a_frozen_tokenizer():
     plans = plans_with_arseg()
     net = build(plans, "arseg_2d", 2)
-    assert isinstance(net, ARSegNetwork) and net.stage == "tokenizer" and net.num_cond == 1
+    assert isinstance(net, ARSegNetwork) and net.num_cond == 1
     assert isinstance(net.encoder.stages[0][0].convs[0].conv, torch.nn.Conv2d)  # the plans' own U-Net encoder
-    assert net.tokenizer.scales[-1] == (8, 8) and net.embedding.num_tokens == 64
-    net.decoder.deep_supervision = True  # what nnU-Net's set_deep_supervision_enabled does
-    net.stage = "segmentor"
+    assert net.encoder.output_channels == [32] * 6  # the tiny preset caps the plans' widths
+    assert net.tokenizer.scales[-1] == (8, 8) and net.tokenizer.s2d_factor == (4, 4)
+    assert net.prefix_source == "decoder" and net.embedding.num_tokens == 64  # one prefix token per latent cell
     assert not any(p.requires_grad for p in net.tokenizer.parameters())
     net.train()
     assert not net.tokenizer.training and net.transformer.training
+    trainable = {id(p) for p in net.trainable_parameters()}
+    assert trainable.isdisjoint(id(p) for p in net.tokenizer.parameters())
+    assert {id(p) for p in net.encoder.parameters()} <= trainable
+    frozen_encoder = {id(p) for p in net.trainable_parameters(freeze_encoder=True)}
+    assert frozen_encoder.isdisjoint(id(p) for p in net.encoder.parameters())
     other = build(plans, "arseg_2d", 2)
     other.load_state_dict(net.state_dict())
-    assert other.stage == "segmentor"
     for a, b in zip(net.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="stage"):
-        net.stage = "decoder"
+    # the U-Net view shares the modules and is keyed like a stock nnU-Net checkpoint
+    view = net.image_model()
+    assert view.encoder is net.encoder and view.decoder is net.decoder
+    assert all(k.startswith(("encoder.", "decoder.")) for k in view.state_dict())
 
 
 def test_training_losses_2d_labels_with_aux_head():
@@ -121,14 +128,15 @@ def test_training_losses_2d_labels_with_aux_head():
     assert net.num_cond == 2
     x, mask = torch.randn(2, 1, 128, 128), torch.zeros(2, 1, 128, 128)
     mask[:, :, 40:70, 50:90] = 1
-    out = net(x, mask=mask, cls=torch.tensor([0, 1]))
-    assert set(out) >= {"loss", "dice_loss", "bce", "vq"} and out["loss"].requires_grad
-    net.stage = "segmentor"
     out = net(x, mask=mask, cls=torch.tensor([1, 0]))
     assert set(out) == {"loss", "token_ce", "token_acc", "aux_loss"}
     out["loss"].backward()
     assert net.transformer.head.weight.grad is not None and net.decoder.seg_layers[-1].weight.grad is not None
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad is not None
     assert all(p.grad is None for p in net.tokenizer.parameters())
+    with torch.no_grad():
+        pred = net(x, mask=mask, cls=torch.tensor([1, 0]), with_prediction=True)["prediction"]
+    assert pred.shape == mask.shape and pred.isfinite().all()
     with pytest.raises(ValueError, match="cls is required"):
         net(x, mask=mask)
     with pytest.raises(ValueError, match="shape"):
@@ -139,7 +147,6 @@ def test_training_losses_2d_labels_with_aux_head():
 def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch):
     plans = plans_with_arseg(has_regions=regions, num_samples=3)
     net = build(plans, configuration, num_outputs).eval()
-    net.stage = "segmentor"
     patch = net.patch_size
     x = torch.randn(2, 1, *patch)
     out = net.sample(x, num_samples=4, seed=7)
@@ -192,37 +199,39 @@ def dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_overfits_real_lidc_slices(lidc_demo):
-    """Tokenizer then segmentor on 4 real slices: token CE -> ~0 and the sampled consensus reproduces the masks."""
+    """Tokenizer then segmentor on 4 real slices, each trained to a criterion under a generous step cap (so another
+    CPU's arithmetic changes how many steps it takes, not whether it gets there): the sampled consensus then
+    reproduces the tokenized masks, which reproduce the raters' masks."""
     torch.manual_seed(0)
     x, m = lidc_slices(lidc_demo, 4)
     net = ARSegNetwork(1, 2, patch_size=(64, 64), n_stages=4, features_per_stage=[8, 16, 32, 64],
                        conv_op=torch.nn.Conv2d, kernel_sizes=3, strides=[1, 2, 2, 2], n_conv_per_stage=1,
                        n_conv_per_stage_decoder=1, conv_bias=True, norm_op=torch.nn.InstanceNorm2d,
                        norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
-                       tokenizer={**TINY_TOKENIZER, "ch_mult": [1, 2, 4, 4]},  # latent 8x8, K = 8 as in §1.3
+                       tokenizer={**TINY_TOKENIZER, "space_to_depth": 2, "latent_stride": 8},  # latent 8x8, K = 8
                        transformer={"width": 64, "depth": 2, "heads": 4, "dropout": 0.0},
-                       num_prefix_tokens=16, num_samples=8)
-    opt = torch.optim.Adam(net.stage_parameters(), 5e-3)
-    for _ in range(150):
-        loss = net(x, mask=m)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+                       embedding="linear", prefix_source="decoder", aux_head=True, num_samples=8)
+    cfg = TokenizerFitConfig(max_steps=1500, batch_size=4, lr=1e-2, warmup_steps=20, eval_every=25,
+                             target_dice=0.9, target_empty=1.0)
+    net.tokenizer.requires_grad_(True)
+    state = fit_tokenizer(net.tokenizer, lambda rng, b: m[rng.integers(len(m), size=b)], m, cfg, log=lambda _: None)
+    net.tokenizer.requires_grad_(False)
+    assert state["history"][-1]["dice_nonempty"] >= 0.9, state["history"]
     with torch.no_grad():
         recon = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(m)) > 0
-    net.stage = "segmentor"
     net.train()
-    opt = torch.optim.AdamW(net.stage_parameters(), 2e-3)
+    opt = torch.optim.AdamW(net.trainable_parameters(), 2e-3)
     cls = torch.zeros(len(x), dtype=torch.long)
-    first = None
-    for _ in range(100):
+    history = []
+    for _ in range(1000):
         out = net(x, mask=m, cls=cls)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        first = first if first is not None else out["token_ce"]
-    assert first > 3.0 and out["token_ce"] < 0.15 and out["token_acc"] > 0.95
+        history.append(out["token_ce"])
+        if out["token_ce"] < 0.02:
+            break
+    assert history[0] > 3.0 and history[-1] < 0.02, history[::50]
     consensus = net.sample(x, 8, seed=0)["consensus"][:, 0]
     assert dice(consensus, recon).min() > 0.9  # the segmentor reproduces the tokens it was trained on
-    assert dice(consensus, m).mean() > 0.7 and dice(recon, m).mean() > 0.7  # ... which reproduce the masks
+    assert dice(recon, m).mean() >= 0.9 and dice(recon, m).min() > 0.6  # ... which reproduce the masks

@@ -18,14 +18,15 @@ from tqdm import tqdm
 
 from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.evaluation import casefiles
-from nnunet_arseg.evaluation.multirater import METRIC_NAMES, SOFT_DICE_THRESHOLDS, multirater_metrics_batch
+from nnunet_arseg.evaluation.multirater import (METRIC_NAMES, PRESENCE_NAMES, SOFT_DICE_THRESHOLDS,
+                                                multirater_metrics_batch, presence_calibration)
 from nnunet_arseg.evaluation.regions import (dice_per_region, foreground_labels_or_regions,
                                              label_manager_from_dataset_json)
 from nnunet_arseg.io_checks import check_complete
 
 DEFAULT_CONVENTIONS = {"empty_distance": 0.0, "thresholds": SOFT_DICE_THRESHOLDS, "eps": 1e-6,
                        "d_max_empty_dice": 1.0, "consensus_empty_dice": 0.0, "region_empty_dice": 1.0}
-MEAN_METRICS = METRIC_NAMES + ("Dice", "IoU")
+MEAN_METRICS = METRIC_NAMES + PRESENCE_NAMES + ("Dice", "IoU")
 
 
 def evaluate_case(samples, raters, labels_or_regions: Sequence = (1,), **conventions) -> dict:
@@ -44,7 +45,7 @@ def evaluate_case(samples, raters, labels_or_regions: Sequence = (1,), **convent
                                        thresholds=conv["thresholds"], eps=conv["eps"],
                                        d_max_empty_dice=conv["d_max_empty_dice"],
                                        consensus_empty_dice=conv["consensus_empty_dice"])
-        out[r] = {k: float(res[k][0]) for k in METRIC_NAMES}
+        out[r] = {k: float(res[k][0]) for k in METRIC_NAMES + PRESENCE_NAMES}
         out[r]["D_consensus_per_rater"] = [float(v) for v in res["D_consensus_per_rater"][0]]
         out[r].update(N=int(samples.shape[0]), M=int(raters.shape[0]))
     return out
@@ -194,6 +195,10 @@ def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions
     for k in str_keys:
         names = {n for e in per_case for n in e["metrics"].get(k, {}) if n in MEAN_METRICS}
         mean[k] = {n: float(np.nanmean([e["metrics"][k][n] for e in per_case])) for n in sorted(names)}
+        if multirater:
+            mean[k]["presence_correlation"] = presence_calibration(
+                [e["metrics"][k]["presence_samples"] for e in per_case],
+                [e["metrics"][k]["presence_raters"] for e in per_case])["presence_correlation"]
     fg_names = sorted({n for k in str_keys for n in mean[k]})
     foreground_mean = {n: float(np.nanmean([mean[k][n] for k in str_keys])) for n in fg_names}
     n_values = sorted({e["metrics"][str_keys[0]]["N"] for e in per_case}) if multirater else []
@@ -230,6 +235,9 @@ def _conventions(conv, str_keys, n_values, m_values, multirater, regions, covera
             "D_consensus": f"Dice of the strict-majority vote of the samples (> N/2) against each rater "
                            f"(D_consensus_per_rater), mean over raters (SeqSAM's D_avg); empty vs empty scores "
                            f"{conv['consensus_empty_dice']}",
+            "presence": "presence_samples / presence_raters: share of non-empty samples / raters of a case; "
+                        "presence_gap: their absolute difference (mean over cases); presence_correlation: Pearson "
+                        "correlation of the two shares over the cases (does the model draw a mask where raters do)",
         })
     if regions:
         c["Dice"] = (f"consensus prediction PRED/<case> vs reference label, per label/region with nnU-Net's "

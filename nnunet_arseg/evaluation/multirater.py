@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 SOFT_DICE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 METRIC_NAMES = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus")
+PRESENCE_NAMES = ("presence_samples", "presence_raters", "presence_gap")
 
 
 def as_binary_stack(masks, name: str = "masks") -> np.ndarray:
@@ -94,7 +95,8 @@ def multirater_metrics_batch(samples_BN, raters_BM, *, empty_distance: float = 0
     """Per-image GED, HM-IoU, Soft-Dice, D_max and D_consensus (mean over raters) of a batch.
 
     ``samples_BN``: (B, N, *spatial), ``raters_BM``: (B, M, *spatial). Returns arrays of shape (B,) keyed by
-    ``METRIC_NAMES`` plus ``"D_consensus_per_rater"`` (B, M). Images are processed ``chunk`` at a time.
+    ``METRIC_NAMES`` and ``PRESENCE_NAMES`` (the share of non-empty samples, of non-empty raters, and their absolute
+    difference) plus ``"D_consensus_per_rater"`` (B, M). Images are processed ``chunk`` at a time.
     """
     s_all = samples_BN.detach().cpu().numpy() if isinstance(samples_BN, torch.Tensor) else np.asarray(samples_BN)
     y_all = raters_BM.detach().cpu().numpy() if isinstance(raters_BM, torch.Tensor) else np.asarray(raters_BM)
@@ -104,7 +106,7 @@ def multirater_metrics_batch(samples_BN, raters_BM, *, empty_distance: float = 0
     num_b, n, m = s_all.shape[:2] + y_all.shape[1:2]
     if n == 0 or m == 0:
         raise ValueError(f"need at least one sample and one rater per image, got N = {n}, M = {m}")
-    out = {k: np.empty(num_b) for k in METRIC_NAMES}
+    out = {k: np.empty(num_b) for k in METRIC_NAMES + PRESENCE_NAMES}
     out["D_consensus_per_rater"] = np.empty((num_b, m))
     for b0 in range(0, num_b, chunk):
         s_bNP = as_binary_stack(s_all[b0:b0 + chunk].reshape(-1, n, s_all[0, 0].size), "samples")
@@ -136,8 +138,19 @@ def _metrics_from_masks(s_bNP, y_bMP, empty_distance, thresholds, eps, d_max_emp
         p_tau, g_tau = count_s / n > tau, count_y / m > tau
         inter = np.count_nonzero(p_tau & g_tau, axis=1)
         soft.append((2.0 * inter + eps) / (np.count_nonzero(p_tau, 1) + np.count_nonzero(g_tau, 1) + eps))
+    share_s, share_y = (size[:, :n] > 0).mean(1), (size[:, n:n + m] > 0).mean(1)
     return {"GED": ged_b, "HM-IoU": hm_b, "Soft-Dice": np.mean(soft, axis=0), "D_max": d_max_b,
-            "D_consensus": dice_cy.mean(1), "D_consensus_per_rater": dice_cy}
+            "D_consensus": dice_cy.mean(1), "D_consensus_per_rater": dice_cy, "presence_samples": share_s,
+            "presence_raters": share_y, "presence_gap": np.abs(share_s - share_y)}
+
+
+def presence_calibration(share_samples, share_raters) -> dict:
+    """How well the samples' presence follows the raters' over a set of images: the mean of
+    |share of non-empty samples - share of non-empty raters| and the Pearson correlation of the two shares (NaN when
+    either is constant)."""
+    a, b = np.asarray(share_samples, dtype=float), np.asarray(share_raters, dtype=float)
+    corr = float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else float("nan")
+    return {"presence_gap": float(np.mean(np.abs(a - b))) if len(a) else float("nan"), "presence_correlation": corr}
 
 
 def _single(samples, raters, **kwargs) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@
 from nnunet_arseg.training import (nnUNetTrainerARSeg, nnUNetTrainerARSeg_5epochs,  # noqa: F401
                                    nnUNetTrainerARSeg_10epochs, nnUNetTrainerARSeg_50epochs,
                                    nnUNetTrainerARSeg_100epochs, nnUNetTrainerARSeg_250epochs,
-                                   nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
+                                   nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_frozenEncoder,
+                                   nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
                                    nnUNetTrainerARSeg_small_budget, nnUNetTrainerARSeg_tiny,
                                    nnUNetTrainerARSeg_tiny_demo, nnUNetTrainerBudget)

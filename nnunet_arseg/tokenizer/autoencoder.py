@@ -14,22 +14,45 @@ from torch import nn
 
 from nnunet_arseg.tokenizer.quantizer import MultiScaleQuantizer, default_scales
 
-__all__ = ["MaskTokenizer", "latent_strides"]
+__all__ = ["MaskTokenizer", "latent_strides", "space_to_depth", "depth_to_space"]
 
 
-def latent_strides(patch_size: tuple[int, ...], num_down: int) -> list[tuple[int, ...]]:
-    """Per-level strides of the encoder: an axis is halved at a level only while its current size is even.
+def latent_strides(patch_size: tuple[int, ...], num_down: int,
+                   max_stride: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+    """Per-level strides of the encoder: an axis is halved at a level only while its current size is even and, with
+    ``max_stride``, until its total stride reaches ``max_stride`` for that axis.
 
     So 128x128 with 4 levels gives stride 16 (latent 8x8), and a 3D patch (40, 64, 48) gives the latent
     (5, 4, 3): 40 -> 20 -> 10 -> 5 stops at the odd 5 (stride 8), 64 -> 4 and 48 -> 3 (stride 16).
     """
     sizes = list(patch_size)
+    total = [1] * len(sizes)
+    cap = max_stride or [2 ** num_down] * len(sizes)
     strides = []
     for _ in range(num_down):
-        level = tuple(2 if n % 2 == 0 else 1 for n in sizes)
+        level = tuple(2 if n % 2 == 0 and t < c else 1 for n, t, c in zip(sizes, total, cap))
         sizes = [n // s for n, s in zip(sizes, level)]
+        total = [t * s for t, s in zip(total, level)]
         strides.append(level)
     return strides
+
+
+def space_to_depth(x: torch.Tensor, factor: tuple[int, ...]) -> torch.Tensor:
+    """Lossless rearrangement (B, C, *S) -> (B, C * prod(factor), *S / factor), N-d ``pixel_unshuffle``."""
+    B, C, *S = x.shape
+    d = len(S)
+    x = x.reshape(B, C, *[n for s, f in zip(S, factor) for n in (s // f, f)])
+    x = x.permute(0, 1, *[2 + 2 * i + 1 for i in range(d)], *[2 + 2 * i for i in range(d)])
+    return x.reshape(B, C * math.prod(factor), *[s // f for s, f in zip(S, factor)])
+
+
+def depth_to_space(x: torch.Tensor, factor: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``space_to_depth``."""
+    B, CF, *S = x.shape
+    d = len(S)
+    x = x.reshape(B, CF // math.prod(factor), *factor, *S)
+    x = x.permute(0, 1, *[n for i in range(d) for n in (2 + d + i, 2 + i)])
+    return x.reshape(B, CF // math.prod(factor), *[s * f for s, f in zip(S, factor)])
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -138,31 +161,61 @@ class MaskTokenizer(nn.Module):
 
     Args:
         conv_op: ``nn.Conv2d``/``nn.Conv3d`` (as nnU-Net's networks take it) or the number of spatial dims (2 or 3).
-        patch_size: spatial shape of the masks; the latent has stride 2 ** (len(ch_mult) - 1) along every axis
-            that stays even that long (see ``latent_strides``).
-        ch, ch_mult, num_res_blocks, z_channels, dropout: widths of §1.2 (defaults: the reference's).
+        patch_size: spatial shape of the masks.
+        latent_stride: total stride per axis (an int for all axes), powers of two that divide the patch size;
+            None: space_to_depth * 2 ** (len(ch_mult) - 1) along every axis that stays even that long (see
+            ``latent_strides``).
+        ch, ch_mult, num_res_blocks, z_channels, dropout: widths of §1.2 (defaults: the reference's; with
+            ``latent_stride`` the default ``ch_mult`` is (1, 2, 2, 4, 4) cut to the number of convolution levels).
+        space_to_depth: a power of two f: the mask enters as ``space_to_depth(mask, f)`` (f**d channels, lossless)
+            and the decoder ends with the inverse, so no convolution runs at full resolution. A binary mask holds
+            little information per pixel; this makes the autoencoder several times cheaper at the same latent.
         codebook_size, code_dim, beta, num_phi, phi_ratio, dead_code_steps: see ``MultiScaleQuantizer``.
         num_scales / scales: the token-map schedule (default ``default_scales(latent_shape)``).
     """
 
-    def __init__(self, conv_op: type[nn.Module] | int, patch_size, ch: int = 32, ch_mult=(1, 1, 2, 2, 4),
+    def __init__(self, conv_op: type[nn.Module] | int, patch_size, ch: int = 32, ch_mult=None,
                  num_res_blocks: int = 2, z_channels: int = 128, dropout: float = 0.0, codebook_size: int = 1024,
                  code_dim: int = 32, beta: float = 0.25, num_phi: int = 4, phi_ratio: float = 0.5,
-                 dead_code_steps: int = 100, num_scales: int | None = None, scales=None):
+                 dead_code_steps: int = 100, num_scales: int | None = None, scales=None, space_to_depth: int = 1,
+                 latent_stride=None):
         super().__init__()
         dims = conv_op if isinstance(conv_op, int) else convert_conv_op_to_dim(conv_op)
         self.patch_size = tuple(int(n) for n in patch_size)
         if dims not in (2, 3) or len(self.patch_size) != dims:
             raise ValueError(f"patch_size {self.patch_size} does not match a {dims}D conv op; give one size per axis")
         conv = convert_dim_to_conv_op(dims)
-        self.strides = latent_strides(self.patch_size, len(ch_mult) - 1)
-        self.latent_shape = tuple(n // math.prod(s[a] for s in self.strides) for a, n in enumerate(self.patch_size))
+        if space_to_depth < 1 or space_to_depth & (space_to_depth - 1):
+            raise ValueError(f"space_to_depth must be a power of two, got {space_to_depth}")
+        num_s2d = int(math.log2(space_to_depth))
+        if latent_stride is None:
+            ch_mult = tuple(ch_mult or (1, 1, 2, 2, 4))
+            levels = latent_strides(self.patch_size, num_s2d + len(ch_mult) - 1)
+        else:
+            target = (latent_stride,) * dims if isinstance(latent_stride, int) else tuple(int(s) for s in latent_stride)
+            if len(target) != dims or any(t < 1 or t & (t - 1) for t in target):
+                raise ValueError(f"latent_stride must be a power of two per axis, got {latent_stride}")
+            num_down = max(num_s2d, max(int(math.log2(t)) for t in target))
+            levels = latent_strides(self.patch_size, num_down, target)
+            reached = tuple(math.prod(lv[a] for lv in levels) for a in range(dims))
+            if reached != target:
+                raise ValueError(f"patch_size {self.patch_size} cannot be reduced by latent_stride {target} "
+                                 f"(reached {reached}); every axis must be divisible by its stride")
+            ch_mult = tuple(ch_mult or (1, 2, 2, 4, 4, 4)[:num_down - num_s2d + 1])
+            if len(ch_mult) != num_down - num_s2d + 1:
+                raise ValueError(f"ch_mult {ch_mult} must have {num_down - num_s2d + 1} entries for latent_stride "
+                                 f"{target} with space_to_depth {space_to_depth}")
+        s2d_levels, conv_strides = levels[:num_s2d], levels[num_s2d:]
+        self.s2d_factor = tuple(math.prod(lv[a] for lv in s2d_levels) for a in range(dims))
+        conv_input = tuple(n // f for n, f in zip(self.patch_size, self.s2d_factor))
+        self.strides = levels
+        self.latent_shape = tuple(n // math.prod(s[a] for s in conv_strides) for a, n in enumerate(conv_input))
         self.scales = default_scales(self.latent_shape, num_scales) if scales is None else [tuple(pn) for pn in scales]
         if self.scales[-1] != self.latent_shape:
             raise ValueError(f"the last scale must be the latent shape {self.latent_shape}, got {self.scales[-1]}")
         args = (ch, tuple(ch_mult), num_res_blocks, z_channels, dropout)
-        self.encoder = Encoder(conv, self.strides, 1, *args)
-        self.decoder = Decoder(conv, self.strides, 1, *args)
+        self.encoder = Encoder(conv, conv_strides, math.prod(self.s2d_factor), *args)
+        self.decoder = Decoder(conv, conv_strides, math.prod(self.s2d_factor), *args)
         self.quant_conv = conv(z_channels, code_dim, 1)
         self.post_quant_conv = conv(code_dim, z_channels, 1)
         self.quantizer = MultiScaleQuantizer(self.scales, codebook_size, code_dim, beta, num_phi, phi_ratio,
@@ -179,11 +232,11 @@ class MaskTokenizer(nn.Module):
 
     def encode(self, mask_B1: torch.Tensor) -> torch.Tensor:
         """Continuous latent (B, code_dim, *latent_shape)."""
-        return self.quant_conv(self.encoder(self._check_mask(mask_B1)))
+        return self.quant_conv(self.encoder(space_to_depth(self._check_mask(mask_B1), self.s2d_factor)))
 
     def decode_f_hat(self, f_hat_BCz: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, 1, *patch_size) of a (partial) f_hat."""
-        return self.decoder(self.post_quant_conv(f_hat_BCz))
+        return depth_to_space(self.decoder(self.post_quant_conv(f_hat_BCz)), self.s2d_factor)
 
     @torch.no_grad()
     def mask_to_idx(self, mask_B1: torch.Tensor) -> list[torch.Tensor]:

@@ -17,19 +17,26 @@ __all__ = ["MultiScaleQuantizer", "default_scales"]
 def default_scales(latent_shape: tuple[int, ...], num_scales: int | None = None) -> list[tuple[int, ...]]:
     """Token-map shapes, coarse to fine, ending at ``latent_shape``.
 
-    Scale k of K (k = 1..K) has ``ceil(n * k / K)`` tokens along an axis of n latent positions, with K = the
-    longest side by default: (8, 8) gives (1, 1), (2, 2), ..., (8, 8); (4, 8) gives (1, 1), (1, 2), (2, 3), ...
-    Consecutive repeats (only possible when ``num_scales`` exceeds the longest side) are dropped.
+    Along the longest side n the K sides grow geometrically from 1 to n (``round(n ** (k / (K - 1)))``, each at least
+    one more than the last), so the finest maps, which hold most tokens, are few: n = 8 gives the reference's
+    1, 2, ..., 8 and n = 16 gives 1, 2, 3, 4, 5, 7, 11, 16 (481 tokens where 1..16 would be 1,496). K defaults to
+    min(n, 8). Other axes follow proportionally (``ceil``): (4, 8) gives (1, 1), (1, 2), (2, 3), ..., (4, 8).
+    Consecutive repeats are dropped.
     """
     latent_shape = tuple(int(n) for n in latent_shape)
     if not latent_shape or min(latent_shape) < 1:
         raise ValueError(f"latent_shape must be a non-empty tuple of positive ints, got {latent_shape}")
-    num = max(latent_shape) if num_scales is None else int(num_scales)
+    n = max(latent_shape)
+    num = min(n, 8) if num_scales is None else int(num_scales)
     if num < 1:
         raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+    sides: list[int] = []
+    for k in range(num):
+        side = n if num == 1 else round(n ** (k / (num - 1)))
+        sides.append(min(n, max(side, sides[-1] + 1 if sides else 1)))
     scales: list[tuple[int, ...]] = []
-    for k in range(1, num + 1):
-        pn = tuple(math.ceil(n * k / num) for n in latent_shape)
+    for side in sides:
+        pn = tuple(math.ceil(m * side / n) for m in latent_shape)
         if not scales or pn != scales[-1]:
             scales.append(pn)
     return scales

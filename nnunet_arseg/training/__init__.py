@@ -5,12 +5,12 @@ from nnunet_arseg.training.budget import nnUNetTrainerARSeg_budget, nnUNetTraine
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 from nnunet_arseg.training.variants import (nnUNetTrainerARSeg_5epochs, nnUNetTrainerARSeg_10epochs,
                                             nnUNetTrainerARSeg_50epochs, nnUNetTrainerARSeg_100epochs,
-                                            nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_mirroring,
-                                            nnUNetTrainerARSeg_small, nnUNetTrainerARSeg_tiny,
-                                            nnUNetTrainerARSeg_tiny_demo)
+                                            nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_frozenEncoder,
+                                            nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
+                                            nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_tiny_demo)
 
 __all__ = ["nnUNetTrainerARSeg", "nnUNetTrainerARSeg_5epochs", "nnUNetTrainerARSeg_10epochs",
            "nnUNetTrainerARSeg_50epochs", "nnUNetTrainerARSeg_100epochs", "nnUNetTrainerARSeg_250epochs",
-           "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_small", "nnUNetTrainerARSeg_tiny",
-           "nnUNetTrainerARSeg_tiny_demo", "nnUNetTrainerARSeg_budget", "nnUNetTrainerARSeg_small_budget",
-           "nnUNetTrainerBudget"]
+           "nnUNetTrainerARSeg_frozenEncoder", "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_small",
+           "nnUNetTrainerARSeg_tiny", "nnUNetTrainerARSeg_tiny_demo", "nnUNetTrainerARSeg_budget",
+           "nnUNetTrainerARSeg_small_budget", "nnUNetTrainerBudget"]

@@ -1,58 +1,32 @@
-"""Wall-time budgets for training: stop after ``nnUNet_ARSEG_BUDGET_MINUTES`` minutes of epochs (one-hook variants).
+"""Wall-time budgets for training: stop after ``nnUNet_ARSEG_BUDGET_MINUTES`` minutes (one-hook variants).
 
     nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerBudget          # stock U-Net
     nnUNet_ARSEG_BUDGET_MINUTES=20 nnUNetv2_train D 2d all -tr nnUNetTrainerARSeg_budget    # AR-Seg
 
 Epochs are short (20 training + 4 validation iterations) so the budget is met to within one epoch. The budget
 counts the wall time of the epochs (training, validation, checkpointing, plotting), not start-up or the final
-validation. Every decision is a pure function of the epoch timestamps nnU-Net's logger stores in each checkpoint, so
-``--c`` re-derives the same numbers and continues with the time that is left:
-
-- ``nnUNetTrainerBudget``: at every epoch, ``num_epochs`` = the epochs done + those the time left allows at the mean
-  epoch time so far, and the poly LR schedule is stretched over them.
-- ``nnUNetTrainerARSeg_budget``: after the first (tokenizer) epoch, the phase boundary
-  ``num_tokenizer_epochs = round(fraction * budget / first epoch's wall time)`` (fraction from
-  ``nnUNet_ARSEG_BUDGET_TOKENIZER_FRACTION``, default 0.25: AR-Seg's 1:3 split); in the segmentor phase,
-  ``num_epochs`` as above from the mean segmentor epoch time. Each phase runs at least one epoch.
+validation; for AR-Seg it also counts the time its tokenizer took to train (from the tokenizer's ``summary.json``),
+so both trainers get the same total. Every decision is a pure function of the epoch timestamps nnU-Net's logger
+stores in each checkpoint, so ``--c`` re-derives the same numbers and continues with the time that is left: at every
+epoch, ``num_epochs`` = the epochs done + those the time left allows at the mean epoch time so far, and the LR
+schedule is stretched over them.
 
 Training also stops as soon as the budget is spent, whichever comes first. With fold ``all`` nnU-Net would validate on
 the training cases; these variants skip that final validation (predict a test set instead).
 """
 from __future__ import annotations
 
-import math
 import os
 from time import time
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_arseg.training.phases import TOKENIZER, PhaseLRScheduler
-from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small
+from nnunet_arseg import env
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
+from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small
 
-BUDGET_ENV = "nnUNet_ARSEG_BUDGET_MINUTES"
-TOKENIZER_FRACTION_ENV = "nnUNet_ARSEG_BUDGET_TOKENIZER_FRACTION"
 UNDECIDED_EPOCHS = 10 ** 6  # loop bound until the first epoch has been timed
 MAX_BOOKKEEPING_S = 60.0  # a longer pause between two epochs is a restart (--c), not bookkeeping: not counted
-
-
-def env_float(name: str, trainer_name: str, default: float | None = None, low: float = 0.0,
-              high: float = math.inf) -> float:
-    """A float from the environment in ``(low, high]``; a clear error when unset (without default) or malformed."""
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        if default is not None:
-            return default
-        raise RuntimeError(f"{trainer_name} trains for a wall-time budget, but the environment variable {name} is not "
-                           f"set; set it to the number of minutes, e.g. `{name}=20 nnUNetv2_train ... -tr "
-                           f"{trainer_name}`")
-    try:
-        out = float(value)
-    except ValueError:
-        out = math.nan
-    if not low < out <= high:
-        raise RuntimeError(f"{trainer_name}: {name}={value!r} must be a number in ({low}, {high}]")
-    return out
 
 
 def epoch_wall_seconds(starts: list[float], ends: list[float], epoch: int, now: float,
@@ -68,11 +42,11 @@ def spent_seconds(starts: list[float], ends: list[float], num_epochs: int, now: 
     return sum(epoch_wall_seconds(starts, ends, e, now) for e in range(num_epochs))
 
 
-def epochs_that_fit(starts: list[float], ends: list[float], first: int, done: int, budget: float, now: float) -> int:
-    """``done`` epochs plus as many more as the time left allows at the mean wall time of epochs ``first..done-1``
+def epochs_that_fit(starts: list[float], ends: list[float], done: int, budget: float, now: float) -> int:
+    """``done`` epochs plus as many more as the time left allows at the mean wall time of the epochs so far
     (re-planned at every epoch, so one slow epoch on a shared machine does not fix the plan)."""
     spent = spent_seconds(starts, ends, done, now)
-    per_epoch = sum(epoch_wall_seconds(starts, ends, e, now) for e in range(first, done)) / max(1, done - first)
+    per_epoch = spent / max(1, done)
     return done + max(0, int((budget - spent) // max(per_epoch, 1e-6)))
 
 
@@ -86,9 +60,19 @@ class WallTimeBudgetMixin:
     budget_iterations_per_epoch = 20  # the stock U-Net takes ~10 s per step of 8 slices on 2 busy CPU cores
     budget_val_iterations_per_epoch = 4
 
-    def plan_budget(self, now: float) -> int:
-        """Update ``num_epochs`` (and what depends on it) from the logged epoch times; return the smallest number of
-        epochs that must run even when the budget is spent."""
+    def extra_seconds(self) -> float:
+        """Time spent outside the epochs that the budget counts too."""
+        return 0.0
+
+    def plan_budget(self, now: float) -> None:
+        """``num_epochs`` from the logged epoch times, and the LR schedule stretched over them."""
+        if self.current_epoch >= 1:
+            starts, ends = self.epoch_times()
+            self.num_epochs = epochs_that_fit(starts, ends, self.current_epoch,
+                                              self.budget_seconds - self.extra_seconds(), now)
+            self.stretch_schedule()
+
+    def stretch_schedule(self) -> None:
         raise NotImplementedError
 
     def epoch_times(self) -> tuple[list[float], list[float]]:
@@ -96,7 +80,7 @@ class WallTimeBudgetMixin:
                 self.logger.get_value('epoch_end_timestamps', step=None))
 
     def run_training(self):
-        self.budget_seconds = 60.0 * env_float(BUDGET_ENV, type(self).__name__)
+        self.budget_seconds = 60.0 * env.env_float(env.BUDGET_MINUTES, type(self).__name__)
         self.num_iterations_per_epoch = self.budget_iterations_per_epoch
         self.num_val_iterations_per_epoch = self.budget_val_iterations_per_epoch
         self.save_every = 1
@@ -110,18 +94,17 @@ class WallTimeBudgetMixin:
 
     def on_epoch_start(self):
         now = time()
-        min_epochs = self.plan_budget(now)
+        self.plan_budget(now)
         starts, ends = self.epoch_times()
-        spent = spent_seconds(starts, ends, self.current_epoch, now)
-        note = f"num_epochs {self.num_epochs}" + (f", num_tokenizer_epochs {self.num_tokenizer_epochs}"
-                                                  if hasattr(self, "num_tokenizer_epochs") else "")
+        spent = spent_seconds(starts, ends, self.current_epoch, now) + self.extra_seconds()
+        note = f"num_epochs {self.num_epochs}"
         if note != self._budget_note:
             self._budget_note = note
             self.print_to_log_file(f"Wall-time budget {self.budget_seconds / 60:.1f} min: {note} "
                                    f"({spent:.0f} s spent in {self.current_epoch} epochs)")
         if self.current_epoch >= self.num_epochs:
             raise BudgetReached(f"all {self.num_epochs} planned epochs done after {spent:.0f} s")
-        if spent >= self.budget_seconds and self.current_epoch >= min_epochs:
+        if spent >= self.budget_seconds and self.current_epoch >= 1:
             raise BudgetReached(f"{spent:.0f} s spent after {self.current_epoch} epochs "
                                 f"(budget {self.budget_seconds:.0f} s)")
         super().on_epoch_start()
@@ -143,33 +126,22 @@ class nnUNetTrainerBudget(WallTimeBudgetMixin, nnUNetTrainer):
         super()._set_batch_size_and_oversample()
         self.batch_size = min(self.batch_size, self.batch_size_cap)
 
-    def plan_budget(self, now: float) -> int:
-        if self.current_epoch >= 1:
-            starts, ends = self.epoch_times()
-            self.num_epochs = epochs_that_fit(starts, ends, 0, self.current_epoch, self.budget_seconds, now)
-            self.lr_scheduler.max_steps = max(1, self.num_epochs)
-        return 1
+    def stretch_schedule(self) -> None:
+        self.lr_scheduler.max_steps = max(1, self.num_epochs)
 
 
 class nnUNetTrainerARSeg_budget(WallTimeBudgetMixin, nnUNetTrainerARSeg):
-    """AR-Seg with the budget split between its phases at an epoch fixed after the first epoch."""
+    """AR-Seg under the budget, its tokenizer's training time included."""
 
-    def plan_budget(self, now: float) -> int:
-        starts, ends = self.epoch_times()
-        if self.current_epoch == 0:
-            self.num_tokenizer_epochs = UNDECIDED_EPOCHS
-            return 1
-        fraction = env_float(TOKENIZER_FRACTION_ENV, type(self).__name__, default=0.25, high=1.0)
-        n_tok = max(1, round(fraction * self.budget_seconds / epoch_wall_seconds(starts, ends, 0, now)))
-        self.num_tokenizer_epochs = n_tok
-        if self.current_epoch > n_tok:
-            self.num_epochs = max(n_tok + 1, epochs_that_fit(starts, ends, n_tok, self.current_epoch,
-                                                             self.budget_seconds, now))
-        if isinstance(self.lr_scheduler, PhaseLRScheduler):  # keep the schedule of the current phase consistent
-            tok = self.phase_of(self.current_epoch) == TOKENIZER
-            self.lr_scheduler.first_epoch = 0 if tok else n_tok
-            self.lr_scheduler.num_epochs = max(1, n_tok if tok else self.num_epochs - n_tok)
-        return n_tok + 1
+    def extra_seconds(self) -> float:
+        summary = os.path.join(self.tokenizer.folder, "summary.json")
+        if self.tokenizer.given or not os.path.isfile(summary):
+            return 0.0
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        return float(load_json(summary).get("seconds", 0.0))
+
+    def stretch_schedule(self) -> None:
+        self.lr_scheduler.num_epochs = max(1, self.num_epochs)
 
 
 class nnUNetTrainerARSeg_small_budget(nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_small):

@@ -7,28 +7,31 @@ from copy import deepcopy
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_arseg.network import NETWORK_CLASS_NAME, build_arseg_architecture
+from nnunet_arseg.network import ARSEG_PRESETS, NETWORK_CLASS_NAME, build_arseg_architecture
 
 
 def is_arseg_architecture(architecture: dict) -> bool:
     return architecture.get("network_class_name") == NETWORK_CLASS_NAME
 
 
+def tokenizer_widths(overrides: dict) -> dict:
+    """The tokenizer kwargs a trainer variant asks for (its preset's, updated by its overrides), before the latent
+    stride is chosen from the data."""
+    return {**ARSEG_PRESETS[overrides.get("preset", "reference")]["tokenizer"], **(overrides.get("tokenizer") or {})}
+
+
 def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, has_regions: bool | None = None) -> dict:
     """AR-Seg's ``architecture`` block for a configuration (kept as is when it already is AR-Seg's).
 
     ``has_regions=None`` leaves it to ``build_arseg_architecture``'s default (only for callers without dataset.json).
-    ``overrides`` go to ``build_arseg_architecture``; our own key ``max_features_per_stage`` caps the widths of the
-    plans' U-Net encoder (for small-machine variants).
+    ``overrides`` go to ``build_arseg_architecture`` (``preset`` selects the preset).
     """
     if is_arseg_architecture(stock_architecture):
         return deepcopy(stock_architecture)
     kwargs = dict(overrides) if has_regions is None else {**overrides, "has_regions": has_regions}
-    cap = kwargs.pop("max_features_per_stage", None)
-    arch = build_arseg_architecture(deepcopy(stock_architecture), tuple(patch_size), **kwargs)
-    if cap is not None:
-        arch["arch_kwargs"]["features_per_stage"] = [min(int(f), int(cap))
-                                                     for f in arch["arch_kwargs"]["features_per_stage"]]
+    kwargs.pop("preset", None)
+    arch = build_arseg_architecture(deepcopy(stock_architecture), tuple(patch_size),
+                                    overrides.get("preset", "reference"), **kwargs)
     return arch
 
 

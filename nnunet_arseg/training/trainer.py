@@ -1,8 +1,10 @@
 """``nnUNetTrainerARSeg``: AR-Seg trained by ``nnUNetv2_train D CONFIG FOLD -tr nnUNetTrainerARSeg``.
 
-One command runs both phases: the mask tokenizer (epochs ``[0, num_tokenizer_epochs)``; Dice + BCE + VQ on the
-binary mask of a randomly drawn class), then the next-scale segmentor (token cross-entropy, tokenizer frozen).
-Each phase has its own optimizer and LR schedule; checkpoints store the phase, so ``--c`` resumes anywhere.
+Before the first epoch the trainer makes sure the dataset's mask tokenizer exists (``tokenizer_store``: trained once
+per dataset, plans and configuration until it reconstructs held-out masks, shared by every fold and variant) and
+loads it, frozen. Every epoch then trains the next-scale segmentor: the plans' U-Net (its decoder as a dense
+auxiliary head), the image embedding and the transformer, with token cross-entropy. ``--c`` resumes the tokenizer's
+training or the epochs; ``-pretrained_weights`` of a stock nnU-Net model initialises the U-Net.
 Set-up once per shell: ``export nnUNet_extTrainer=$(nnUNetv2_arseg_ext_dir)``.
 """
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
-from nnunetv2.paths import nnUNet_raw
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -18,9 +20,11 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
-from nnunet_arseg.training import phases, raters, splits
-from nnunet_arseg.training.pseudo_dice import teacher_forced_mask_logits
-from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg
+from nnunet_arseg.network import unwrap_network
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
+from nnunet_arseg.training import raters, splits, tokenizer_store
+from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg, tokenizer_widths
+from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
 from nnunet_arseg.training.validation import write_multirater_summary
 
 
@@ -30,23 +34,25 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
     arseg_arch_overrides: dict = {}  # passed to ``build_arseg_architecture`` (tokenizer/transformer sizes, ...)
     allow_mirroring_tta: bool = False  # True: nnU-Net's mirroring TTA at inference (costs 4x/8x the samples)
     use_raters: bool | None = None  # None: raters when dataset.json declares them; True: require them
+    freeze_encoder: bool = False  # True: the image encoder keeps its (pretrained) weights and runs without backward
+    tokenizer_fit: TokenizerFitConfig = TokenizerFitConfig()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        plans = rewrite_plans_for_arseg(plans, configuration, dataset_json, self.arseg_arch_overrides)
+        self.tokenizer = self._resolve_tokenizer(plans, configuration, dataset_json)
+        overrides = {**self.arseg_arch_overrides, "tokenizer": self.tokenizer.arch_kwargs}
+        plans = rewrite_plans_for_arseg(plans, configuration, dataset_json, overrides)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1000
-        self.num_tokenizer_epochs = 250
-        self.tokenizer_lr = 1e-4
-        self.segmentor_lr = 1e-4
-        self.segmentor_weight_decay = 0.01
-        self.lr_poly_exponent = 0.0  # AR-Seg trains both stages at a constant LR
+        self.initial_lr = 3e-4
+        self.weight_decay = 0.01
+        self.warmup_epochs = 5
         self.grad_clip_norm = 1.0
         self.batch_size_cap = None  # int: at most this many examples per step (small-machine variants)
         self.num_validation_samples = 8  # samples per case for summary_arseg.json
         self.enable_deep_supervision = False
         self.grad_scaler = None  # bf16 autocast on CUDA needs no loss scaling
-        self._applied_phase = None
+        self._tokenizer_loaded = False
         self._rater_info = raters.rater_info(dataset_json)
         if self.use_raters and self._rater_info is None:
             raise ValueError(f"{self.__class__.__name__} needs a multi-rater dataset, but dataset.json of "
@@ -86,40 +92,15 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         if self.batch_size_cap is not None:
             self.batch_size = min(self.batch_size, self.batch_size_cap)
 
-    # ---------------------------------------------------------------- phases
-    def phase_of(self, epoch: int) -> str:
-        return phases.phase_of_epoch(epoch, self.num_tokenizer_epochs)
+    def configure_optimizers(self):
+        """AdamW over what the segmentor trains, warm-up then cosine decay over ``num_epochs``."""
+        net = unwrap_network(self.network)
+        params = net.trainable_parameters(self.freeze_encoder)
+        if self.freeze_encoder:
+            net.encoder.requires_grad_(False)
+        optimizer = build_optimizer(net, params, self.initial_lr, self.weight_decay)
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
 
-    def configure_optimizers(self, phase: str | None = None):
-        """Optimizer and scheduler of ``phase`` (default: the phase of ``current_epoch``); also sets the trainable
-        parameters and ``network.stage``."""
-        phase = phase or self.phase_of(self.current_epoch)
-        phases.set_phase_trainable(self.network, phase)
-        if phase == phases.TOKENIZER:
-            lr, first, n = self.tokenizer_lr, 0, self.num_tokenizer_epochs
-            optimizer = phases.build_phase_optimizer(self.network, phase, lr, 0.0)
-        else:
-            lr, first, n = self.segmentor_lr, self.num_tokenizer_epochs, self.num_epochs - self.num_tokenizer_epochs
-            optimizer = phases.build_phase_optimizer(self.network, phase, lr, self.segmentor_weight_decay)
-        self._applied_phase = phase
-        return optimizer, phases.PhaseLRScheduler(optimizer, lr, first, n, self.lr_poly_exponent)
-
-    def _switch_phase(self, phase: str):
-        self.print_to_log_file(f"AR-Seg: entering the {phase} phase at epoch {self.current_epoch}")
-        self.optimizer, self.lr_scheduler = self.configure_optimizers(phase)
-        if self.is_ddp:  # re-wrap so that DDP only tracks the parameters trained in this phase
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.network = DDP(phases.unwrap_network(self.network), device_ids=[self.local_rank])
-
-    def on_train_epoch_start(self):
-        phase = self.phase_of(self.current_epoch)
-        if phase != self._applied_phase:
-            self._switch_phase(phase)
-        phases.unwrap_network(self.network).stage = phase
-        super().on_train_epoch_start()
-        self.print_to_log_file(f"AR-Seg phase: {phase}")
-
-    # ---------------------------------------------------------------- data
     def initialize(self):
         super().initialize()
         if self._rater_info is not None:
@@ -128,7 +109,75 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
                                      self.preprocessed_dataset_folder, keys, self.plans_manager,
                                      self.configuration_manager, self.dataset_json, log=self.print_to_log_file)
             self.dataset_class = raters.rater_dataset_class(self.dataset_class)
+        # nnU-Net's -pretrained_weights loader, which runs right after initialize(), requires every key of
+        # self.network to be in the file. Until training starts, self.network is therefore the U-Net part alone
+        # (the same modules): a stock nnU-Net checkpoint of the same plans initialises it.
+        self._arseg_network, self.network = self.network, unwrap_network(self.network).image_model()
+        self._image_model_at_init = {k: v.clone() for k, v in self.network.state_dict().items()}
 
+    def _restore_network(self) -> None:
+        """Put the whole AR-Seg network back in place of the U-Net view (see ``initialize``)."""
+        if getattr(self, "_arseg_network", None) is not None:
+            loaded = [k for k, v in self.network.state_dict().items() if not torch.equal(v, self._image_model_at_init[k])]
+            if loaded:
+                kept = sorted({k.split(".")[0] for k, _ in self._arseg_network.named_parameters()} - {"encoder",
+                                                                                                       "decoder"})
+                self.print_to_log_file(
+                    f"AR-Seg: {len(loaded)} of {len(self._image_model_at_init)} U-Net tensors were loaded from the "
+                    f"pretrained weights (encoder{' and decoder' if unwrap_network(self._arseg_network).aux_head else ''}"
+                    f"); not in a stock checkpoint and trained from scratch: {', '.join(kept)} (the tokenizer is "
+                    f"the dataset's own)")
+            self.network, self._arseg_network, self._image_model_at_init = self._arseg_network, None, None
+
+    # ---------------------------------------------------------------- tokenizer
+    def _resolve_tokenizer(self, plans: dict, configuration: str, dataset_json: dict) -> tokenizer_store.DatasetTokenizer:
+        pm = PlansManager(plans)
+        cm = pm.get_configuration(configuration)
+        folder = join(nnUNet_preprocessed, pm.dataset_name, cm.data_identifier)
+
+        def object_extent():
+            lm = pm.get_label_manager(dataset_json)
+            keys = infer_dataset_class(folder).get_identifiers(folder)
+            keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))[:500]]
+            with_raters = raters.rater_info(dataset_json) is not None and self.use_raters is not False
+            source = tokenizer_store.PreprocessedMasks(folder, keys, infer_dataset_class(folder), lm, cm.patch_size,
+                                                       with_raters and isfile(join(
+                                                           raters.raters_folder_of(folder), keys[0] + ".npz")))
+            classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+            return tokenizer_store.median_object_extent((m for k in keys for m in source.label_maps(k)[0]), classes)
+
+        return tokenizer_store.resolve_dataset_tokenizer(join(nnUNet_results, pm.dataset_name), pm.plans_name,
+                                                         configuration, cm.patch_size,
+                                                         tokenizer_widths(self.arseg_arch_overrides), object_extent)
+
+    def _load_tokenizer(self) -> None:
+        """Train the dataset's tokenizer if it does not exist yet, then load it into the network (frozen)."""
+        patient_of_case = (self._rater_info or self.dataset_json.get("arseg", {})).get("patient_of_case")
+        keys = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        train_keys, heldout_keys = tokenizer_store.split_heldout(keys, patient_of_case)
+        lm, patch = self.label_manager, self.configuration_manager.patch_size
+
+        def source(k):
+            return tokenizer_store.PreprocessedMasks(self.preprocessed_dataset_folder, k, self.dataset_class, lm, patch,
+                                                     self._rater_info is not None)
+
+        stored = tokenizer_store.train_dataset_tokenizer(self.tokenizer, patch, source(train_keys),
+                                                         source(heldout_keys), self.tokenizer_fit, self.device,
+                                                         log=self.print_to_log_file)
+        unwrap_network(self.network).tokenizer.load_state_dict(stored["state_dict"])
+        self.print_to_log_file(f"AR-Seg: tokenizer {self.tokenizer.path} loaded (held-out Dice "
+                               f"{stored['summary']['heldout']['dice_nonempty']:.4f})")
+        self._tokenizer_loaded = True
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self._restore_network()
+        if not self._tokenizer_loaded:
+            self._load_tokenizer()
+        super().on_train_start()
+
+    # ---------------------------------------------------------------- data
     def do_split(self):
         patient_of_case = (self._rater_info or self.dataset_json.get("arseg", {})).get("patient_of_case")
         splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
@@ -171,14 +220,12 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         return {'loss': loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
-        """Teacher-forced loss of the current phase (never sampling) and tp/fp/fn of its prediction for the drawn
-        class: tokenizer phase the reconstruction, segmentor phase the teacher-forced argmax decode."""
+        """Teacher-forced loss and tp/fp/fn of the per-token argmax decode for the drawn class (never sampling)."""
         data = batch['data'].to(self.device, non_blocking=True)
         mask, cls_B = self._class_masks(batch['target'].to(self.device, non_blocking=True))
         with self._autocast():
-            out = self.network(data, mask=mask, cls=cls_B)
-            pred = teacher_forced_mask_logits(self.network, data, mask, cls_B).float() > 0
-        ref = mask > 0.5
+            out = self.network(data, mask=mask, cls=cls_B, with_prediction=True)
+        pred, ref = out["prediction"].float() > 0, mask > 0.5
         axes = tuple(range(1, pred.ndim))
         n_cls = len(self.label_manager.foreground_regions if self.label_manager.has_regions
                     else self.label_manager.foreground_labels)
@@ -190,14 +237,14 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus the phase of the stored optimizer and its scheduler, written atomically."""
+        """nnU-Net's checkpoint, written atomically (an interrupted write never leaves a truncated checkpoint)."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
             self.print_to_log_file('No checkpoint written, checkpointing is disabled')
             return
         checkpoint = {
-            'network_weights': phases.unwrap_network(self.network).state_dict(),
+            'network_weights': unwrap_network(self.network).state_dict(),
             'optimizer_state': self.optimizer.state_dict(),
             'grad_scaler_state': None,
             'logging': self.logger.get_checkpoint(),
@@ -206,28 +253,20 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             'init_args': self.my_init_kwargs,
             'trainer_name': self.__class__.__name__,
             'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
-            'arseg_phase': self._applied_phase,
-            'arseg_scheduler_state': self.lr_scheduler.state_dict(),
+            'arseg_tokenizer': self.tokenizer.path,
         }
         write_atomic(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """Rebuild the optimizer of the stored phase, then restore weights, optimizer, scheduler, epoch and logs.
-
-        Accepts a path or an already loaded dict (nnU-Net's own version fails on dicts)."""
+        """nnU-Net's checkpoint loading, for paths and already loaded dicts; the tokenizer travels in the weights."""
         if not self.was_initialized:
             self.initialize()
+        self._restore_network()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        phase = checkpoint.get('arseg_phase') or self.phase_of(max(checkpoint['current_epoch'] - 1, 0))
-        if self.is_ddp:
-            self._switch_phase(phase)
-        else:
-            self.optimizer, self.lr_scheduler = self.configure_optimizers(phase)
-        net = phases.unwrap_network(self.network)
-        net.load_state_dict({k[7:] if k.startswith('module.') else k: v
-                             for k, v in checkpoint['network_weights'].items()})
+        unwrap_network(self.network).load_state_dict({k[7:] if k.startswith('module.') else k: v
+                                                      for k, v in checkpoint['network_weights'].items()})
         self.my_init_kwargs = checkpoint['init_args']
         self.current_epoch = checkpoint['current_epoch']
         self.logger.load_checkpoint(checkpoint['logging'])
@@ -235,13 +274,11 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = checkpoint.get('inference_allowed_mirroring_axes',
                                                                self.inference_allowed_mirroring_axes)
         self.optimizer.load_state_dict(checkpoint['optimizer_state'])
-        if checkpoint.get('arseg_scheduler_state'):
-            self.lr_scheduler.load_state_dict(checkpoint['arseg_scheduler_state'])
-        self.print_to_log_file(f"AR-Seg: resumed at epoch {self.current_epoch} from a {phase}-phase checkpoint")
+        self._tokenizer_loaded = True
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False):
+        self._restore_network()
         super().perform_actual_validation(save_probabilities)
         if self._rater_info is not None and self.local_rank == 0:
             write_multirater_summary(self, self.num_validation_samples)
-

@@ -13,7 +13,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.evaluation.multirater import METRIC_NAMES, multirater_metrics_batch
 from nnunet_arseg.inference.sampling_window import sample_sliding_window
-from nnunet_arseg.training.phases import unwrap_network
+from nnunet_arseg.network import unwrap_network
 from nnunet_arseg.training.raters import load_raters
 
 

@@ -1,4 +1,4 @@
-"""One-hook variants of ``nnUNetTrainerARSeg`` (nnU-Net style: training length, model size, TTA).
+"""One-hook variants of ``nnUNetTrainerARSeg`` (nnU-Net style: training length, model size, TTA, frozen encoder).
 
 Mirroring TTA is off in ``nnUNetTrainerARSeg`` (every flip costs N more samples and averages log-frequencies);
 ``nnUNetTrainerARSeg_mirroring`` turns it back on for ``nnUNetv2_predict`` and the final validation.
@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import torch
 
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 
 
 def _length_variant(epochs: int) -> type:
-    """``nnUNetTrainerARSeg_<epochs>epochs``: the same 1:3 tokenizer:segmentor split over fewer epochs."""
+    """``nnUNetTrainerARSeg_<epochs>epochs``."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         nnUNetTrainerARSeg.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
-        self.num_tokenizer_epochs = max(1, epochs // 4)
 
     return type(f"nnUNetTrainerARSeg_{epochs}epochs", (nnUNetTrainerARSeg,), {"__init__": __init__,
                                                                                "__module__": __name__})
@@ -36,59 +36,57 @@ class nnUNetTrainerARSeg_mirroring(nnUNetTrainerARSeg):
     allow_mirroring_tta = True
 
 
-class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
-    """Smoke-test size: tiny tokenizer/transformer/encoder, 2 + 2 epochs of 5 iterations, batch <= 4, 4 samples.
+class nnUNetTrainerARSeg_frozenEncoder(nnUNetTrainerARSeg):
+    """The image encoder keeps its weights (train with ``-pretrained_weights`` of a stock nnU-Net model) and runs
+    without a backward pass; the decoder, embedding and transformer train."""
 
-    Trains in about a minute on 2 CPU cores; a checkpoint after every epoch (so an interrupted run resumes).
-    """
-
-    arseg_arch_overrides = {"preset": "tiny", "num_samples": 4, "embedding": "linear", "max_features_per_stage": 32,
-                            "tokenizer": {"ch": 8}}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
-        self.num_tokenizer_epochs = 2
-        self.num_iterations_per_epoch = 5
-        self.num_val_iterations_per_epoch = 1
-        self.batch_size_cap = 4
-        self.save_every = 1
-        self.num_validation_samples = 4
-        self.tokenizer_lr = 1e-3
-        self.segmentor_lr = 3e-4
+    freeze_encoder = True
 
 
 class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
-    """CPU-sized AR-Seg for budgets of minutes: the ``tiny`` preset (codebook 256; transformer width 64, depth 2; SVD
-    embedding) with tokenizer base width 8, the plans' encoder capped at 64 features, batch <= 8, LRs raised for short
-    training. Measured: 0.6 s per tokenizer and 1.1 s per segmentor iteration (batch 6, 128x128, one busy CPU
-    thread)."""
+    """CPU-sized AR-Seg for budgets of minutes to hours: the ``small`` preset (tokenizer on a 4x space-to-depth
+    input, transformer width 128, depth 3; prefix from the U-Net decoder at the latent resolution), the plans'
+    encoder capped at 64 features per stage, batch <= 8."""
 
-    arseg_arch_overrides = {"preset": "tiny", "max_features_per_stage": 64, "tokenizer": {"ch": 8}}
+    arseg_arch_overrides = {"preset": "small"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.batch_size_cap = 8
-        self.tokenizer_lr = 1e-3
-        self.segmentor_lr = 3e-4
+        self.initial_lr = 1e-3
 
 
-class nnUNetTrainerARSeg_tiny_demo(nnUNetTrainerARSeg_tiny):
-    """The tiny model trained long enough to draw real masks (``nnUNetv2_arseg_demo``): about 5 minutes on 2 idle
-    CPU cores.
+class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
+    """Smoke-test size: tiny tokenizer/transformer/encoder, tokenizer 150 steps, 3 epochs of 5 iterations, batch
+    <= 4, 4 samples. Trains in about a minute on 2 CPU cores; a checkpoint after every epoch (so it resumes)."""
 
-    ``nnUNetTrainerARSeg_tiny``'s 2 + 2 epochs of 5 iterations prove that everything runs, but the tokenizer alone
-    needs some hundred steps before its masks are more than noise; this variant takes 20 + 20 epochs of 30.
-    """
+    arseg_arch_overrides = {"preset": "tiny", "num_samples": 4}
+    tokenizer_fit = TokenizerFitConfig(max_steps=150, batch_size=8, eval_every=50, warmup_steps=20)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 40
-        self.num_tokenizer_epochs = 20
+        self.num_epochs = 3
+        self.warmup_epochs = 0
+        self.num_iterations_per_epoch = 5
+        self.num_val_iterations_per_epoch = 1
+        self.batch_size_cap = 4
+        self.save_every = 1
+        self.num_validation_samples = 4
+        self.initial_lr = 1e-3
+
+
+class nnUNetTrainerARSeg_tiny_demo(nnUNetTrainerARSeg_tiny):
+    """The tiny model trained long enough to draw real masks (``nnUNetv2_arseg_demo``): a few minutes on 2 CPU cores."""
+
+    tokenizer_fit = TokenizerFitConfig(max_steps=600, batch_size=16, eval_every=100)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+        self.warmup_epochs = 1
         self.num_iterations_per_epoch = 30
         self.num_val_iterations_per_epoch = 2
         self.save_every = 5
-        self.tokenizer_lr = 3e-3

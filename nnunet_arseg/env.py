@@ -1,0 +1,68 @@
+"""Every environment variable AR-Seg reads, in one place (as nnU-Net's ``paths.py`` does for its own).
+
+| variable | read by | meaning |
+|---|---|---|
+| ``nnUNet_ARSEG_NUM_SAMPLES`` | the network's eval forward (stock ``nnUNetv2_predict``) | N samples per image; default: the model's stored N (16) |
+| ``nnUNet_ARSEG_SEED`` | the same | seed of the sampling; default 0 |
+| ``nnUNet_ARSEG_BUDGET_MINUTES`` | the ``*_budget`` trainers | wall-time budget of a training run, in minutes |
+| ``nnUNet_ARSEG_TOKENIZER`` | ``nnUNetTrainerARSeg`` | a ``tokenizer.pth`` to use instead of training the dataset's own |
+
+``nnUNet_extTrainer`` (nnU-Net's own) is set by our commands, see ``nnunet_arseg.nnunet_ext``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
+SEED = "nnUNet_ARSEG_SEED"
+BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
+TOKENIZER = "nnUNet_ARSEG_TOKENIZER"
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None or value.strip() == "" else value.strip()
+
+
+def env_int(name: str, default: int, low: int = -2 ** 62) -> int:
+    """An integer from the environment (``default`` when unset); a clear error when malformed or below ``low``."""
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        out = int(value)
+    except ValueError:
+        raise RuntimeError(f"the environment variable {name}={value!r} must be an integer") from None
+    if out < low:
+        raise RuntimeError(f"the environment variable {name}={value!r} must be >= {low}")
+    return out
+
+
+def env_float(name: str, what: str, default: float | None = None, low: float = 0.0, high: float = math.inf) -> float:
+    """A float from the environment in ``(low, high]``; a clear error when unset (without default) or malformed."""
+    value = _raw(name)
+    if value is None:
+        if default is not None:
+            return default
+        raise RuntimeError(f"{what} needs the environment variable {name}, which is not set; e.g. "
+                           f"`{name}=20 nnUNetv2_train ...`")
+    try:
+        out = float(value)
+    except ValueError:
+        out = math.nan
+    if not low < out <= high:
+        raise RuntimeError(f"{what}: {name}={value!r} must be a number in ({low}, {high}]")
+    return out
+
+
+def num_samples(default: int) -> int:
+    return env_int(NUM_SAMPLES, default, low=1)
+
+
+def sampling_seed() -> int:
+    return env_int(SEED, 0)
+
+
+def tokenizer_file() -> str | None:
+    return _raw(TOKENIZER)

@@ -1,0 +1,319 @@
+"""The dataset's mask tokenizer: trained once per dataset, plans and configuration, stored in the results folder, and
+reused by every fold and trainer variant whose tokenizer settings match.
+
+    $nnUNet_results/DatasetXXX_Name/ARSegTokenizer__<plans>__<configuration>/<tokenizer name>/
+        tokenizer.pth          the weights and the tokenizer's arch kwargs (what the segmentor loads)
+        tokenizer_latest.pth   the training state while it trains (``--c`` of an interrupted run resumes from it)
+        summary.json           held-out reconstruction scores, steps, data
+        training_log.txt, progress.png
+
+Masks come from the preprocessed training cases (every rater where the dataset has raters), cropped to the patch
+size; 1 in 20 patients (cases) is held out to measure the reconstruction target. ``nnUNet_ARSEG_TOKENIZER`` names a
+``tokenizer.pth`` to use instead (e.g. one trained on another dataset with the same patch size).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p
+from scipy import ndimage
+
+from nnunet_arseg import env
+from nnunet_arseg.atomic import save_json_atomic, write_atomic
+from nnunet_arseg.tokenizer import MaskTokenizer
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer, reconstruction_scores
+from nnunet_arseg.training import raters
+
+TOKENIZER_FOLDER_PREFIX = "ARSegTokenizer"
+MAX_LATENT_POSITIONS = 256  # the finest token map: AR-Seg's sequence length grows with it
+
+
+# ---------------------------------------------------------------- latent resolution from the data
+def median_object_extent(seg_arrays, labels_or_regions, max_objects: int = 5000) -> tuple[float, ...]:
+    """Median bounding-box extent per spatial axis of the connected foreground objects (of every class) in the
+    given label maps (each (1, *spatial) or (*spatial))."""
+    extents = []
+    for seg in seg_arrays:
+        seg = np.asarray(seg)
+        seg = seg[0] if seg.ndim > 2 and seg.shape[0] == 1 else seg
+        for lr in labels_or_regions:
+            labelled, n = ndimage.label(np.isin(seg, np.atleast_1d(lr)))
+            for sl in ndimage.find_objects(labelled):
+                extents.append([s.stop - s.start for s in sl])
+        if len(extents) >= max_objects:
+            break
+    if not extents:
+        raise ValueError("no foreground object in the training labels: the tokenizer cannot be sized")
+    return tuple(float(v) for v in np.median(np.asarray(extents), axis=0))
+
+
+def choose_latent_stride(patch_size, object_extent, max_positions: int = MAX_LATENT_POSITIONS,
+                         min_stride: int = 4, max_stride: int = 32) -> tuple[int, ...]:
+    """Per-axis latent stride: the power of two nearest half the median object extent (so a typical object spans
+    about two latent cells), within [min_stride, max_stride], each dividing the patch, then doubled on the axis with
+    the most latent positions until the latent has at most ``max_positions`` (the finest token map bounds AR-Seg's
+    cost, which then grows no faster than the patch)."""
+    def divides(n: int, s: int) -> bool:
+        return n % s == 0
+
+    stride = []
+    for n, e in zip(patch_size, object_extent):
+        s = int(2 ** round(math.log2(max(e, 1.0) / 2)))
+        s = min(max(s, min_stride), max_stride)
+        while s > 1 and not divides(n, s):
+            s //= 2
+        stride.append(s)
+    while math.prod(n // s for n, s in zip(patch_size, stride)) > max_positions:
+        order = sorted(range(len(stride)), key=lambda a: -patch_size[a] // stride[a])
+        axis = next((a for a in order if divides(patch_size[a], 2 * stride[a]) and 2 * stride[a] <= max_stride), None)
+        if axis is None:
+            break
+        stride[axis] *= 2
+    return tuple(stride)
+
+
+# ---------------------------------------------------------------- masks from a preprocessed dataset
+class PreprocessedMasks:
+    """Binary masks of the patch size from preprocessed nnU-Net cases: a drawn rater (where the dataset has raters)
+    or the label map, a drawn foreground class/region, cropped around its foreground with probability
+    ``foreground_fraction`` (else anywhere), background outside the image."""
+
+    def __init__(self, preprocessed_data_folder: str, identifiers: list[str], dataset_class, label_manager,
+                 patch_size, with_raters: bool, foreground_fraction: float = 0.67):
+        self.folder, self.identifiers = preprocessed_data_folder, sorted(identifiers)
+        self.dataset = dataset_class(preprocessed_data_folder, self.identifiers)
+        self.lm, self.patch = label_manager, tuple(int(n) for n in patch_size)
+        self.with_raters, self.foreground_fraction = with_raters, foreground_fraction
+        self.classes = list(label_manager.foreground_regions if label_manager.has_regions
+                            else label_manager.foreground_labels)
+
+    def label_maps(self, identifier: str) -> tuple[np.ndarray, dict]:
+        """(R, *spatial) label maps (one per rater, or the case's one) and the case's properties."""
+        _, seg, _, properties = self.dataset.load_case(identifier)
+        if self.with_raters:
+            return raters.load_raters(self.folder, identifier)[:, 0], properties
+        return np.asarray(seg[:])[:1], properties
+
+    def crop(self, label_map: np.ndarray, locations, rng: np.random.Generator) -> np.ndarray:
+        """A patch-size crop of (*spatial); 2D configurations first pick a slice (one with foreground if centred)."""
+        spatial = label_map.shape
+        centre = None
+        if locations is not None and len(locations) and rng.random() < self.foreground_fraction:
+            centre = locations[rng.integers(len(locations))][1:]  # (c, z, y, x) -> spatial
+        if len(self.patch) == 2 and len(spatial) == 3:
+            z = int(centre[0]) if centre is not None else int(rng.integers(spatial[0]))
+            label_map, spatial = label_map[z], spatial[1:]
+            centre = None if centre is None else centre[1:]
+        out = np.zeros(self.patch, dtype=label_map.dtype)
+        src, dst = [], []
+        for a, (n, p) in enumerate(zip(spatial, self.patch)):
+            if centre is not None:
+                lo = int(centre[a]) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1))
+            else:
+                lo = int(rng.integers(min(0, n - p), max(0, n - p) + 1))
+            lo = min(max(lo, min(0, n - p)), max(0, n - p))
+            src.append(slice(max(lo, 0), min(lo + p, n)))
+            dst.append(slice(max(-lo, 0), max(-lo, 0) + min(lo + p, n) - max(lo, 0)))
+        out[tuple(dst)] = label_map[tuple(src)]
+        return out
+
+    def draw(self, rng: np.random.Generator, batch_size: int) -> torch.Tensor:
+        """(B, 1, *patch) binary masks."""
+        out = []
+        for _ in range(batch_size):
+            identifier = self.identifiers[rng.integers(len(self.identifiers))]
+            maps, properties = self.label_maps(identifier)
+            k = int(rng.integers(len(self.classes)))
+            locations = properties.get("class_locations", {}).get(self.classes[k])
+            crop = self.crop(maps[rng.integers(len(maps))], locations, rng)
+            out.append(np.isin(crop, np.atleast_1d(self.classes[k])))
+        return torch.from_numpy(np.stack(out)[:, None])
+
+
+def split_heldout(identifiers: list[str], patient_of_case: dict | None, fraction: float = 0.05,
+                  seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) cases: ``fraction`` of the patients (of the cases, without patients), at least one."""
+    groups: dict[str, list[str]] = {}
+    for k in sorted(identifiers):
+        groups.setdefault((patient_of_case or {}).get(k, k), []).append(k)
+    names = sorted(groups)
+    if len(names) < 2:
+        return list(identifiers), list(identifiers)
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(names, max(1, round(fraction * len(names))), replace=False).tolist())
+    return ([k for g in names if g not in held for k in groups[g]], [k for g in sorted(held) for k in groups[g]])
+
+
+# ---------------------------------------------------------------- the stored tokenizer
+def tokenizer_folder(results_dataset_folder: str, plans_identifier: str, configuration: str, name: str) -> str:
+    return join(results_dataset_folder, f"{TOKENIZER_FOLDER_PREFIX}__{plans_identifier}__{configuration}", name)
+
+
+def load_tokenizer_file(path: str) -> dict:
+    """``{"arch_kwargs": ..., "state_dict": ..., "summary": ...}`` of a stored tokenizer; a clear error otherwise."""
+    if not isfile(path):
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "arch_kwargs" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an AR-Seg tokenizer file (expected the keys 'arch_kwargs' and "
+                         f"'state_dict', as written by nnUNetv2_train ... -tr nnUNetTrainerARSeg)")
+    return ckpt
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def exclusive(lock_file: str, poll_s: float = 5.0, log=print):
+    """One process at a time (folds started in parallel share one tokenizer): a lock file created atomically,
+    holding the owner's pid; a lock whose owner is gone (a killed run) is taken over."""
+    waited = False
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                owner = int(open(lock_file).read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and not _pid_alive(owner):
+                os.remove(lock_file)
+                continue
+            if not waited:
+                log(f"waiting for {lock_file}: process {owner} is training this tokenizer")
+                waited = True
+            time.sleep(poll_s)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        if os.path.exists(lock_file):
+            os.remove(lock_file)
+
+
+@dataclass(frozen=True)
+class DatasetTokenizer:
+    """Where the tokenizer of a dataset/plans/configuration is (or will be) and the arch kwargs it has."""
+
+    path: str
+    arch_kwargs: dict
+    given: bool  # named by the user (nnUNet_ARSEG_TOKENIZER), never trained or written here
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(self.path)
+
+    def exists(self) -> bool:
+        return isfile(self.path)
+
+
+def widths_name(widths: dict) -> str:
+    """A stable folder name for a set of tokenizer widths: variants with equal widths share the tokenizer."""
+    return "tok_" + hashlib.sha1(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def resolve_dataset_tokenizer(results_dataset_folder: str, plans_identifier: str, configuration: str, patch_size,
+                              widths: dict, object_extent: Callable[[], tuple[float, ...]]) -> DatasetTokenizer:
+    """The tokenizer a trainer uses: the user's (``nnUNet_ARSEG_TOKENIZER``), else the stored one of the dataset,
+    else a new one whose latent stride follows the data (``choose_latent_stride`` of ``object_extent()``; only
+    called then, since it reads the preprocessed labels)."""
+    given = env.tokenizer_file()
+    if given is not None:
+        ckpt = load_tokenizer_file(given)
+        if tuple(ckpt.get("patch_size", ())) != tuple(patch_size):
+            raise ValueError(f"{env.TOKENIZER}={given} is a tokenizer for the patch size {ckpt.get('patch_size')}, "
+                             f"but this configuration's patch size is {list(patch_size)}; train one for it (unset "
+                             f"{env.TOKENIZER}) or use a configuration with that patch size")
+        return DatasetTokenizer(given, ckpt["arch_kwargs"], True)
+    path = join(tokenizer_folder(results_dataset_folder, plans_identifier, configuration, widths_name(widths)),
+                "tokenizer.pth")
+    if isfile(path):
+        return DatasetTokenizer(path, load_tokenizer_file(path)["arch_kwargs"], False)
+    kwargs = dict(widths)
+    if kwargs.get("latent_stride") is None:
+        kwargs["latent_stride"] = list(choose_latent_stride(tuple(patch_size), object_extent()))
+    return DatasetTokenizer(path, kwargs, False)
+
+
+def train_dataset_tokenizer(tok: DatasetTokenizer, patch_size, train_masks: PreprocessedMasks,
+                            heldout_masks: PreprocessedMasks, fit_cfg: TokenizerFitConfig, device: torch.device,
+                            num_heldout: int = 512, log=print) -> dict:
+    """Train the tokenizer of ``tok`` (resuming ``tokenizer_latest.pth``) and write ``tokenizer.pth``, its summary
+    and curve; returns the stored dict. A tokenizer that exists (trained meanwhile by another fold) is loaded."""
+    if tok.given or tok.exists():
+        return load_tokenizer_file(tok.path)
+    maybe_mkdir_p(tok.folder)
+    with exclusive(join(tok.folder, ".lock"), log=log):
+        if tok.exists():
+            return load_tokenizer_file(tok.path)
+        torch.manual_seed(fit_cfg.seed)
+        model = MaskTokenizer(len(patch_size), patch_size, **tok.arch_kwargs).to(device)
+        heldout = heldout_masks.draw(np.random.default_rng(fit_cfg.seed + 1), num_heldout)
+        latest = join(tok.folder, "tokenizer_latest.pth")
+        state = torch.load(latest, map_location=device, weights_only=False) if isfile(latest) else None
+        log(f"Training the dataset's mask tokenizer ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+            f"parameters, latent {model.latent_shape}, scales {model.scales}) on {len(train_masks.identifiers)} cases "
+            f"until held-out Dice >= {fit_cfg.target_dice} or {fit_cfg.max_steps} steps"
+            + (f"; resuming at step {state['step']}" if state else ""))
+        started = time.time()
+        seconds_before = state.get("seconds", 0.0) if state else 0.0
+
+        def checkpoint(st: dict) -> None:
+            st["seconds"] = seconds_before + time.time() - started
+            write_atomic(latest, lambda t: torch.save(st, t))
+
+        state = fit_tokenizer(model, train_masks.draw, heldout, fit_cfg, state, checkpoint, log)
+        final = state["history"][-1]
+        summary = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "latent_shape":
+                   list(model.latent_shape), "scales": [list(pn) for pn in model.scales], "steps": state["step"],
+                   "seconds": round(state.get("seconds", seconds_before + time.time() - started), 1),
+                   "target_reached": final["dice_nonempty"] >= fit_cfg.target_dice, "heldout": final,
+                   "num_train_cases": len(train_masks.identifiers),
+                   "num_heldout_cases": len(heldout_masks.identifiers), "fit_config": fit_cfg.to_dict(),
+                   "history": state["history"]}
+        stored = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "state_dict": model.state_dict(),
+                  "summary": summary}
+        write_atomic(tok.path, lambda t: torch.save(stored, t))
+        save_json_atomic(summary, join(tok.folder, "summary.json"))
+        plot_history(state["history"], join(tok.folder, "progress.png"))
+        os.remove(latest)
+        log(f"Tokenizer stored at {tok.path}: held-out Dice {final['dice_nonempty']:.4f}, empty kept "
+            f"{final['empty_kept']:.3f} after {state['step']} steps ({summary['seconds'] / 60:.1f} min)")
+        return stored
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    """Held-out reconstruction Dice and training loss against steps, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["dice_nonempty"] for h in history], "b-o", label="held-out Dice (non-empty masks)")
+    ax.plot(steps, [h["empty_kept"] for h in history], "g--", label="empty masks kept empty")
+    ax.set_xlabel("step"), ax.set_ylim(0, 1.01), ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["loss"] for h in history], "r:", label="training loss")
+    ax2.set_ylabel("loss")
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda t: fig.savefig(t, dpi=100, format="png"))
+    plt.close(fig)
