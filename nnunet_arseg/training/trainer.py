@@ -21,7 +21,7 @@ from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.training import phases, raters, splits
 from nnunet_arseg.training.pseudo_dice import teacher_forced_mask_logits
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg
-from nnunet_arseg.training.validation import write_multirater_summary
+from nnunet_arseg.training.validation import final_validation
 
 
 class nnUNetTrainerARSeg(nnUNetTrainer):
@@ -241,7 +241,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False):
-        super().perform_actual_validation(save_probabilities)
-        if self._rater_info is not None and self.local_rank == 0:
-            write_multirater_summary(self, self.num_validation_samples)
+        """nnU-Net's final validation with each case sampled once (``validation.py``); with raters, also
+        ``summary_arseg.json`` from the same samples."""
+        final_validation(self, self.num_validation_samples, self._rater_info is not None, save_probabilities)
 
