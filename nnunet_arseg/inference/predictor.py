@@ -18,6 +18,7 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
 from nnunetv2.utilities.helpers import empty_cache
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
 from nnunet_arseg.atomic import save_json_atomic
@@ -117,8 +118,15 @@ class ARSegPredictor(SamplingPredictor):
         output_folder = output_folder_or_list_of_truncated_output_files
         if isinstance(output_folder, list):
             output_folder = os.path.dirname(output_folder[0]) or os.path.curdir
-        if output_folder is not None:
+        if output_folder is not None:  # what nnU-Net's own in-process loop writes beside the predictions
             maybe_mkdir_p(output_folder)
+            call = {"list_of_lists_or_source_folder": list_of_lists_or_source_folder,
+                    "output_folder_or_list_of_truncated_output_files":
+                        output_folder_or_list_of_truncated_output_files,
+                    "save_probabilities": save_probabilities, "overwrite": overwrite,
+                    "folder_with_segs_from_prev_stage": folder_with_segs_from_prev_stage}
+            recursive_fix_for_json_export(call)
+            save_json_atomic(call, join(output_folder, 'predict_from_raw_data_args.json'))
             save_json_atomic(self.dataset_json, join(output_folder, 'dataset.json'))
             save_json_atomic(self.plans_manager.plans, join(output_folder, 'plans.json'))
         if self.configuration_manager.previous_stage_name is not None and folder_with_segs_from_prev_stage is None:
