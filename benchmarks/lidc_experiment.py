@@ -26,6 +26,8 @@ import time
 from batchgenerators.utilities.file_and_folder_operations import (isfile, join, load_json, maybe_mkdir_p, save_json,
                                                                   subdirs, subfiles)
 
+from nnunet_arseg.inference.files import sample_file
+
 BIN = os.path.dirname(sys.executable)
 STOCK_TRAINER = "nnUNetTrainerBudget"
 METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus")
@@ -85,12 +87,13 @@ def split_pool(pool: str, work: str, num_train: int, num_test: int, seed: int) -
 
 
 def link_single_prediction_as_samples(pred_dir: str, file_ending: str, num_samples: int) -> int:
-    """``PRED/samples/<case>_sNN<ext>``: nnU-Net's one prediction as ``num_samples`` identical samples (hard links)."""
+    """``PRED/samples/<case>_sampleNN<ext>``: nnU-Net's one prediction as ``num_samples`` identical samples (hard
+    links)."""
     maybe_mkdir_p(join(pred_dir, "samples"))
     cases = subfiles(pred_dir, suffix=file_ending, join=False)
     for name in cases:
         for k in range(num_samples):
-            dst = join(pred_dir, "samples", f"{name[:-len(file_ending)]}_s{k:02d}{file_ending}")
+            dst = sample_file(pred_dir, name[:-len(file_ending)], k, file_ending)
             if not isfile(dst):
                 tmp = f"{dst}.tmp{os.getpid()}"
                 try:
@@ -194,7 +197,7 @@ def main() -> None:
             log(f"{trainer}: one prediction per case linked as {args.num_samples} samples ({n_cases} cases)")
         else:
             run_step(f"predict {trainer} ({args.num_samples} samples)",
-                     [join(BIN, "nnUNetv2_arseg_predict")] + common + ["-num_samples", str(args.num_samples),
+                     [join(BIN, "nnUNetv2_arseg_predict")] + common + ["--num_samples", str(args.num_samples),
                                                                        "--save_samples"],
                      env, done(f"predict_{trainer}"))
         summary = join(pred, "summary_arseg.json")

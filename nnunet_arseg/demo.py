@@ -19,6 +19,7 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, subfiles
 
 from nnunet_arseg.figures import save_panel_figure
+from nnunet_arseg.inference.files import sample_files_by_case
 from nnunet_arseg.nnunet_ext import EXT_DIR
 
 DATASET_ID = 990
@@ -73,7 +74,7 @@ def write_case_figures(raw_dataset: str, pred_dir: str, fig_dir: str, max_sample
         image = rw.read_images([join(raw_dataset, "imagesTs", f"{case}_0000{ext}")])[0][0, 0]
         consensus = rw.read_seg(join(pred_dir, seg_file))[0][0, 0] > 0
         raters = [rw.read_seg(join(raters_dir, f"{case}_r{k}{ext}"))[0][0, 0] > 0 for k in range(num_raters)]
-        sample_files = sorted(subfiles(join(pred_dir, "samples"), prefix=f"{case}_s", suffix=ext))
+        sample_files = [f for _, f in sorted(sample_files_by_case(join(pred_dir, "samples"), ext)[case].items())]
         samples = [rw.read_seg(f)[0][0, 0] > 0 for f in sample_files[:max_samples]]
         uncertainty = np.load(join(pred_dir, "uncertainty", f"{case}.npz"))["uncertainty"].reshape(image.shape)
         rows = [
@@ -127,7 +128,7 @@ def main() -> None:
          train_env, trained)
     _run(f"4/5 draw {NUM_SAMPLES} samples per held-out slice",
          [join(bin_dir, "nnUNetv2_arseg_predict"), "-i", join(raw_dataset, "imagesTs"), "-o", pred_dir,
-          "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "-num_samples", str(NUM_SAMPLES),
+          "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "--num_samples", str(NUM_SAMPLES),
           "--save_samples", "--save_uncertainty", "--save_scales", "-device", args.device, "-npp", "0", "-nps", "0"],
          env, isfile(join(pred_dir, "arseg_predict_args.json")))
     summary_file = join(pred_dir, "summary_arseg.json")

@@ -6,6 +6,7 @@ embedding f, the block-causal transformer and the dataset's mask tokenizer (trai
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pydoc
@@ -14,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_arseg.consensus import (binary_entropy_bits, fuse_labels, label_logits_from_frequencies, majority_vote,
-                                    region_logits_from_frequencies, vote_frequency)
+from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
 from nnunet_arseg.segmentor.sampling import sample_token_maps
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
@@ -261,13 +261,12 @@ class ARSegNetwork(nn.Module):
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
-               with_scales: bool = True, use_cache: bool = True) -> dict:
-        """Draw N samples per image and class (§3), the image encoded once.
+               with_scales: bool = False, use_cache: bool = True) -> dict:
+        """Draw N samples per image and class (§3), the image encoded once; seed ``seed`` fixes them.
 
-        Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool, ``consensus``
-        (B, K, *patch) bool, ``soft`` (B, K, *patch) vote frequency, ``uncertainty`` (B, K, *patch) entropy in bits,
-        ``scales`` (B, K, S, *patch) bool coarse-to-fine masks of sample 0 (if ``with_scales``), and ``fused``
-        (B, *patch): the label map of §3.4 (labels) or the region consensus (regions), when all classes are drawn.
+        Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
+        ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of sample 0. Consensus, soft map,
+        uncertainty and logits are derived from the samples in ``nnunet_arseg.consensus``.
         """
         n = self.num_samples if num_samples is None else int(num_samples)
         classes = list(range(self.num_cond)) if classes is None else [int(c) for c in classes]
@@ -287,24 +286,50 @@ class ARSegNetwork(nn.Module):
                     scales.append(torch.stack([self._decode(f) for f in partial], dim=1))
         finally:
             self.train(was_training)
-        samples_BKN = torch.stack(samples, dim=1)
-        soft = vote_frequency(samples_BKN, dim=2)
-        out = {"classes": classes, "samples": samples_BKN, "consensus": majority_vote(samples_BKN, dim=2),
-               "soft": soft, "uncertainty": binary_entropy_bits(soft)}
+        out = {"classes": classes, "samples": torch.stack(samples, dim=1)}
         if with_scales:
             out["scales"] = torch.stack(scales, dim=1)
-        if classes == list(range(self.num_cond)):
-            out["fused"] = out["consensus"] if self.has_regions else fuse_labels(soft, class_dim=1)
         return out
 
+    # what the eval forward draws: set by a predictor around its sliding window (``nnunet_arseg.sampling_window``)
+    eval_sampling = None
+
+    def eval_settings(self) -> tuple[int, int]:
+        """N and base seed of the eval forward: those of ``eval_sampling`` where a predictor set them, else
+        ``nnUNet_ARSEG_NUM_SAMPLES`` / ``nnUNet_ARSEG_SEED`` (for the stock ``nnUNetv2_predict``), else the stored
+        default N and seed 0."""
+        request = self.eval_sampling
+        n = getattr(request, "num_samples", None)
+        seed = getattr(request, "seed", None)
+        n = int(os.environ.get("nnUNet_ARSEG_NUM_SAMPLES", self.num_samples)) if n is None else int(n)
+        seed = int(os.environ.get("nnUNet_ARSEG_SEED", 0)) if seed is None else int(seed)
+        return n, seed
+
     def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval output (B, num_classes, *patch): log of the normalised vote [1 - max fg, p_1..p_C] (labels) or
-        logit(p) (regions), so nnU-Net's export gives the consensus; N and the seed come from the environment
-        (``nnUNet_ARSEG_NUM_SAMPLES``, ``nnUNet_ARSEG_SEED``) or the stored default N and seed 0."""
-        n = int(os.environ.get("nnUNet_ARSEG_NUM_SAMPLES", self.num_samples))
-        seed = int(os.environ.get("nnUNet_ARSEG_SEED", 0))
-        soft = self.sample(x, n, seed, with_scales=False)["soft"]
-        return region_logits_from_frequencies(soft) if self.has_regions else label_logits_from_frequencies(soft, 1)
+        """Eval output (B, num_classes, *patch): the consensus logits of N samples per image (``consensus.py``), so
+        nnU-Net's export writes the consensus.
+
+        Each image draws its samples with a seed made of the base seed and the image's own content
+        (``content_seed``): whoever tiles a case (``nnUNetv2_predict``, ``nnUNetv2_arseg_predict``, the final
+        validation) draws the same samples for the same tile. A recorder in ``eval_sampling`` receives them.
+        """
+        n, seed = self.eval_settings()
+        recorder = getattr(self.eval_sampling, "recorder", None)
+        logits = []
+        for x_1 in x.split(1):
+            with_scales = recorder is not None and recorder.wants_scales
+            out = self.sample(x_1, n, content_seed(seed, x_1), with_scales=with_scales)
+            if recorder is not None:
+                recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
+            logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))
+        return torch.cat(logits)
+
+
+def content_seed(seed: int, x: torch.Tensor) -> int:
+    """A sampling seed (< 2**48) from a base seed and the bytes of one input image."""
+    digest = hashlib.blake2b(x.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=6,
+                             key=int(seed).to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little")
 
 
 def binary_dice_bce(logits_B1: torch.Tensor, mask_B1: torch.Tensor) -> torch.Tensor:

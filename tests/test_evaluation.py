@@ -280,7 +280,7 @@ def tiny_dataset(lidc, nnunet_env, tmp_path):
             rw.write_seg(y[None].astype(np.uint8), str(raw / "labelsTs_raters" / f"{case}_r{k}.png"), {})
         rw.write_seg((ys.sum(0) > 2)[None].astype(np.uint8), str(raw / "labelsTs" / f"{case}.png"), {})
         for k, s in enumerate(ss):
-            rw.write_seg(s[None].astype(np.uint8), str(pred / "samples" / f"{case}_s{k:02d}.png"), {})
+            rw.write_seg(s[None].astype(np.uint8), str(pred / "samples" / f"{case}_sample{k:02d}.png"), {})
         rw.write_seg((ss.sum(0) > 4)[None].astype(np.uint8), str(pred / f"{case}.png"), {})
         arrays[case] = (ss, ys)
     save_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "nodule": 1}, "numTraining": 0,
@@ -358,14 +358,14 @@ def test_cli_bad_input(tiny_dataset, capsys):
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert f"case {CASES[1]}" in err and "no rater files" in err
 
-    for f in (pred / "samples").glob(f"{CASES[1]}_s*.png"):
+    for f in (pred / "samples").glob(f"{CASES[1]}_sample*.png"):
         f.unlink()
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert f"case {CASES[1]}" in err and "N = 0" in err and "--save_samples" in err
     (pred / f"{CASES[1]}.png").unlink()
 
     rw = NaturalImage2DIO()
-    bad = pred / "samples" / f"{CASES[2]}_s03.png"
+    bad = pred / "samples" / f"{CASES[2]}_sample03.png"
     rw.write_seg(np.zeros((1, 64, 128), np.uint8), str(bad), {})
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert "shape mismatch" in err and bad.name in err
@@ -375,9 +375,9 @@ def test_cli_bad_input(tiny_dataset, capsys):
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert f"{CASES[2]}_r0.png" in err and "0/255" in err
 
-    (pred / "samples" / f"{CASES[0]}_s05.png").unlink()
+    (pred / "samples" / f"{CASES[0]}_sample05.png").unlink()
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
-    assert f"{CASES[0]}_s5.png" in err or f"{CASES[0]}_s05.png" in err
+    assert f"{CASES[0]}_sample5.png" in err or f"{CASES[0]}_sample05.png" in err
     assert not (pred / "summary_arseg.json").exists()
 
 

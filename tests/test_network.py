@@ -9,8 +9,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_arseg.consensus import fuse_labels
-from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture
+from nnunet_arseg.consensus import fuse_labels, majority_vote, vote_frequency
+from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture, content_seed
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 
 TINY_TOKENIZER = {"ch": 8, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 64, "code_dim": 8,
@@ -149,14 +149,12 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     net = build(plans, configuration, num_outputs).eval()
     patch = net.patch_size
     x = torch.randn(2, 1, *patch)
-    out = net.sample(x, num_samples=4, seed=7)
+    out = net.sample(x, num_samples=4, seed=7, with_scales=True)
     K, S = net.num_cond, len(net.tokenizer.scales)
     assert out["classes"] == list(range(K))
     assert out["samples"].shape == (2, K, 4, *patch) and out["samples"].dtype == torch.bool
-    assert out["consensus"].shape == out["soft"].shape == out["uncertainty"].shape == (2, K, *patch)
     assert out["scales"].shape == (2, K, S, *patch)
     assert torch.equal(out["scales"][:, :, -1], out["samples"][:, :, 0])  # the last scale is sample 0
-    assert out["fused"].shape == ((2, K, *patch) if regions else (2, *patch))
     again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False)
     assert torch.equal(again["samples"][:, 0], out["samples"][:, K - 1])  # uncached, one class: same draws
     monkeypatch.setenv("nnUNet_ARSEG_NUM_SAMPLES", "5")
@@ -164,7 +162,7 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
         logits = net(x[:1])
         assert torch.equal(logits, net(x[:1]))  # same input, same output
     assert logits.shape == (1, num_outputs, *patch) and logits.isfinite().all()
-    soft = net.sample(x[:1], num_samples=5, seed=0, with_scales=False)["soft"]
+    soft = vote_frequency(net.sample(x[:1], num_samples=5, seed=content_seed(0, x[:1]))["samples"], dim=2)
     assert torch.equal(soft * 5, (soft * 5).round())  # five samples
     if regions:
         assert torch.equal(logits.sigmoid() > 0.5, soft > 0.5)
@@ -232,6 +230,6 @@ def test_overfits_real_lidc_slices(lidc_demo):
         if out["token_ce"] < 0.02:
             break
     assert history[0] > 3.0 and history[-1] < 0.02, history[::50]
-    consensus = net.sample(x, 8, seed=0)["consensus"][:, 0]
+    consensus = majority_vote(net.sample(x, 8, seed=0)["samples"], dim=2)[:, 0]
     assert dice(consensus, recon).min() > 0.9  # the segmentor reproduces the tokens it was trained on
     assert dice(recon, m).mean() >= 0.9 and dice(recon, m).min() > 0.6  # ... which reproduce the masks

@@ -1,6 +1,7 @@
 """Where the evaluator finds things: the raw dataset, sample files, rater files and reference labels of each case.
 
-Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_s<k:02d><ext>`` samples,
+Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_sample<k:02d><ext>`` samples (named by
+``nnunet_arseg.inference.files``),
 ``RAW/labelsT{s,r}_raters/<case>_r<k><ext>`` raters, ``RAW/labelsT{s,r}/<case><ext>`` reference labels.
 """
 from __future__ import annotations
@@ -9,6 +10,8 @@ import re
 from typing import Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
+
+from nnunet_arseg.inference.files import sample_files_by_case
 
 
 _CHANNEL = re.compile(r"_\d{4}$")
@@ -81,9 +84,9 @@ def _ordered(case: str, files: dict[int, str], what: str, folder: str, file_endi
 
 
 def sample_files_per_case(samples_folder: str, file_ending: str) -> dict[str, list[str]]:
-    """``{case: [sample file 0, ..., N-1]}`` from ``<case>_s<k:02d><ext>``."""
-    found = _indexed_files(samples_folder, file_ending, "s")
-    return {c: _ordered(c, f, "sample", samples_folder, file_ending, "s", 2) for c, f in found.items()}
+    """``{case: [sample file 0, ..., N-1]}`` from ``<case>_sample<k:02d><ext>``."""
+    found = sample_files_by_case(samples_folder, file_ending)
+    return {c: _ordered(c, f, "sample", samples_folder, file_ending, "sample", 2) for c, f in found.items()}
 
 
 def rater_files_per_case(folders: list[str], file_ending: str) -> dict[str, list[str]]:

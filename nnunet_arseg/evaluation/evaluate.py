@@ -1,6 +1,6 @@
 """``nnUNetv2_arseg_evaluate``: multi-rater metrics of sampled predictions and Dice per label/region.
 
-Scores ``PRED/samples/<case>_s<k:02d><ext>`` against the raters of a converted raw dataset (GED, HM-IoU,
+Scores ``PRED/samples/<case>_sample<k:02d><ext>`` against the raters of a converted raw dataset (GED, HM-IoU,
 Soft-Dice, D_max, consensus Dice) and/or the consensus ``PRED/<case><ext>`` against reference labels (Dice per
 nnU-Net label or region, e.g. BraTS whole tumour / tumour core / enhancing tumour). Writes a ``summary.json``
 in nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``) plus a ``conventions`` block.
@@ -173,7 +173,8 @@ def _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samp
         if raters_folders and case not in samples_of:
             raise FileNotFoundError(
                 f"case {case}: {join(pred_folder, case + ext)} exists but there are no sample files "
-                f"{case}_s00{ext}... in {samples_folder} (N = 0). Predict with nnUNetv2_arseg_predict --save_samples, "
+                f"{case}_sample00{ext}... in {samples_folder} (N = 0). Predict with nnUNetv2_arseg_predict "
+                f"--save_samples, "
                 f"or evaluate only the consensus against labels with -ref FOLDER")
         if raters_folders and case not in raters_of:
             raise FileNotFoundError(

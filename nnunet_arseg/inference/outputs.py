@@ -1,37 +1,25 @@
-"""The extra prediction outputs of one case, in the original image geometry (docs/design.md, "Prediction output"):
-``samples/<case>_s<k:02d><ext>``, ``uncertainty/<case>.npz`` + ``.png``, ``scales/<case>.png``."""
+"""Writing one predicted case in the original image geometry (layout: ``files.py``): the requested extra outputs, then
+nnU-Net's export of the consensus logits, each file atomically and the consensus last. Runs in nnU-Net's export
+worker processes (all arguments pickle)."""
 from __future__ import annotations
 
 import os
+import uuid
+import zipfile
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
-from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from batchgenerators.utilities.file_and_folder_operations import load_json, maybe_mkdir_p
+from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
+                                                  export_prediction_from_logits)
 
 from nnunet_arseg.atomic import write_atomic
-from nnunet_arseg.consensus import binary_entropy_bits
-
-
-def paint_label_maps(samples_KN: torch.Tensor, label_manager) -> torch.Tensor:
-    """(N, *spatial) label maps: class k's binary sample painted with its label (regions: ``regions_class_order``),
-    later classes over earlier ones."""
-    values = label_manager.regions_class_order if label_manager.has_regions else label_manager.foreground_labels
-    out = torch.zeros(samples_KN.shape[1:], dtype=torch.uint8)
-    for k, value in enumerate(values):
-        out[samples_KN[k]] = int(value)
-    return out
-
-
-def _sample_logits(samples_KN: torch.Tensor, n: int, label_manager) -> torch.Tensor:
-    """Logits whose nnU-Net export is sample ``n`` (one-hot over all labels, or +-1 per region)."""
-    if label_manager.has_regions:
-        return samples_KN[:, n].float() * 2 - 1
-    label_map = paint_label_maps(samples_KN[:, n:n + 1], label_manager)[0].long()  # labels are consecutive
-    return torch.nn.functional.one_hot(label_map, label_manager.num_segmentation_heads).movedim(-1, 0).float()
+from nnunet_arseg.consensus import sample_logits, uncertainty
+from nnunet_arseg.inference.files import ExtraOutputs, sample_file, scales_file, uncertainty_files
 
 
 def class_membership(seg: np.ndarray, label_manager, k: int) -> np.ndarray:
+    """Where the label map ``seg`` belongs to foreground class (or region) ``k``."""
     values = label_manager.foreground_regions[k] if label_manager.has_regions else label_manager.foreground_labels[k]
     return np.isin(seg, np.atleast_1d(values))
 
@@ -51,30 +39,69 @@ def _view_2d(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def write_case_extras(predictor, ofile: str, properties: dict, samples_KN: torch.Tensor,
-                      scales_KS: torch.Tensor | None = None) -> None:
-    """Write the requested extras of the case whose consensus is ``ofile + file_ending``."""
-    out_dir, case = os.path.split(ofile)
-    lm, pm, cm = predictor.label_manager, predictor.plans_manager, predictor.configuration_manager
-    ext = predictor.dataset_json["file_ending"]
-    rw = pm.image_reader_writer_class()
-    segs = [convert_predicted_logits_to_segmentation_with_correct_shape(_sample_logits(samples_KN, n, lm), pm, cm, lm,
-                                                                        properties)
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` with fixed zip timestamps, so the same arrays give the same bytes on every run."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+
+def export_consensus(logits: np.ndarray, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
+                     output_file_truncated: str, save_probabilities: bool = False) -> None:
+    """nnU-Net's ``export_prediction_from_logits`` to temporary names, then moved into place (probabilities first)."""
+    out_dir, case = os.path.split(output_file_truncated)
+    tmp = os.path.join(out_dir, f".tmp-{uuid.uuid4().hex[:8]}-{case}")
+    endings = ([".npz", ".pkl"] if save_probabilities else []) + [dataset_json["file_ending"]]
+    try:
+        export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,
+                                      save_probabilities)
+        for ending in endings:
+            os.replace(tmp + ending, output_file_truncated + ending)
+    finally:
+        for ending in endings:
+            if os.path.exists(tmp + ending):
+                os.remove(tmp + ending)
+
+
+def export_case(logits: np.ndarray, samples_KN: np.ndarray, scales_KS: np.ndarray | None, properties: dict,
+                configuration_manager, plans_manager, dataset_json: dict | str, output_file_truncated: str,
+                save_probabilities: bool = False, extras: ExtraOutputs = ExtraOutputs()) -> None:
+    """Write the case whose consensus is ``output_file_truncated + file_ending``: ``samples_KN`` (K, N, *spatial) and
+    ``scales_KS`` are in the preprocessed geometry, as ``logits``; each sample goes through nnU-Net's own resampling
+    and export."""
+    if isinstance(dataset_json, str):
+        dataset_json = load_json(dataset_json)
+    out_dir, case = os.path.split(output_file_truncated)
+    ext = dataset_json["file_ending"]
+    lm = plans_manager.get_label_manager(dataset_json)
+    rw = plans_manager.image_reader_writer_class()
+    samples_KN = torch.from_numpy(np.asarray(samples_KN))
+    segs = []
+    if extras.samples or extras.uncertainty:
+        segs = [convert_predicted_logits_to_segmentation_with_correct_shape(
+            sample_logits(samples_KN[:, n], lm.has_regions), plans_manager, configuration_manager, lm, properties)
             for n in range(samples_KN.shape[1])]
-    if predictor.save_samples:
-        maybe_mkdir_p(join(out_dir, "samples"))
+    if extras.samples:
+        maybe_mkdir_p(os.path.join(out_dir, "samples"))
         for n, seg in enumerate(segs):
-            write_atomic(join(out_dir, "samples", f"{case}_s{n:02d}{ext}"),
-                         lambda p, s=seg: rw.write_seg(s, p, properties))
-    if predictor.save_uncertainty:
-        maybe_mkdir_p(join(out_dir, "uncertainty"))
-        num_classes = samples_KN.shape[0]
-        freq = [np.mean([class_membership(s, lm, k) for s in segs], axis=0) for k in range(num_classes)]
-        unc = binary_entropy_bits(torch.from_numpy(np.stack(freq))).amax(0).numpy().astype(np.float32)
-        write_atomic(join(out_dir, "uncertainty", f"{case}.npz"), lambda p: np.savez_compressed(p, uncertainty=unc))
-        _png(join(out_dir, "uncertainty", f"{case}.png"), _view_2d(unc), cmap="magma")
-    if predictor.save_scales and scales_KS is not None:
-        maybe_mkdir_p(join(out_dir, "scales"))
-        rows = [np.concatenate([_view_2d(m.numpy().astype(np.float32)) for m in per_class], axis=1)
+            write_atomic(sample_file(out_dir, case, n, ext), lambda p, s=seg: rw.write_seg(s, p, properties))
+    if extras.uncertainty:
+        npz, png = uncertainty_files(out_dir, case)
+        maybe_mkdir_p(os.path.dirname(npz))
+        member_KN = torch.from_numpy(np.stack([np.stack([class_membership(s, lm, k) for s in segs])
+                                               for k in range(samples_KN.shape[0])]))
+        unc = uncertainty(member_KN, sample_dim=1, class_dim=0).numpy().astype(np.float32)
+        write_atomic(npz, lambda p: save_npz(p, uncertainty=unc))
+        _png(png, _view_2d(unc), cmap="magma")
+    if extras.scales and scales_KS is not None:
+        path = scales_file(out_dir, case)
+        maybe_mkdir_p(os.path.dirname(path))
+        rows = [np.concatenate([_view_2d(np.asarray(m, dtype=np.float32)) for m in per_class], axis=1)
                 for per_class in scales_KS]
-        _png(join(out_dir, "scales", f"{case}.png"), np.concatenate(rows, axis=0))
+        _png(path, np.concatenate(rows, axis=0))
+    del segs
+    export_consensus(logits, properties, configuration_manager, plans_manager, dataset_json, output_file_truncated,
+                     save_probabilities)

@@ -1,102 +1,194 @@
-"""``nnUNetv2_arseg_predict``: every flag of ``nnUNetv2_predict`` plus the number of samples and the extra outputs.
+"""``nnUNetv2_arseg_predict``: ``nnUNetv2_predict`` with N samples per image and their extra outputs.
 
-    nnUNetv2_arseg_predict -i IN -o OUT -d D -c 2d -f 0 -tr nnUNetTrainerARSeg -num_samples 16 \\
-        [--seed S] [--save_samples] [--save_uncertainty] [--save_scales]
+    nnUNetv2_arseg_predict -i IN -o OUT -d D -c 2d -f 0 [-tr nnUNetTrainerARSeg] [--num_samples N] [--seed S] \\
+        [--save_samples] [--save_uncertainty] [--save_scales] [every other flag of nnUNetv2_predict]
 
-Our flags are taken out with ``parse_known_args``; the rest goes to nnU-Net's own ``predict_entry_point`` (its parser
-is never copied), which then builds an ``ARSegPredictor``. The stock ``nnUNetv2_predict -tr nnUNetTrainerARSeg``
-works too (N from ``nnUNet_ARSEG_NUM_SAMPLES`` or the checkpoint's default) after
-``export nnUNet_extTrainer=$(nnUNetv2_arseg_ext_dir)``.
+The consensus it writes is the stock ``nnUNetv2_predict -tr nnUNetTrainerARSeg``'s for the same model, N and seed (both
+run nnU-Net's sliding window over the network's per-tile consensus logits; the stock command takes N and the seed from
+``nnUNet_ARSEG_NUM_SAMPLES`` / ``nnUNet_ARSEG_SEED``). Inputs are checked before nnU-Net starts; nothing is written
+until they pass.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from functools import partial
 
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
-from nnunet_arseg.atomic import save_json_atomic
-from nnunet_arseg.nnunet_ext import EXT_DIR, ensure_ext_trainer_env
+from nnunet_arseg.inference.files import ARGS_FILE, ExtraOutputs, stale_temporaries
+from nnunet_arseg.inference.inputs import InputError, checked_folds, input_cases, model_folder
 
 PROG = "nnUNetv2_arseg_predict"
+# settings a --continue_prediction run must share with the run it continues
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "step_size", "mirroring")
 
 
-def _our_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("-num_samples", type=int, default=16, help="samples per image (>= 1); default 16")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (same seed, same samples); default 0")
-    p.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sXX<ext>")
-    p.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
-    p.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine, sample 0)")
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of nnU-Net 2.8's ``nnUNetv2_predict`` (same names, defaults and meaning; ``-tr`` defaults to
+    ``nnUNetTrainerARSeg``) plus ours."""
+    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False, description="nnUNetv2_predict with N samples per image "
+                                "(their consensus is nnUNetv2_predict's) and the samples, uncertainty and "
+                                "coarse-to-fine masks on request.")
+    nn = p.add_argument_group("nnUNetv2_predict's flags")
+    nn.add_argument("-i", required=True, help="input folder: CASE_0000<ext>, ... one file per channel")
+    nn.add_argument("-o", required=True, help="output folder (created if missing)")
+    nn.add_argument("-d", required=True, help="dataset name or ID")
+    nn.add_argument("-p", default="nnUNetPlans", help="plans identifier; default nnUNetPlans")
+    nn.add_argument("-tr", default="nnUNetTrainerARSeg", help="trainer the model was trained with; default "
+                                                               "nnUNetTrainerARSeg")
+    nn.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    nn.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
+                    help="folds to use; default 0 1 2 3 4 (each draws N samples; their logits are averaged)")
+    nn.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (fraction of the patch, <= 1); "
+                                                                "default 0.5")
+    nn.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (AR-Seg trainers "
+                                                               "allow none unless trained as ..._mirroring)")
+    nn.add_argument("--verbose", action="store_true", help="nnU-Net's verbose output")
+    nn.add_argument("--save_probabilities", action="store_true", help="also write OUT/<case>.npz/.pkl (the vote "
+                                                                      "frequencies as nnU-Net probabilities)")
+    nn.add_argument("--continue_prediction", action="store_true",
+                    help="continue an interrupted run: skip the cases that have every requested output")
+    nn.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name; default checkpoint_final.pth")
+    nn.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
+                    help="preprocessing processes (0 with -nps 0: all in this process); default $nnUNet_npp or 3")
+    nn.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
+                    help="export processes; default $nnUNet_nps or 3")
+    nn.add_argument("-prev_stage_predictions", default=None, help="predictions of the previous cascade stage")
+    nn.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts; default 1")
+    nn.add_argument("-part_id", type=int, default=0, help="which part this call predicts (0 .. num_parts - 1)")
+    nn.add_argument("-device", default="cuda", help="cuda, cpu or mps; default cuda (choose the GPU with "
+                                                    "CUDA_VISIBLE_DEVICES)")
+    nn.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
+    nn.add_argument("--not_on_device", action="store_true", help="keep the sliding-window results on the CPU")
+    ours = p.add_argument_group("AR-Seg")
+    ours.add_argument("--num_samples", type=int, default=None,
+                      help="samples per image and fold (>= 1); default $nnUNet_ARSEG_NUM_SAMPLES or the model's own")
+    ours.add_argument("-num_samples", dest="num_samples_deprecated", type=int, default=None, help=argparse.SUPPRESS)
+    ours.add_argument("--seed", type=int, default=None,
+                      help="base seed of the sampling (same seed, same samples); default $nnUNet_ARSEG_SEED or 0")
+    ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
+    ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
+    ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
+                                                                 "of sample 0)")
     return p
 
 
-def _fail(msg: str) -> None:
-    sys.exit(f"{PROG}: error: {msg}")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_samples_deprecated is not None:
+        print(f"{PROG}: warning: -num_samples is deprecated; use --num_samples", file=sys.stderr)
+        if args.num_samples is not None and args.num_samples != args.num_samples_deprecated:
+            parser.error("-num_samples and --num_samples disagree; give --num_samples only")
+        args.num_samples = args.num_samples_deprecated
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.device not in ("cpu", "cuda", "mps"):
+        parser.error(f"-device must be cpu, cuda or mps, got {args.device!r}")
+    if not 0 <= args.part_id < args.num_parts:
+        parser.error(f"-part_id must be in 0 .. -num_parts - 1 = {args.num_parts - 1}, got {args.part_id}")
+    if (args.npp == 0) != (args.nps == 0) or args.npp < 0 or args.nps < 0:
+        parser.error(f"-npp and -nps: both 0 (everything in this process) or both >= 1, got {args.npp} and {args.nps}")
+    if not 0 < args.step_size <= 1:
+        parser.error(f"-step_size must be in (0, 1], got {args.step_size}")
+    return args
 
 
-def check_model_folder(rest: list[str]) -> str | None:
-    """The model folder named by ``-d -tr -p -c``; exits with advice when it is not an AR-Seg model."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag, default in (("-d", None), ("-tr", "nnUNetTrainer"), ("-p", "nnUNetPlans"), ("-c", None)):
-        p.add_argument(flag, default=default)
-    for flag in ("-device", "-chk", "-prev_stage_predictions", "-part_id"):  # else "-device" parses as "-d evice"
-        p.add_argument(flag)
-    args, _ = p.parse_known_args(rest)
-    if args.d is None or args.c is None:
-        return None  # let nnU-Net's parser report the missing flags
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-    folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    plans_file = join(folder, "plans.json")
-    if not isfile(plans_file):
-        _fail(f"no trained model at {folder} (plans.json missing). Train it with nnUNetv2_train {args.d} {args.c} FOLD "
-              f"-tr {args.tr} -p {args.p}, or check -d/-tr/-p/-c and nnUNet_results.")
-    from nnunet_arseg.network import NETWORK_CLASS_NAME
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    cfg = PlansManager(load_json(plans_file)).get_configuration(args.c)
-    name = cfg.network_arch_class_name
-    if name != NETWORK_CLASS_NAME:
-        _fail(f"{folder} holds a model of trainer {args.tr} with network {name}, not an AR-Seg model "
-              f"({NETWORK_CLASS_NAME}); predict it with nnUNetv2_predict, or pass -tr nnUNetTrainerARSeg (or the "
-              f"AR-Seg variant you trained)")
-    return folder
+def _device(name: str):
+    """The torch device, with nnU-Net's thread settings for it (as ``nnUNetv2_predict``)."""
+    import multiprocessing
+
+    import torch
+    if name == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif name == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    return torch.device(name)
+
+
+def check_continuation(out: str, run: dict) -> None:
+    """A continued run must have the settings of the one it continues (else its files would mix two runs)."""
+    if not isfile(join(out, ARGS_FILE)):
+        return
+    before = load_json(join(out, ARGS_FILE))
+    changed = [k for k in RUN_KEYS if k in before and before[k] != run[k]]
+    if changed:
+        raise InputError(f"--continue_prediction: {join(out, ARGS_FILE)} was written with other settings ("
+                         + ", ".join(f"{k}: {before[k]} -> {run[k]}" for k in changed)
+                         + "); continue with the same flags, or predict into another folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check, then predict; raises ``InputError`` before anything is written."""
+    folder = model_folder(args.d, args.tr, args.p, args.c)
+    folds = checked_folds(folder, args.f, args.chk)
+    dataset_json = load_json(join(folder, "dataset.json"))
+    channels = list((dataset_json.get("channel_names") or dataset_json.get("modality") or {"0": "image"}).values())
+    cases = input_cases(args.i, dataset_json["file_ending"], channels)
+    if os.path.abspath(args.o) == os.path.abspath(args.i):
+        raise InputError(f"-o {args.o} is the input folder; predict into another folder")
+
+    from nnunet_arseg.atomic import save_json_atomic
+    from nnunet_arseg.inference.predictor import ARSegPredictor
+    from nnunet_arseg.nnunet_ext import ensure_ext_trainer_env
+
+    ensure_ext_trainer_env()
+    extras = ExtraOutputs(args.save_samples, args.save_uncertainty, args.save_scales)
+    predictor = ARSegPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+                               perform_everything_on_device=not args.not_on_device, device=_device(args.device),
+                               verbose=args.verbose, verbose_preprocessing=args.verbose,
+                               allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
+                               extras=extras)
+    try:
+        predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
+    except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
+        raise InputError(f"{folder}: cannot load the model from {args.chk} of fold(s) {folds} "
+                         f"({type(e).__name__}: {e})") from e
+    num_samples, seed = predictor.eval_settings()
+    mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
+    settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
+                "num_samples": num_samples, "seed": seed, "step_size": args.step_size, "mirroring": mirroring,
+                "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
+                "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
+                "save_probabilities": args.save_probabilities}
+    if args.continue_prediction:
+        check_continuation(args.o, settings)
+    os.makedirs(args.o, exist_ok=True)
+    stale = stale_temporaries(args.o)
+    for path in stale:
+        os.remove(path)
+    if stale:
+        print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {args.o}")
+    save_json_atomic(settings, join(args.o, ARGS_FILE))
+    print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
+          f"mirroring axes {mirroring or 'none'}")
+    if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
+        predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction,
+                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+    else:
+        predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps,
+                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                     num_parts=args.num_parts, part_id=args.part_id)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ours, rest = _our_parser().parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        _our_parser().print_help()
-        print("\nAll other flags are nnUNetv2_predict's:\n")
-    elif ours.num_samples < 1:
-        _fail(f"-num_samples must be >= 1, got {ours.num_samples}")
-    if EXT_DIR not in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
-        print(f"note: {PROG} finds the AR-Seg trainers itself; for the stock nnUNetv2_train/nnUNetv2_predict run "
-              f"once per shell: export nnUNet_extTrainer=$(nnUNetv2_arseg_ext_dir)", file=sys.stderr)
-    ensure_ext_trainer_env()
-    os.environ["nnUNet_ARSEG_NUM_SAMPLES"] = str(ours.num_samples)
-    os.environ["nnUNet_ARSEG_SEED"] = str(ours.seed)
-    if "-h" not in rest and "--help" not in rest:
-        check_model_folder(rest)
-
-    from nnunetv2.inference import predict_from_raw_data as stock
-    from nnunet_arseg.inference.predictor import ARSegPredictor
-    stock_predictor = stock.nnUNetPredictor
-    stock.nnUNetPredictor = partial(ARSegPredictor, num_samples=ours.num_samples, seed=ours.seed,
-                                    save_samples=ours.save_samples, save_uncertainty=ours.save_uncertainty,
-                                    save_scales=ours.save_scales)
-    sys.argv = [PROG] + rest
+    args = parse_args(argv)
     try:
-        stock.predict_entry_point()
-    finally:
-        stock.nnUNetPredictor = stock_predictor
-    out = rest[rest.index("-o") + 1] if "-o" in rest else None
-    if out is not None and isdir(out):
-        save_json_atomic({"num_samples": ours.num_samples, "seed": ours.seed, "save_samples": ours.save_samples,
-                          "save_uncertainty": ours.save_uncertainty, "save_scales": ours.save_scales,
-                          "nnunet_args": rest}, join(out, "arseg_predict_args.json"))
+        run(args)
+    except InputError as e:
+        sys.exit(f"{PROG}: error: {e}")
 
 
 if __name__ == "__main__":

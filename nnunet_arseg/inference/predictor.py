@@ -1,101 +1,154 @@
-"""``ARSegPredictor``: nnU-Net's predictor that samples each image once and writes the consensus of those samples
-(nnU-Net's own export) plus, on request, the samples, the uncertainty and the coarse-to-fine masks
-(docs/design.md, "Prediction output")."""
+"""``ARSegPredictor``: nnU-Net's predictor for ``nnUNetv2_arseg_predict``. The consensus logits and samples of each
+case come from ``SamplingPredictor`` (nnU-Net's own sliding window, so the consensus is that of ``nnUNetv2_predict``);
+each case is written by ``outputs.export_case`` (extras, then the consensus, atomically) in nnU-Net's export worker
+processes, and ``--continue_prediction`` skips only the cases that have every requested output."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from time import sleep
 
+import numpy as np
 import torch
-from nnunetv2.inference import predict_from_raw_data as stock
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
+from nnunetv2.utilities.helpers import empty_cache
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
-from nnunet_arseg.inference.outputs import write_case_extras
-from nnunet_arseg.inference.sampling_window import consensus_logits_from_samples, sample_sliding_window
+from nnunet_arseg.atomic import save_json_atomic
+from nnunet_arseg.inference.files import ExtraOutputs, case_files
+from nnunet_arseg.inference.outputs import export_case
+from nnunet_arseg.sampling_window import SamplingPredictor
 
 
-def split_samples(num_samples: int, num_models: int) -> list[int]:
-    """How many of the N samples each fold model draws (as even as possible; the first folds draw the extra)."""
-    return [num_samples // num_models + (i < num_samples % num_models) for i in range(num_models)]
+class ARSegPredictor(SamplingPredictor):
+    """``SamplingPredictor`` that writes the extra outputs of each case beside nnU-Net's consensus."""
 
+    def __init__(self, *args, extras: ExtraOutputs = ExtraOutputs(), **kwargs):
+        super().__init__(*args, with_scales=extras.scales, **kwargs)
+        self.extras = extras
 
-class ARSegPredictor(nnUNetPredictor):
-    """Stock ``nnUNetPredictor`` whose logits come from N samples (split across the fold models), kept for the
-    extra outputs of the case being exported. Mirroring TTA is not used (each image is sampled once)."""
+    def samples_per_case(self) -> int:
+        """N per fold model times the number of fold models."""
+        return self.eval_settings()[0] * len(self.list_of_parameters or [None])
 
-    def __init__(self, *args, num_samples: int = 16, seed: int = 0, save_samples: bool = False,
-                 save_uncertainty: bool = False, save_scales: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self.num_samples, self.seed = int(num_samples), int(seed)
-        self.save_samples, self.save_uncertainty, self.save_scales = save_samples, save_uncertainty, save_scales
-        self._last = None  # samples of the case predicted last, until its extras are written
+    def case_is_complete(self, output_file_truncated: str, save_probabilities: bool = False) -> bool:
+        return all(isfile(f) for f in case_files(output_file_truncated, self.dataset_json["file_ending"],
+                                                 self.samples_per_case(), self.extras, save_probabilities))
 
-    @property
-    def wants_extras(self) -> bool:
-        return self.save_samples or self.save_uncertainty or self.save_scales
+    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder,
+                                       output_folder_or_list_of_truncated_output_files,
+                                       folder_with_segs_from_prev_stage: str = None, overwrite: bool = True,
+                                       part_id: int = 0, num_parts: int = 1, save_probabilities: bool = False):
+        """nnU-Net's lists; without ``overwrite``, the cases lacking any requested output (not only the consensus)."""
+        inputs, outputs, prev = super()._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, True, part_id, num_parts, save_probabilities)
+        if overwrite or outputs is None:
+            return inputs, outputs, prev
+        todo = [i for i, o in enumerate(outputs) if not self.case_is_complete(o, save_probabilities)]
+        print(f"--continue_prediction: {len(outputs) - len(todo)} of {len(outputs)} cases have every requested "
+              f"output; predicting the other {len(todo)}")
+        return [inputs[i] for i in todo], [outputs[i] for i in todo], [prev[i] for i in todo]
 
-    @torch.inference_mode()
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        self._started = time.time()
-        params = self.list_of_parameters or [None]
-        parts, scales = [], None
-        for i, (p, n) in enumerate(zip(params, split_samples(self.num_samples, len(params)))):
-            if n == 0:
-                continue
-            net = getattr(self.network, "_orig_mod", self.network)
-            if p is not None:
-                net.load_state_dict(p)
-            out = sample_sliding_window(self, net, data, n, self.seed + 7919 * i,
-                                        with_scales=self.save_scales and i == 0, desc=f"sampling (N={n})")
-            parts.append(out["samples_KN"])
-            scales = out["scales_KS"] if scales is None else scales
-        samples_KN = torch.cat(parts, dim=1)
-        self._last = {"samples_KN": samples_KN, "scales_KS": scales}
-        return consensus_logits_from_samples(samples_KN, self.label_manager.has_regions)
-
-    def _write_extras(self, ofile: str | None, properties: dict) -> None:
-        if self._last is not None and ofile is not None:
-            if self.wants_extras:
-                write_case_extras(self, ofile, properties, **self._last)
-            print(f"{os.path.basename(ofile)}: {self.num_samples} samples in {time.time() - self._started:.1f} s",
-                  flush=True)
-        self._last = None
+    def _predict_cases(self, cases, save_probabilities: bool, pool=None) -> list:
+        """Sample each case of ``cases`` (dicts with ``data``, ``data_properties``, ``ofile``) and write it, in
+        ``pool`` (at most two cases queued per worker, as nnU-Net does) or here."""
+        workers = list(pool._pool) if pool is not None else []
+        results = []
+        for case in cases:
+            data, ofile, properties = case['data'], case['ofile'], case['data_properties']
+            if isinstance(data, str):  # nnU-Net's preprocessing workers may hand over a temporary .npy
+                path, data = data, torch.from_numpy(np.load(data))
+                os.remove(path)
+            while pool is not None and check_workers_alive_and_busy(pool, workers, results, allowed_num_queued=2):
+                sleep(0.1)
+            started = time.time()
+            logits, drawn = self.sample_case(data)
+            if ofile is None:
+                args = (logits.numpy(), self.plans_manager, self.configuration_manager, self.label_manager,
+                        properties, save_probabilities)
+                func = convert_predicted_logits_to_segmentation_with_correct_shape
+            else:
+                args = (logits.numpy(), drawn.samples_KN.numpy(),
+                        None if drawn.scales_KS is None else drawn.scales_KS.numpy(), properties,
+                        self.configuration_manager, self.plans_manager, self.dataset_json, ofile, save_probabilities,
+                        self.extras)
+                func = export_case
+                print(f"{os.path.basename(ofile)}: {drawn.samples_KN.shape[1]} samples in "
+                      f"{time.time() - started:.1f} s", flush=True)
+            results.append(pool.apply_async(func, args) if pool is not None else func(*args))
+        if pool is None:
+            return results
+        out = []
+        for r in results:
+            while True:
+                if not all(w.is_alive() for w in workers):
+                    raise RuntimeError('An export worker died; it was likely killed by the OS for lack of memory '
+                                       '(use fewer workers: -nps)')
+                try:
+                    out.append(r.get(timeout=0.1))
+                    break
+                except multiprocessing.TimeoutError:
+                    pass
+        return out
 
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
-                                   num_processes_segmentation_export: int = stock.default_num_processes):
-        def with_extras():
-            for item in data_iterator:
-                yield item
-                self._write_extras(item['ofile'], item['data_properties'])  # runs once the case was predicted
-
-        try:
-            return super().predict_from_data_iterator(with_extras(), save_probabilities,
-                                                      num_processes_segmentation_export)
-        finally:
-            if hasattr(data_iterator, "_finish"):  # the stock method only finishes iterators it can see
-                data_iterator._finish()
+                                   num_processes_segmentation_export: int = default_num_processes):
+        """nnU-Net's loop over preprocessed cases, each case written by ``export_case`` in the export workers."""
+        with multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) as pool:
+            results = self._predict_cases(data_iterator, save_probabilities, pool)
+        if isinstance(data_iterator, MultiThreadedAugmenter):
+            data_iterator._finish()
+        compute_gaussian.cache_clear()
+        empty_cache(self.device)
+        return results
 
     def predict_from_files_sequential(self, list_of_lists_or_source_folder,
                                       output_folder_or_list_of_truncated_output_files,
                                       save_probabilities: bool = False, overwrite: bool = True,
                                       folder_with_segs_from_prev_stage: str = None):
-        """The stock sequential loop, with the extras written right after each case's in-process export (same
-        signature as the stock method: nnU-Net records its arguments by introspection)."""
-        stock_export = stock.export_prediction_from_logits
+        """nnU-Net's in-process prediction (``-npp 0 -nps 0``): the same cases, written by ``export_case`` here."""
+        output_folder = output_folder_or_list_of_truncated_output_files
+        if isinstance(output_folder, list):
+            output_folder = os.path.dirname(output_folder[0]) or os.path.curdir
+        if output_folder is not None:  # what nnU-Net's own in-process loop writes beside the predictions
+            maybe_mkdir_p(output_folder)
+            call = {"list_of_lists_or_source_folder": list_of_lists_or_source_folder,
+                    "output_folder_or_list_of_truncated_output_files":
+                        output_folder_or_list_of_truncated_output_files,
+                    "save_probabilities": save_probabilities, "overwrite": overwrite,
+                    "folder_with_segs_from_prev_stage": folder_with_segs_from_prev_stage}
+            recursive_fix_for_json_export(call)
+            save_json_atomic(call, join(output_folder, 'predict_from_raw_data_args.json'))
+            save_json_atomic(self.dataset_json, join(output_folder, 'dataset.json'))
+            save_json_atomic(self.plans_manager.plans, join(output_folder, 'plans.json'))
+        if self.configuration_manager.previous_stage_name is not None and folder_with_segs_from_prev_stage is None:
+            raise ValueError(f"configuration {self.configuration_manager.configuration_name} is a cascade stage: give "
+                             f"the predictions of {self.configuration_manager.previous_stage_name} "
+                             f"(-prev_stage_predictions)")
+        inputs, outputs, prev = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
+        outputs = outputs or [None] * len(inputs)
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose)
 
-        def export_with_extras(prediction, properties, configuration_manager, plans_manager, dataset_json, ofile,
-                               *rest, **kw):
-            stock_export(prediction, properties, configuration_manager, plans_manager, dataset_json, ofile, *rest,
-                         **kw)
-            self._write_extras(ofile, properties)
+        def cases():
+            for files, ofile, prev_seg in zip(inputs, outputs, prev):
+                data, seg, properties = preprocessor.run_case(files, prev_seg, self.plans_manager,
+                                                              self.configuration_manager, self.dataset_json)
+                if prev_seg is not None:
+                    data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], self.label_manager.foreground_labels,
+                                                                        data.dtype)))
+                yield {'data': torch.from_numpy(data), 'data_properties': properties, 'ofile': ofile}
 
-        stock.export_prediction_from_logits = export_with_extras
-        try:
-            return super().predict_from_files_sequential(list_of_lists_or_source_folder,
-                                                         output_folder_or_list_of_truncated_output_files,
-                                                         save_probabilities, overwrite,
-                                                         folder_with_segs_from_prev_stage)
-        finally:
-            stock.export_prediction_from_logits = stock_export
+        results = self._predict_cases(cases(), save_probabilities)
+        compute_gaussian.cache_clear()
+        empty_cache(self.device)
+        return results

@@ -25,7 +25,7 @@ from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
 from nnunet_arseg.training import raters, splits, tokenizer_store
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg, tokenizer_widths
 from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
-from nnunet_arseg.training.validation import write_multirater_summary
+from nnunet_arseg.training.validation import final_validation
 
 
 class nnUNetTrainerARSeg(nnUNetTrainer):
@@ -278,7 +278,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation with each case sampled once (``validation.py``); with raters, also
+        ``summary_arseg.json`` from the same samples."""
         self._restore_network()
-        super().perform_actual_validation(save_probabilities)
-        if self._rater_info is not None and self.local_rank == 0:
-            write_multirater_summary(self, self.num_validation_samples)
+        final_validation(self, self.num_validation_samples, self._rater_info is not None, save_probabilities)

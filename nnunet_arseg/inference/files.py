@@ -1,0 +1,81 @@
+"""Where ``nnUNetv2_arseg_predict`` puts each output of a case (docs/design.md, "Prediction output"): one function per
+kind of file, for the predictor (writing, ``--continue_prediction``) and for whoever reads them (the evaluator).
+
+    OUT/<case><ext>                          the consensus (nnU-Net's own export)
+    OUT/samples/<case>_sample<k:02d><ext>    sample k = 0..N-1 (--save_samples)
+    OUT/uncertainty/<case>.npz, .png         per-pixel uncertainty (--save_uncertainty)
+    OUT/scales/<case>.png                    coarse-to-fine masks of sample 0 (--save_scales)
+    OUT/arseg_predict_args.json              the settings of the run
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+__all__ = ["ExtraOutputs", "ARGS_FILE", "sample_file", "sample_files_by_case", "uncertainty_files", "scales_file",
+           "stale_temporaries", "case_files"]
+
+ARGS_FILE = "arseg_predict_args.json"
+SAMPLE_TAG = "_sample"
+
+
+@dataclass(frozen=True)
+class ExtraOutputs:
+    """Which outputs beyond nnU-Net's consensus a run writes."""
+
+    samples: bool = False
+    uncertainty: bool = False
+    scales: bool = False
+
+
+def sample_file(out_dir: str, case: str, k: int, file_ending: str) -> str:
+    return os.path.join(out_dir, "samples", f"{case}{SAMPLE_TAG}{k:02d}{file_ending}")
+
+
+def sample_files_by_case(samples_dir: str, file_ending: str) -> dict[str, dict[int, str]]:
+    """``{case: {k: path}}`` of the sample files in ``samples_dir`` (``{}`` if there is no such folder)."""
+    if not os.path.isdir(samples_dir):
+        return {}
+    pattern = re.compile(rf"(.+){SAMPLE_TAG}(\d+){re.escape(file_ending)}")
+    out: dict[str, dict[int, str]] = {}
+    for name in sorted(os.listdir(samples_dir)):
+        m = pattern.fullmatch(name)
+        if m:
+            out.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(samples_dir, name)
+    return out
+
+
+def uncertainty_files(out_dir: str, case: str) -> tuple[str, str]:
+    """The uncertainty map (``.npz``, key ``uncertainty``) and its picture (``.png``)."""
+    return (os.path.join(out_dir, "uncertainty", f"{case}.npz"), os.path.join(out_dir, "uncertainty", f"{case}.png"))
+
+
+def scales_file(out_dir: str, case: str) -> str:
+    return os.path.join(out_dir, "scales", f"{case}.png")
+
+
+def stale_temporaries(out_dir: str) -> list[str]:
+    """Temporary files of atomic writes (``nnunet_arseg.atomic``) that a killed run left in ``out_dir`` and its
+    output subfolders."""
+    pattern = re.compile(r"\.tmp-[0-9a-f]{8}-.+")
+    folders = [out_dir] + [os.path.join(out_dir, sub) for sub in ("samples", "uncertainty", "scales")]
+    return [os.path.join(d, n) for d in folders if os.path.isdir(d) for n in sorted(os.listdir(d))
+            if pattern.fullmatch(n)]
+
+
+def case_files(output_file_truncated: str, file_ending: str, num_samples: int, extras: ExtraOutputs,
+               save_probabilities: bool = False) -> list[str]:
+    """Every file of one predicted case, the consensus last (it is written last, so a case is complete once it is
+    there)."""
+    out_dir, case = os.path.split(output_file_truncated)
+    files = []
+    if extras.samples:
+        files += [sample_file(out_dir, case, k, file_ending) for k in range(num_samples)]
+    if extras.uncertainty:
+        files += list(uncertainty_files(out_dir, case))
+    if extras.scales:
+        files.append(scales_file(out_dir, case))
+    if save_probabilities:
+        files += [output_file_truncated + ".npz", output_file_truncated + ".pkl"]
+    return files + [output_file_truncated + file_ending]

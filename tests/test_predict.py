@@ -1,0 +1,222 @@
+"""``nnUNetv2_arseg_predict`` on real models (``lidc_model.py``: planned by nnU-Net on real LIDC crops of the bundled
+sample, overfit on their four raters): the written samples, consensus and uncertainty agree with each other and with
+the stock ``nnUNetv2_predict`` (2D and a multi-tile 3D case, with and without mirroring), ``--continue_prediction``
+redoes exactly the incomplete cases, and bad inputs are refused before anything is written."""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lidc_model
+import nnunet_arseg
+from nnunet_arseg.inference import predict
+from nnunet_arseg.inference.files import ARGS_FILE, ExtraOutputs, sample_file, scales_file, uncertainty_files
+from nnunet_arseg.nnunet_ext import EXT_DIR
+
+PY = sys.executable
+BIN = Path(PY).parent
+N = 8
+
+
+@pytest.fixture(scope="module")
+def lidc2d(tmp_path_factory):
+    return lidc_model.lidc_2d_model(tmp_path_factory.mktemp("lidc2d"))
+
+
+@pytest.fixture(scope="module")
+def lidc3d(tmp_path_factory):
+    return lidc_model.lidc_3d_model(tmp_path_factory.mktemp("lidc3d"))
+
+
+def _env(model: dict, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_ARSEG_")}
+    return {**env, **model["paths"], "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": EXT_DIR, **extra}
+
+
+def _run(cmd: list[str], env: dict) -> str:
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _ours(model: dict, out: Path, *flags) -> list:
+    return [PY, "-m", "nnunet_arseg.inference.predict", "-i", model["images"], "-o", out, "-d", model["dataset_id"],
+            "-c", "2d", "-f", "0", "-device", "cpu", "--disable_progress_bar", *flags]
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".json")}
+
+
+@pytest.mark.e2e
+def test_outputs_agree_with_the_samples_and_the_stock_command(lidc2d, tmp_path):
+    ours, stock = tmp_path / "ours", tmp_path / "stock"
+    _run(_ours(lidc2d, ours, "-npp", "0", "-nps", "0", "--disable_tta", "--num_samples", N, "--seed", 3,
+               "--save_samples", "--save_uncertainty", "--save_scales"), _env(lidc2d))
+    _run([BIN / "nnUNetv2_predict", "-i", lidc2d["images"], "-o", stock, "-d", lidc2d["dataset_id"], "-c", "2d",
+          "-f", "0", "-tr", lidc_model.TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta",
+          "--disable_progress_bar"], _env(lidc2d, nnUNet_ARSEG_NUM_SAMPLES=str(N), nnUNet_ARSEG_SEED="3"))
+    cases = lidc2d["cases"]
+    assert sorted(p.name for p in ours.glob("*.png")) == sorted(f"{c}.png" for c in cases)
+    disagreeing = marking = 0
+    for case in cases:
+        assert filecmp.cmp(ours / f"{case}.png", stock / f"{case}.png", shallow=False)  # the same consensus
+        samples = np.stack([_png(sample_file(str(ours), case, k, ".png")) for k in range(N)])
+        consensus = _png(ours / f"{case}.png")
+        assert set(np.unique(samples)) <= {0, 1}
+        marking += int((samples.reshape(N, -1).sum(1) > 0).sum())
+        # single tile, no resampling, no mirroring: the consensus is the strict majority of the written samples
+        np.testing.assert_array_equal(consensus, (2 * samples.sum(0) > N).astype(consensus.dtype))
+        npz, png = uncertainty_files(str(ours), case)
+        unc = np.load(npz)["uncertainty"].reshape(consensus.shape)
+        disagree = ~(samples == samples[0]).all(0)
+        assert np.all(unc[~disagree] == 0) and np.all(unc[disagree] > 0)
+        disagreeing += int(disagree.sum())
+        assert Path(png).is_file() and Path(scales_file(str(ours), case)).is_file()
+    # the checks above cannot pass vacuously: the model draws masks (it was overfit on them), and they disagree
+    assert marking >= N * len(cases) // 2, f"only {marking} of {N * len(cases)} samples mark anything"
+    assert disagreeing > 0, "the samples never disagree: the checks above would hold for a deterministic model too"
+    args = json.loads((ours / ARGS_FILE).read_text())
+    assert args["num_samples"] == N and args["seed"] == 3 and args["mirroring"] == [] and args["save_samples"]
+
+
+@pytest.mark.e2e
+def test_continue_prediction_redoes_exactly_the_incomplete_cases(lidc2d, tmp_path):
+    out, first = tmp_path / "out", tmp_path / "first"
+    flags = ["--num_samples", 4, "--save_samples", "--save_uncertainty"]
+    # nnU-Net's worker processes, and nnUNet_extTrainer pointing at the package folder itself
+    _run(_ours(lidc2d, out, "-npp", "1", "-nps", "1", *flags),
+         _env(lidc2d, nnUNet_extTrainer=os.path.dirname(nnunet_arseg.__file__)))
+    shutil.copytree(out, first)
+    a, b, c, d = lidc2d["cases"]
+    os.remove(sample_file(str(out), a, 2, ".png"))
+    os.remove(out / f"{b}.png")
+    os.remove(uncertainty_files(str(out), c)[0])
+    (out / "samples" / f".tmp-0123abcd-{c}_sample00.png").write_bytes(b"half a file")  # a kill during a write
+    untouched = {p: p.stat().st_mtime_ns for p in out.rglob(f"{d}*")}
+    log = _run(_ours(lidc2d, out, "-npp", "0", "-nps", "0", "--continue_prediction", *flags), _env(lidc2d))
+    assert "1 of 4 cases have every requested output; predicting the other 3" in log
+    assert _tree(out) == _tree(first)  # the redone cases are byte-identical to the first run's
+    assert {p: p.stat().st_mtime_ns for p in out.rglob(f"{d}*")} == untouched
+    res = subprocess.run([str(x) for x in _ours(lidc2d, out, "-npp", "0", "-nps", "0", "--continue_prediction",
+                                                "--seed", "1", *flags)], env=_env(lidc2d), capture_output=True,
+                         text=True)
+    assert res.returncode != 0 and "seed: 0 -> 1" in res.stderr and "another folder" in res.stderr
+    assert _tree(out) == _tree(first)
+
+
+@pytest.mark.parametrize("which,mirroring", [("2d", True), ("3d", False), ("3d", True)])
+def test_same_consensus_as_the_stock_predictor(which, mirroring, lidc2d, lidc3d, tmp_path, monkeypatch):
+    """nnU-Net's own predictor class (what nnUNetv2_predict runs) and ours, in this process, on the same model."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_arseg.inference.predictor import ARSegPredictor
+    model = lidc2d if which == "2d" else lidc3d
+    for k, v in _env(model, nnUNet_ARSEG_NUM_SAMPLES="3", nnUNet_ARSEG_SEED="4").items():
+        monkeypatch.setenv(k, v)
+    outs = []
+    for cls, kw in ((nnUNetPredictor, {}), (ARSegPredictor, {"num_samples": 3, "seed": 4,
+                                                             "extras": ExtraOutputs(samples=True)})):
+        p = cls(use_mirroring=mirroring, device=torch.device("cpu"), allow_tqdm=False, **kw)
+        p.initialize_from_trained_model_folder(str(model["model"]), (0,))
+        assert (p.allowed_mirroring_axes is not None) and len(p.allowed_mirroring_axes) == (2 if which == "2d" else 3)
+        out = tmp_path / cls.__name__
+        out.mkdir()
+        p.predict_from_files_sequential(str(model["images"]), str(out))
+        outs.append(out)
+    ext = ".png" if which == "2d" else ".nii.gz"
+    for f in sorted(outs[0].glob(f"*{ext}")):
+        stock = _png(f) if which == "2d" else SimpleITKIO().read_seg(str(f))[0]
+        ours = _png(outs[1] / f.name) if which == "2d" else SimpleITKIO().read_seg(str(outs[1] / f.name))[0]
+        np.testing.assert_array_equal(stock, ours)
+        assert stock.any() and not stock.all()
+        assert len(list((outs[1] / "samples").glob(f"{f.name[:-len(ext)]}_sample*{ext}"))) == 3
+    if which == "3d":
+        shape, patch = model["shape"], [16, 32, 32]
+        assert any(s > p for s, p in zip(shape, patch)), "the 3D case must need several tiles"
+
+
+# ---------------------------------------------------------------- refused before nnU-Net starts
+def _refused(capsys, model, tmp_path, *flags, inputs=None) -> str:
+    out = tmp_path / "never"
+    argv = ["-i", str(inputs or model["images"]), "-o", str(out), "-d", str(model["dataset_id"]), "-c", "2d", "-f",
+            "0", "-device", "cpu", *map(str, flags)]
+    with pytest.raises(SystemExit) as e:
+        predict.main(argv)
+    err = capsys.readouterr().err + str(e.value.code)
+    assert e.value.code not in (0, None) and not out.exists(), err
+    return err
+
+
+@pytest.fixture
+def paths(lidc2d, monkeypatch):
+    for k, v in lidc2d["paths"].items():
+        monkeypatch.setenv(k, v)
+    return lidc2d
+
+
+def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
+    err = _refused(capsys, {**paths, "dataset_id": 777}, tmp_path)
+    assert "-d 777: unknown dataset" in err and "nnUNet_results=" in err and "Traceback" not in err
+    err = _refused(capsys, paths, tmp_path, "-chk", "checkpoint_best.pth")
+    assert "no checkpoint_best.pth for fold(s) 0" in err and "-chk" in err
+    err = _refused(capsys, paths, tmp_path, "-f", "0", "1")
+    assert "fold(s) 1" in err and "-f 0" in err
+    err = _refused(capsys, paths, tmp_path, "-tr", "nnUNetTrainer")
+    assert "no trained model" in err and "nnUNetTrainerARSeg__nnUNetPlans__2d" in err
+    err = _refused(capsys, paths, tmp_path, "--num_samples", "0")
+    assert "--num_samples must be >= 1" in err
+
+
+def test_bad_inputs_are_refused(paths, tmp_path, capsys):
+    image = _png(paths["images"] / f"{paths['cases'][0]}_0000.png")
+    err = _refused(capsys, paths, tmp_path, inputs=tmp_path / "missing")
+    assert "no such folder" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images ending in .png" in _refused(capsys, paths, tmp_path, inputs=empty)
+    (empty / "scan_0000.jpg").write_bytes(b"")
+    err = _refused(capsys, paths, tmp_path, inputs=empty)
+    assert "scan_0000.jpg" in err and "convert them" in err
+    bad = tmp_path / "bad"
+    shutil.copytree(paths["images"], bad)
+    Image.fromarray(image).save(bad / "scan.png")
+    err = _refused(capsys, paths, tmp_path, inputs=bad)
+    assert "scan.png" in err and "scan_0000.png" in err
+    os.remove(bad / "scan.png")
+    Image.fromarray(np.stack([image] * 3, -1)).save(bad / "colour_0000.png")
+    err = _refused(capsys, paths, tmp_path, inputs=bad)
+    assert "colour_0000.png has 3" in err and "grayscale" in err
+    os.remove(bad / "colour_0000.png")
+    Image.fromarray(image).save(bad / "second_0001.png")
+    err = _refused(capsys, paths, tmp_path, inputs=bad)
+    assert "case second" in err and "_0001" in err and "without gaps" in err
+
+
+def test_num_samples_flag_spellings(capsys):
+    base = ["-i", "I", "-o", "O", "-d", "1", "-c", "2d"]
+    assert predict.parse_args(base + ["--num_samples", "5"]).num_samples == 5
+    assert predict.parse_args(base + ["-num_samples", "6"]).num_samples == 6
+    assert "-num_samples is deprecated; use --num_samples" in capsys.readouterr().err
+    assert predict.parse_args(base).num_samples is None  # the model's own default (or $nnUNet_ARSEG_NUM_SAMPLES)
+    with pytest.raises(SystemExit):
+        predict.parse_args(base + ["-part_id", "2", "-num_parts", "2"])
+    with pytest.raises(SystemExit):
+        predict.parse_args(base + ["-npp", "0", "-nps", "2"])
