@@ -26,7 +26,7 @@ import time
 from batchgenerators.utilities.file_and_folder_operations import (isfile, join, load_json, maybe_mkdir_p, save_json,
                                                                   subdirs, subfiles)
 
-from nnunet_arseg.inference.files import sample_file
+from nnunet_arseg.prediction_files import sample_file
 
 BIN = os.path.dirname(sys.executable)
 STOCK_TRAINER = "nnUNetTrainerBudget"

@@ -26,7 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

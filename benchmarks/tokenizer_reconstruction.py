@@ -1,10 +1,14 @@
-"""Train the mask tokenizer on LIDC crops for M minutes, then measure how well it reconstructs held-out masks.
+"""Train the dataset tokenizer as ``nnUNetTrainerARSeg_small`` would, on LIDC crops, for at most M minutes, then
+measure how well it reconstructs the masks of held-out patients.
 
-    python benchmarks/tokenizer_reconstruction.py --train DIR --test DIR --minutes 10 [--seed 0] [--device cpu]
+    python benchmarks/tokenizer_reconstruction.py --data DIR --test_patients 40 --minutes 15 --threads 2
 
-``--train``/``--test``: a folder of ``LIDC-IDRI-XXXX`` patient folders (the layout of ``../shared/data/lidc``),
-optionally with ``--train_list``/``--test_list`` (text files, one patient id per line) to use only those patients.
-Progress goes to stderr; one JSON line with the results goes to stdout.
+``--data``: a folder of ``LIDC-IDRI-XXXX`` patient folders (the LIDC-IDRI-slices layout, e.g. the extracted LIDC dev
+set). ``--test_patients`` of them (drawn with ``--seed``) are held out; the rest train. Widths are a preset's
+(``--preset small`` by default), the latent stride comes from the training masks' median object extent as in the
+trainer (``choose_latent_stride``), training stops at Dice >= ``--target`` on the held-out masks (checked every
+``--eval_every`` steps), at ``--max_steps`` or after ``--minutes``. Every rater mask of the held-out slices is scored.
+Progress goes to stderr; one JSON line with the results to stdout.
 """
 from __future__ import annotations
 
@@ -13,144 +17,76 @@ import json
 import random
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dataset_conversion.lidc import find_lidc_slices
+from nnunet_arseg.config import PRESETS
 from nnunet_arseg.tokenizer import MaskTokenizer
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer, reconstruction_scores
+from nnunet_arseg.training.tokenizer_store import choose_latent_stride, median_object_extent
 
 
-def read_mask(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L")) > 0
-
-
-def rater_masks(root: str, patient_list: str | None) -> list[tuple]:
-    """All slices below ``root`` (of the listed patients): a tuple of rater-mask paths per slice."""
-    keep = None if patient_list is None else {ln.strip() for ln in open(patient_list) if ln.strip()}
-    slices = [s for s in find_lidc_slices(root) if keep is None or s.patient in keep]
-    if not slices:
-        raise SystemExit(f"no LIDC slices (LIDC-IDRI-XXXX/nodule-K/images/slice-N.png) found below {root}")
-    return slices
-
-
-def augment(mask_B1hw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random flips and 90-degree rotations (the dihedral group; exact on the pixel grid), one draw per example."""
-    out = []
-    for m, code in zip(mask_B1hw, torch.randint(0, 8, (len(mask_B1hw),), generator=gen).tolist()):
-        m = torch.rot90(m, code % 4, dims=(1, 2))
-        out.append(m.flip(2) if code >= 4 else m)
-    return torch.stack(out)
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    return float(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
-
-
-@torch.no_grad()
-def evaluate(model: MaskTokenizer, slices, device: str, batch_size: int) -> dict:
-    """Dice per non-empty mask (all raters of every slice) and the fraction of empty masks decoded empty.
-
-    Identical masks (most are empty) are decoded once and counted as often as they occur.
-    """
-    counts: Counter = Counter()
-    arrays = {}
-    for s in slices:
-        for path in s.rater_masks:
-            m = read_mask(path)
-            key = np.packbits(m).tobytes()
-            counts[key] += 1
-            arrays.setdefault(key, m)
-    keys = list(arrays)
-    dices, empty_ok, num_empty = [], 0, 0
-    model.eval()
-    for i in range(0, len(keys), batch_size):
-        chunk = keys[i:i + batch_size]
-        x = torch.from_numpy(np.stack([arrays[k] for k in chunk])[:, None]).float().to(device)
-        pred = (model.idx_to_logits(model.mask_to_idx(x)) > 0).cpu().numpy()[:, 0]
-        for k, p in zip(chunk, pred):
-            gt = arrays[k]
-            if gt.any():
-                dices += [dice(p, gt)] * counts[k]
-            else:
-                num_empty += counts[k]
-                empty_ok += counts[k] * int(not p.any())
-    return {"dice_nonempty": float(np.mean(dices)), "dice_nonempty_median": float(np.median(dices)),
-            "num_nonempty_masks": len(dices), "num_empty_masks": num_empty,
-            "empty_reconstructed_empty": empty_ok / max(num_empty, 1), "num_unique_masks": len(keys)}
+def rater_stack(slices) -> np.ndarray:
+    """(S * R, H, W) bool: every rater mask of the slices."""
+    return np.stack([np.asarray(Image.open(p).convert("L")) > 0 for s in slices for p in s.rater_masks])
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--test", required=True)
-    ap.add_argument("--train_list")
-    ap.add_argument("--test_list")
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--test_patients", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--max_steps", type=int, default=TokenizerFitConfig.max_steps)
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--eval_every", type=int, default=250)
+    ap.add_argument("--batch_size", type=int, default=TokenizerFitConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TokenizerFitConfig.lr)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--ch", type=int, default=16)
-    ap.add_argument("--dead_code_steps", type=int, default=20)
-    ap.add_argument("--no_augment", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
-    ap.add_argument("--eval_every", type=float, default=0, help="also evaluate every this many training minutes "
-                    "(one JSON line on stderr each; evaluation time is not counted as training time)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    train, test = rater_masks(args.train, args.train_list), rater_masks(args.test, args.test_list)
-    overlap = {s.patient for s in train} & {s.patient for s in test}
-    if overlap:
-        raise SystemExit(f"train and test share patients {sorted(overlap)[:5]}...; split by patient")
-    print(f"train: {len(train)} slices of {len({s.patient for s in train})} patients, test: {len(test)} slices of "
-          f"{len({s.patient for s in test})} patients", file=sys.stderr)
+    slices = find_lidc_slices(args.data)
+    patients = sorted({s.patient for s in slices})
+    test = set(random.Random(args.seed).sample(patients, args.test_patients))
+    train_masks = rater_stack([s for s in slices if s.patient not in test])
+    test_masks = rater_stack([s for s in slices if s.patient in test])
+    print(f"train: {len(patients) - len(test)} patients, {len(train_masks)} rater masks; held out: {len(test)} "
+          f"patients, {len(test_masks)} rater masks", file=sys.stderr)
 
-    model = MaskTokenizer(torch.nn.Conv2d, (128, 128), ch=args.ch, dead_code_steps=args.dead_code_steps).to(args.device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    start, it, logs, paused = time.time(), 0, {}, 0.0
-    next_eval = args.eval_every or float("inf")
-    while time.time() - start - paused < args.minutes * 60:
-        if time.time() - start - paused >= next_eval * 60:
-            t_eval = time.time()
-            print(json.dumps({"train_minutes": next_eval, "train_iterations": it,
-                              **evaluate(model, test, args.device, batch_size=32)}), file=sys.stderr)
-            next_eval += args.eval_every
-            paused += time.time() - t_eval
-        model.train()
-        picks = torch.randint(0, len(train), (args.batch_size,), generator=gen).tolist()
-        raters = torch.randint(0, 4, (args.batch_size,), generator=gen).tolist()
-        x = torch.from_numpy(np.stack([read_mask(train[p].rater_masks[r]) for p, r in zip(picks, raters)])[:, None])
-        x = x.float() if args.no_augment else augment(x.float(), gen)
-        loss, logs = model.loss(x.to(args.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        it += 1
-        if it % 10 == 0:
-            print(f"it {it} {time.time() - start - paused:.0f}s loss {logs['loss']:.4f} dice_loss {logs['dice_loss']:.4f} "
-                  f"vq {logs['vq']:.4f} usage_ema {[round(u, 3) for u in logs['usage_ema']]}", file=sys.stderr)
-    train_minutes = (time.time() - start - paused) / 60
-    t_eval = time.time()
-    result = evaluate(model, test, args.device, batch_size=32)
-    result.update({
-        "train_iterations": it, "train_minutes": round(train_minutes, 2),
-        "eval_minutes": round((time.time() - t_eval) / 60, 2), "batch_size": args.batch_size, "threads": args.threads,
-        "lr": args.lr, "ch": args.ch, "seed": args.seed, "device": args.device,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "train_slices": len(train), "train_patients": len({s.patient for s in train}),
-        "test_slices": len(test), "test_patients": len({s.patient for s in test}),
-        "codebook_usage_ema_per_scale": [round(u, 4) for u in model.quantizer.ema_usage().tolist()],
-        "codebook_usage_last_batch_per_scale": [round(u, 4) for u in logs.get("usage_batch", [])],
-    })
-    print(json.dumps(result))
+    patch = train_masks.shape[1:]
+    extent = median_object_extent(train_masks[:4000, None], [True])
+    widths = PRESETS[args.preset].tokenizer
+    stride = choose_latent_stride(patch, extent)
+    torch.manual_seed(args.seed)
+    model = MaskTokenizer(2, patch, **widths, latent_stride=stride).to(args.device)
+    print(f"median object extent {extent}: latent stride {stride}, latent {model.latent_shape}, scales "
+          f"{model.scales}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", file=sys.stderr)
+    cfg = TokenizerFitConfig(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                             eval_every=args.eval_every, target_dice=args.target, seed=args.seed)
+    train_t = torch.from_numpy(train_masks[:, None])
+    # the held-out check during training uses a fixed subset; the final score uses every held-out mask
+    check = torch.from_numpy(test_masks[np.random.default_rng(args.seed).permutation(len(test_masks))[:512], None])
+    started = time.time()
+    state = fit_tokenizer(model, lambda rng, b: train_t[rng.integers(len(train_t), size=b)], check, cfg,
+                          log=lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", file=sys.stderr),
+                          time_limit_s=60 * args.minutes)
+    train_minutes = (time.time() - started) / 60
+    final = reconstruction_scores(model, torch.from_numpy(test_masks[:, None]))
+    print(json.dumps({
+        **final, "steps": state["step"], "train_minutes": round(train_minutes, 2), "target": args.target,
+        "target_reached": final["dice_nonempty"] >= args.target and final["empty_kept"] >= cfg.target_empty,
+        "latent_stride": list(stride), "latent_shape": list(model.latent_shape),
+        "scales": [list(pn) for pn in model.scales], "preset": args.preset, "widths": widths,
+        "num_params": sum(p.numel() for p in model.parameters()), "threads": args.threads, "device": args.device,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "train_patients": len(patients) - len(test), "test_patients": len(test),
+        "history": state["history"]}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, subfiles
 
 from nnunet_arseg.figures import save_panel_figure
-from nnunet_arseg.inference.files import sample_files_by_case
+from nnunet_arseg.prediction_files import sample_files_by_case
 from nnunet_arseg.nnunet_ext import EXT_DIR
 
 DATASET_ID = 990

@@ -1,13 +1,16 @@
 """Every environment variable AR-Seg reads, in one place (as nnU-Net's ``paths.py`` does for its own).
 
-| variable | read by | meaning |
-|---|---|---|
-| ``nnUNet_ARSEG_NUM_SAMPLES`` | the network's eval forward (stock ``nnUNetv2_predict``) | N samples per image; default: the model's stored N (16) |
-| ``nnUNet_ARSEG_SEED`` | the same | seed of the sampling; default 0 |
-| ``nnUNet_ARSEG_BUDGET_MINUTES`` | the ``*_budget`` trainers | wall-time budget of a training run, in minutes |
-| ``nnUNet_ARSEG_TOKENIZER`` | ``nnUNetTrainerARSeg`` | a ``tokenizer.pth`` to use instead of training the dataset's own |
+- ``nnUNet_ARSEG_NUM_SAMPLES``: N samples per image of the network's eval forward (the stock ``nnUNetv2_predict``);
+  default: the model's stored N (16).
+- ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
+- ``nnUNet_ARSEG_BUDGET_MINUTES``: the wall-time budget of the ``*_budget`` trainers, in minutes.
+- ``nnUNet_ARSEG_SNAPSHOT_MINUTES``: the ``*_budget`` trainers also keep ``checkpoint_<m>min.pth`` every this many
+  minutes of the budget (learning curves).
+- ``nnUNet_ARSEG_TOKENIZER``: a ``tokenizer.pth`` for ``nnUNetTrainerARSeg`` to use instead of training the dataset's.
 
-``nnUNet_extTrainer`` (nnU-Net's own) is set by our commands, see ``nnunet_arseg.nnunet_ext``.
+nnU-Net's own variables read here too: ``nnUNet_npp`` / ``nnUNet_nps`` (default worker processes of
+``nnUNetv2_arseg_predict``, as of ``nnUNetv2_predict``). ``nnUNet_extTrainer`` is set by our commands, see
+``nnunet_arseg.nnunet_ext``.
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ import os
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
+SNAPSHOT_MINUTES = "nnUNet_ARSEG_SNAPSHOT_MINUTES"
 TOKENIZER = "nnUNet_ARSEG_TOKENIZER"
+PREPROCESSING_PROCESSES = "nnUNet_npp"
+EXPORT_PROCESSES = "nnUNet_nps"
 
 
 def _raw(name: str) -> str | None:
@@ -66,3 +72,8 @@ def sampling_seed() -> int:
 
 def tokenizer_file() -> str | None:
     return _raw(TOKENIZER)
+
+
+def prediction_processes() -> tuple[int, int]:
+    """Default (preprocessing, export) worker processes of a prediction: ``nnUNet_npp``, ``nnUNet_nps`` or 3."""
+    return env_int(PREPROCESSING_PROCESSES, 3, low=0), env_int(EXPORT_PROCESSES, 3, low=0)

@@ -8,40 +8,24 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import pydoc
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_arseg import env
+from nnunet_arseg.config import REFERENCE_TOP_K_SHARE, ARSegConfig, preset
 from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
 from nnunet_arseg.segmentor.sampling import sample_token_maps
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
 from nnunet_arseg.tokenizer import MaskTokenizer
 
-__all__ = ["ARSegNetwork", "build_arseg_architecture", "unwrap_network", "ARSEG_PRESETS", "PREFIX_SOURCES"]
+__all__ = ["ARSegNetwork", "build_arseg_architecture", "unwrap_network", "PREFIX_SOURCES"]
 
 NETWORK_CLASS_NAME = "nnunet_arseg.network.ARSegNetwork"
 PREFIX_SOURCES = ("encoder", "decoder")
-
-# our arch_kwargs keys with their defaults; "tokenizer"/"transformer" are MaskTokenizer/BlockCausalTransformer kwargs.
-# "max_features_per_stage" is not a network argument: it caps the plans' U-Net widths in the architecture entry.
-ARSEG_PRESETS = {
-    "reference": {"tokenizer": {}, "transformer": {"width": 256, "depth": 8, "heads": 8},
-                  "embedding": "svd", "num_prefix_tokens": 256},
-    "small": {"tokenizer": {"ch": 32, "num_res_blocks": 1, "z_channels": 32, "space_to_depth": 4},
-              "transformer": {"width": 128, "depth": 3, "heads": 4, "dropout": 0.0},
-              "embedding": "linear", "prefix_source": "decoder", "aux_head": True, "max_features_per_stage": 64},
-    "tiny": {"tokenizer": {"ch": 16, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 256, "code_dim": 16,
-                           "space_to_depth": 4},
-             "transformer": {"width": 64, "depth": 2, "heads": 4, "dropout": 0.0},
-             "embedding": "linear", "prefix_source": "decoder", "aux_head": True, "max_features_per_stage": 32},
-}
-COMMON_DEFAULTS = {"feature_stage": None, "prefix_source": "encoder", "has_regions": False, "num_samples": 16,
-                   "top_k": 100, "aux_head": False, "aux_weight": 1.0, "max_features_per_stage": None}
-
 
 class _DeepSupervisionFlag(nn.Module):
     """Stands in for ``.decoder`` without the aux head: nnU-Net's trainer sets ``decoder.deep_supervision``."""
@@ -76,61 +60,72 @@ def unwrap_network(network: nn.Module) -> nn.Module:
     return getattr(network, "_orig_mod", network)
 
 
-def decode_with_features(decoder: nn.Module, skips: list[torch.Tensor], feature_stage: int | None):
-    """nnU-Net's ``UNetDecoder`` forward (full-resolution logits only) that also returns the output of decoder stage
-    ``feature_stage`` (None: no features)."""
-    x, features = skips[-1], None
-    for s in range(len(decoder.stages)):
+def decode_to_stage(decoder: nn.Module, skips: list[torch.Tensor], last_stage: int) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """nnU-Net's ``UNetDecoder`` run up to stage ``last_stage`` only: that stage's features and the logits of its
+    segmentation layer (the deep-supervision head of that resolution)."""
+    x = skips[-1]
+    for s in range(last_stage + 1):
         x = decoder.stages[s](torch.cat((decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
-        if s == feature_stage:
-            features = x
-    return decoder.seg_layers[-1](x), features
+    return x, decoder.seg_layers[last_stage](x)
+
+
+def pool_to(x: torch.Tensor, shape) -> torch.Tensor:
+    """Area down-sampling of (B, C, *S) to ``shape`` (unchanged when it already has it)."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    return (F.adaptive_avg_pool2d if len(shape) == 2 else F.adaptive_avg_pool3d)(x, tuple(shape))
 
 
 class ARSegNetwork(nn.Module):
-    """AR-Seg (reference §1-§3) for one nnU-Net configuration.
+    """AR-Seg (docs/method.md) for one nnU-Net configuration; every default is ``ARSegConfig``'s.
 
     Args:
-        input_channels, num_classes: from nnU-Net (``num_classes`` = ``label_manager.num_segmentation_heads``).
+        input_channels, num_classes: from nnU-Net (``num_classes`` = ``label_manager.num_segmentation_heads``, the
+            output heads; the condition classes are the foreground labels or the regions).
         patch_size: the configuration's patch size; tokenizer and embedding are sized for it.
         encoder_class_name: the plans' own U-Net class; its encoder is the image encoder.
         tokenizer, transformer: kwargs of ``MaskTokenizer`` / ``BlockCausalTransformer`` (sizes).
-        embedding: ``"svd"`` (§2.3) or ``"linear"``; num_prefix_tokens: N_f.
+        embedding: ``"svd"`` (method §2.2) or ``"linear"``; num_prefix_tokens: N_f.
         prefix_source: ``"encoder"``: the prefix embeds encoder stage ``feature_stage`` (None: the deepest with
             >= N_f positions), as the reference embeds its image encoder's output; ``"decoder"``: it embeds the
             U-Net decoder stage whose resolution is the tokenizer's latent (one prefix token per latent cell, N_f
             set accordingly; needs ``aux_head``).
         has_regions: nnU-Net regions (one condition class per region) or labels (one per foreground label).
-        num_samples: default N of the eval forward; top_k: sampling top-k (None: all codes).
-        aux_head, aux_weight: train the U-Net decoder on the same binary target (Dice + BCE) beside the token loss:
-            a dense signal for the image model.
-        deep_supervision: accepted from nnU-Net; unused (the aux head is trained at full resolution only).
+        num_samples: default N of the eval forward; top_k: sampling top-k (None: the reference's share of the
+            codebook, 100 of 1,024; 0: all codes).
+        aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
+            (Dice + BCE): a dense signal for the image model.
+        deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
         **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
     """
 
     def __init__(self, input_channels: int, num_classes: int, patch_size, encoder_class_name: str =
                  "dynamic_network_architectures.architectures.unet.PlainConvUNet", tokenizer: dict | None = None,
-                 transformer: dict | None = None, embedding: str = "svd", num_prefix_tokens: int = 256,
-                 feature_stage: int | None = None, prefix_source: str = "encoder", has_regions: bool = False,
-                 num_samples: int = 16, top_k: int | None = 100, aux_head: bool = False, aux_weight: float = 1.0,
+                 transformer: dict | None = None, embedding: str = ARSegConfig.embedding,
+                 num_prefix_tokens: int = ARSegConfig.num_prefix_tokens,
+                 feature_stage: int | None = ARSegConfig.feature_stage,
+                 prefix_source: str = ARSegConfig.prefix_source, has_regions: bool = ARSegConfig.has_regions,
+                 num_samples: int = ARSegConfig.num_samples, top_k: int | None = ARSegConfig.top_k,
+                 aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
                  deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
         self.has_regions, self.num_classes = bool(has_regions), int(num_classes)
-        self.num_cond = self.num_classes if self.has_regions else self.num_classes - 1
-        if self.num_cond < 1:
+        self.num_conditions = self.num_classes if self.has_regions else self.num_classes - 1
+        if self.num_conditions < 1:
             raise ValueError(f"num_classes={num_classes} leaves no foreground class to segment "
                              f"(has_regions={has_regions})")
         if prefix_source not in PREFIX_SOURCES:
             raise ValueError(f"prefix_source must be one of {PREFIX_SOURCES}, got {prefix_source!r}")
         if prefix_source == "decoder" and not aux_head:
             raise ValueError("prefix_source='decoder' embeds the U-Net decoder's features: set aux_head=True")
-        self.num_samples, self.top_k, self.aux_weight = int(num_samples), top_k, float(aux_weight)
+        self.num_samples, self.aux_weight = int(num_samples), float(aux_weight)
         for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
             if unet_kwargs.get(key) is not None:
                 unet_kwargs[key] = _locate(unet_kwargs[key], key)
         unet = _locate(encoder_class_name, "encoder_class_name")(
-            input_channels=input_channels, num_classes=self.num_cond, deep_supervision=False, **unet_kwargs)
+            input_channels=input_channels, num_classes=self.num_conditions, deep_supervision=False, **unet_kwargs)
         if hasattr(unet, "initialize"):
             unet.apply(unet.initialize)
         self.encoder = unet.encoder
@@ -138,6 +133,8 @@ class ARSegNetwork(nn.Module):
         self.aux_head = bool(aux_head)
         self.tokenizer = MaskTokenizer(len(self.patch_size), self.patch_size, **(tokenizer or {}))
         self.tokenizer.requires_grad_(False)
+        codebook = self.tokenizer.quantizer.V
+        self.top_k = max(1, round(codebook * REFERENCE_TOP_K_SHARE)) if top_k is None else int(top_k)
 
         spatial, shapes = list(self.patch_size), []
         for stride in self.encoder.strides:
@@ -167,12 +164,11 @@ class ARSegNetwork(nn.Module):
             self.feature_stage = int(feature_stage) % len(shapes)
             feature_shape = shapes[self.feature_stage]
             channels = self.encoder.output_channels[self.feature_stage]
-        transformer = dict(transformer or {})
-        self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
-                                         transformer.get("width", 256))
         self.transformer = BlockCausalTransformer(num_prefix_tokens, self.tokenizer.scales,
                                                   self.tokenizer.quantizer.C, self.tokenizer.quantizer.V,
-                                                  self.num_cond, **transformer)
+                                                  self.num_conditions, **(transformer or {}))
+        self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
+                                         self.transformer.width)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -197,23 +193,22 @@ class ARSegNetwork(nn.Module):
                              "AR-Seg works on whole patches of the plans' patch size")
 
     def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image prefix (B, N_f, D) and, with the aux head, its full-resolution logits (B, num_cond, *patch)."""
+        """Image prefix (B, N_f, D) and, with the aux head, its logits (B, num_conditions, *s): the U-Net decoder
+        runs only as far as needed, to the prefix's stage (decoder prefix) or to full resolution (encoder prefix)."""
         self._check_input(x)
         skips = self.encoder(x)
         if not self.aux_head:
             return self.embedding(skips[self.feature_stage]), None
         if self.prefix_source == "encoder":
-            return self.embedding(skips[self.feature_stage]), decode_with_features(self.decoder, skips, None)[0]
-        aux_logits, features = decode_with_features(self.decoder, skips, self.feature_stage)
-        latent = self.tokenizer.latent_shape
-        if tuple(features.shape[2:]) != latent:
-            features = (F.adaptive_avg_pool2d if len(latent) == 2 else F.adaptive_avg_pool3d)(features, latent)
-        return self.embedding(features), aux_logits
+            return self.embedding(skips[self.feature_stage]), decode_to_stage(self.decoder, skips,
+                                                                              len(self.decoder.stages) - 1)[1]
+        features, aux_logits = decode_to_stage(self.decoder, skips, self.feature_stage)
+        return self.embedding(pool_to(features, self.tokenizer.latent_shape)), aux_logits
 
     def _cls(self, cls: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         if cls is None:
-            if self.num_cond != 1:
-                raise ValueError(f"cls is required: this network has {self.num_cond} condition classes")
+            if self.num_conditions != 1:
+                raise ValueError(f"cls is required: this network has {self.num_conditions} condition classes")
             return torch.zeros(batch, dtype=torch.long, device=device)
         return torch.as_tensor(cls, device=device).long().view(-1).expand(batch)
 
@@ -228,7 +223,8 @@ class ARSegNetwork(nn.Module):
 
     def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor,
                        with_prediction: bool = False) -> dict:
-        """Token cross-entropy with teacher forcing (§2.6), + the aux head's Dice + BCE if on. ``with_prediction``
+        """Token cross-entropy with teacher forcing (method §2.5), + the aux head's Dice + BCE against the mask at
+        the head's resolution (the share of each cell covered, where pooled) if on. ``with_prediction``
         adds ``prediction``: the mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling)."""
         with torch.no_grad():
             idx_list = self.tokenizer.mask_to_idx(mask)
@@ -241,8 +237,8 @@ class ARSegNetwork(nn.Module):
                 "token_acc": (logits_BLV.argmax(-1) == target_BL).float().mean().item()}
         loss = token_ce
         if self.aux_head:
-            aux_B1 = aux_logits.gather(1, cls_B.view(-1, *[1] * (mask.ndim - 1)).expand(-1, 1, *mask.shape[2:]))
-            aux = binary_dice_bce(aux_B1, mask)
+            aux_B1 = aux_logits.gather(1, cls_B.view(-1, *[1] * (mask.ndim - 1)).expand(-1, 1, *aux_logits.shape[2:]))
+            aux = binary_dice_bce(aux_B1, pool_to(mask.float(), aux_logits.shape[2:]))  # soft target when pooled
             logs["aux_loss"] = aux.item()
             loss = loss + self.aux_weight * aux
         logs["loss"] = loss
@@ -269,7 +265,7 @@ class ARSegNetwork(nn.Module):
         uncertainty and logits are derived from the samples in ``nnunet_arseg.consensus``.
         """
         n = self.num_samples if num_samples is None else int(num_samples)
-        classes = list(range(self.num_cond)) if classes is None else [int(c) for c in classes]
+        classes = list(range(self.num_conditions)) if classes is None else [int(c) for c in classes]
         was_training = self.training
         self.eval()
         try:
@@ -301,8 +297,8 @@ class ARSegNetwork(nn.Module):
         request = self.eval_sampling
         n = getattr(request, "num_samples", None)
         seed = getattr(request, "seed", None)
-        n = int(os.environ.get("nnUNet_ARSEG_NUM_SAMPLES", self.num_samples)) if n is None else int(n)
-        seed = int(os.environ.get("nnUNet_ARSEG_SEED", 0)) if seed is None else int(seed)
+        n = env.num_samples(self.num_samples) if n is None else int(n)
+        seed = env.sampling_seed() if seed is None else int(seed)
         return n, seed
 
     def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,26 +336,23 @@ def binary_dice_bce(logits_B1: torch.Tensor, mask_B1: torch.Tensor) -> torch.Ten
     return 1 - dice_B.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
-def build_arseg_architecture(stock_architecture: dict, patch_size, preset: str = "reference", **overrides) -> dict:
-    """Turn the plans' stock ``architecture`` entry into AR-Seg's: same U-Net kwargs at the top level (so
-    ``_kw_requires_import`` keeps working), plus our keys (``ARSEG_PRESETS[preset]``, then ``overrides``; the
-    ``tokenizer``/``transformer`` dicts are merged key by key)."""
-    if preset not in ARSEG_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(ARSEG_PRESETS)}, got {preset!r}")
+def build_arseg_architecture(stock_architecture: dict, patch_size, preset_name: str = "reference",
+                             **overrides) -> dict:
+    """Turn the plans' stock ``architecture`` entry into AR-Seg's: the U-Net kwargs at the top level (so
+    ``_kw_requires_import`` keeps working; widths capped by ``max_features_per_stage``) plus the network's own
+    (``config.preset(preset_name, **overrides).arch_kwargs()``)."""
+    config = preset(preset_name, **overrides)
     for key in ("network_class_name", "arch_kwargs", "_kw_requires_import"):
         if key not in stock_architecture:
             raise ValueError(f"the stock architecture entry has no {key!r}; "
                              "pass plans['configurations'][c]['architecture']")
-    ours = {**copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(ARSEG_PRESETS[preset])}
-    for key, value in overrides.items():
-        ours[key] = {**ours[key], **value} if key in ("tokenizer", "transformer") and value is not None else value
     arch_kwargs = copy.deepcopy(stock_architecture["arch_kwargs"])
     arch_kwargs.pop("deep_supervision", None)
-    cap = ours.pop("max_features_per_stage")
-    if cap is not None:
-        arch_kwargs["features_per_stage"] = [min(int(f), int(cap)) for f in arch_kwargs["features_per_stage"]]
+    if config.max_features_per_stage is not None:
+        arch_kwargs["features_per_stage"] = [min(int(f), config.max_features_per_stage)
+                                             for f in arch_kwargs["features_per_stage"]]
     arch_kwargs.update(encoder_class_name=stock_architecture["network_class_name"],
-                       patch_size=[int(n) for n in patch_size], **ours)
+                       patch_size=[int(n) for n in patch_size], **config.arch_kwargs())
     try:
         json.dumps(arch_kwargs)
     except TypeError as e:

@@ -16,6 +16,7 @@ from PIL import Image
 from dataset_conversion.lidc import convert_lidc
 from nnunet_arseg.consensus import binary_entropy_bits, majority_vote, vote_frequency
 from nnunet_arseg.demo import write_case_figures
+from nnunet_arseg.prediction_files import sample_file
 
 TAB_RED = np.array([214, 39, 40])  # matplotlib's tab:red, the contour colour
 
@@ -45,7 +46,7 @@ def _prediction(folder: Path, case: str, samples_NHW: np.ndarray, scales: bool) 
     s = torch.from_numpy(samples_NHW)
     Image.fromarray(majority_vote(s).numpy().astype(np.uint8)).save(folder / f"{case}.png")
     for k, mask in enumerate(samples_NHW):
-        Image.fromarray(mask.astype(np.uint8)).save(folder / "samples" / f"{case}_s{k:02d}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(sample_file(str(folder), case, k, ".png"))
     np.savez_compressed(folder / "uncertainty" / f"{case}.npz",
                         uncertainty=binary_entropy_bits(vote_frequency(s)).numpy().astype(np.float32))
     if scales:  # sample 0 at 1/4, 1/2 and full resolution, side by side, saved as the predictor saves it

@@ -23,6 +23,7 @@ from nnunet_arseg.evaluation import (consensus_dice, d_max, dice_per_region, ged
                                      multirater_metrics_batch, soft_dice)
 from nnunet_arseg.evaluation.evaluate import evaluate_case, evaluate_multirater_folder, main
 from nnunet_arseg.evaluation.regions import BRATS_2021_LABELS, BRATS_2021_REGIONS_CLASS_ORDER
+from nnunet_arseg.prediction_files import sample_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -387,7 +388,7 @@ def _cut(path: Path) -> None:
 
 def test_cli_truncated_sample_png(tiny_dataset, capsys):
     raw, pred, _ = tiny_dataset
-    bad = pred / "samples" / f"{CASES[0]}_s02.png"
+    bad = Path(sample_file(str(pred), CASES[0], 2, ".png"))
     _cut(bad)
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert f"{bad}: the PNG's IDAT chunk is cut short" in err and "predict this case again" in err
@@ -397,7 +398,7 @@ def test_cli_truncated_sample_png(tiny_dataset, capsys):
 def test_cli_one_case_with_fewer_samples(tiny_dataset, capsys):
     raw, pred, _ = tiny_dataset
     for k in (6, 7):
-        (pred / "samples" / f"{CASES[1]}_s{k:02d}.png").unlink()
+        Path(sample_file(str(pred), CASES[1], k, ".png")).unlink()
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
     assert "different numbers of samples" in err and f"{CASES[1]} has N = 6" in err and "2 cases have N = 8" in err
     assert not (pred / "summary_arseg.json").exists()

@@ -34,13 +34,15 @@ def stock_architecture(dims: int, n_stages: int, features: list[int]) -> dict:
 
 
 def plans_with_arseg(patch_2d=(128, 128), patch_3d=(16, 32, 32), **overrides) -> dict:
-    """A plans dict as nnU-Net writes it, plus ``arseg_2d``/``arseg_3d`` configurations inheriting from the stock ones."""
+    """A plans dict as nnU-Net writes it, plus ``arseg_2d``/``arseg_3d`` configurations inheriting from the stock
+    ones."""
     stock_2d = stock_architecture(2, 6, [32, 64, 128, 256, 512, 512])
     stock_3d = stock_architecture(3, 4, [8, 16, 32, 64])
     common = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 4,
               "median_image_size_in_voxels": [128.0, 128.0], "spacing": [1.0, 1.0],
               "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-              "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+              "resampling_fn_data": "resample_data_or_seg_to_shape",
+              "resampling_fn_seg": "resample_data_or_seg_to_shape",
               "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
               "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
               "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
@@ -57,9 +59,9 @@ def plans_with_arseg(patch_2d=(128, 128), patch_3d=(16, 32, 32), **overrides) ->
                 "3d_fullres": {**common, "patch_size": list(patch_3d), "spacing": [1.0, 1.0, 1.0],
                                "median_image_size_in_voxels": [16.0, 32.0, 32.0], "architecture": stock_3d},
                 "arseg_2d": {"inherits_from": "2d",
-                             "architecture": build_arseg_architecture(stock_2d, patch_2d, preset="tiny", **tiny)},
+                             "architecture": build_arseg_architecture(stock_2d, patch_2d, preset_name="tiny", **tiny)},
                 "arseg_3d": {"inherits_from": "3d_fullres",
-                             "architecture": build_arseg_architecture(stock_3d, patch_3d, preset="tiny", **tiny)}},
+                             "architecture": build_arseg_architecture(stock_3d, patch_3d, preset_name="tiny", **tiny)}},
             "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
             "foreground_intensity_properties_per_channel": {}}
 
@@ -89,17 +91,17 @@ def test_build_arseg_architecture_keeps_stock_kwargs_and_is_json():
     kw = arch["arch_kwargs"]
     assert {k: kw[k] for k in stock["arch_kwargs"]} == stock["arch_kwargs"]
     assert kw["encoder_class_name"] == stock["network_class_name"] and kw["patch_size"] == [128, 128]
-    assert kw["transformer"] == {"width": 256, "depth": 4, "heads": 8}  # merged into the reference preset
+    assert kw["transformer"] == {"depth": 4}  # the reference preset keeps the module defaults (width 256, 8 heads)
     assert kw["num_samples"] == 8 and kw["aux_head"] is True and kw["embedding"] == "svd"
     assert arch["_kw_requires_import"] == stock["_kw_requires_import"]
     with pytest.raises(ValueError, match="preset"):
-        build_arseg_architecture(stock, (128, 128), preset="huge")
+        build_arseg_architecture(stock, (128, 128), preset_name="huge")
 
 
 def test_nnunet_builds_it_from_plans_with_a_frozen_tokenizer():
     plans = plans_with_arseg()
     net = build(plans, "arseg_2d", 2)
-    assert isinstance(net, ARSegNetwork) and net.num_cond == 1
+    assert isinstance(net, ARSegNetwork) and net.num_conditions == 1
     assert isinstance(net.encoder.stages[0][0].convs[0].conv, torch.nn.Conv2d)  # the plans' own U-Net encoder
     assert net.encoder.output_channels == [32] * 6  # the tiny preset caps the plans' widths
     assert net.tokenizer.scales[-1] == (8, 8) and net.tokenizer.s2d_factor == (4, 4)
@@ -125,13 +127,15 @@ def test_nnunet_builds_it_from_plans_with_a_frozen_tokenizer():
 def test_training_losses_2d_labels_with_aux_head():
     plans = plans_with_arseg(aux_head=True)
     net = build(plans, "arseg_2d", 3)  # background + 2 labels -> 2 condition classes
-    assert net.num_cond == 2
+    assert net.num_conditions == 2
     x, mask = torch.randn(2, 1, 128, 128), torch.zeros(2, 1, 128, 128)
     mask[:, :, 40:70, 50:90] = 1
     out = net(x, mask=mask, cls=torch.tensor([1, 0]))
     assert set(out) == {"loss", "token_ce", "token_acc", "aux_loss"}
     out["loss"].backward()
-    assert net.transformer.head.weight.grad is not None and net.decoder.seg_layers[-1].weight.grad is not None
+    assert net.transformer.head.weight.grad is not None
+    assert net.decoder.seg_layers[net.feature_stage].weight.grad is not None  # the aux head at the prefix stage
+    assert net.decoder.seg_layers[-1].weight.grad is None  # the decoder stops there
     assert net.encoder.stages[0][0].convs[0].conv.weight.grad is not None
     assert all(p.grad is None for p in net.tokenizer.parameters())
     with torch.no_grad():
@@ -150,7 +154,7 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     patch = net.patch_size
     x = torch.randn(2, 1, *patch)
     out = net.sample(x, num_samples=4, seed=7, with_scales=True)
-    K, S = net.num_cond, len(net.tokenizer.scales)
+    K, S = net.num_conditions, len(net.tokenizer.scales)
     assert out["classes"] == list(range(K))
     assert out["samples"].shape == (2, K, 4, *patch) and out["samples"].dtype == torch.bool
     assert out["scales"].shape == (2, K, S, *patch)

@@ -20,7 +20,7 @@ from PIL import Image
 import lidc_model
 import nnunet_arseg
 from nnunet_arseg.inference import predict
-from nnunet_arseg.inference.files import ARGS_FILE, ExtraOutputs, sample_file, scales_file, uncertainty_files
+from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, sample_file, scales_file, uncertainty_files
 from nnunet_arseg.nnunet_ext import EXT_DIR
 
 PY = sys.executable

@@ -28,7 +28,7 @@ def small_plans(patch=(32, 32)) -> dict:
                              "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
                              "nonlin_kwargs": {"inplace": True}},
              "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    arch = build_arseg_architecture(stock, patch, preset="tiny", num_samples=3, num_prefix_tokens=16, tokenizer={
+    arch = build_arseg_architecture(stock, patch, preset_name="tiny", num_samples=3, num_prefix_tokens=16, tokenizer={
         "ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 8, "codebook_size": 32, "code_dim": 8},
         transformer={"width": 32, "depth": 1, "heads": 2, "dropout": 0.0})
     return {"dataset_name": "Dataset999_Unit", "plans_name": "nnUNetPlans", "image_reader_writer": "NaturalImage2DIO",

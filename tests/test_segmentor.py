@@ -21,7 +21,7 @@ def tokenizer_and_transformer():
     torch.manual_seed(0)
     tok = MaskTokenizer(2, (32, 32), **TINY_TOKENIZER).eval()  # latent 4x4, scales 1..4
     # gamma init 1 so every block really mixes tokens (VAR's 1e-5 would make the checks below near-trivial)
-    tr = BlockCausalTransformer(6, tok.scales, tok.quantizer.C, tok.quantizer.V, num_classes=2, width=32, depth=2,
+    tr = BlockCausalTransformer(6, tok.scales, tok.quantizer.C, tok.quantizer.V, num_conditions=2, width=32, depth=2,
                                 heads=4, dropout=0.0, init_adaln_gamma=1.0).eval()
     return tok, tr
 

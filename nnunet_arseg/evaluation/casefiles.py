@@ -1,7 +1,7 @@
 """Where the evaluator finds things: the raw dataset, sample files, rater files and reference labels of each case.
 
 Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_sample<k:02d><ext>`` samples (named by
-``nnunet_arseg.inference.files``),
+``nnunet_arseg.prediction_files``),
 ``RAW/labelsT{s,r}_raters/<case>_r<k><ext>`` raters, ``RAW/labelsT{s,r}/<case><ext>`` reference labels.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
 
-from nnunet_arseg.inference.files import sample_files_by_case
+from nnunet_arseg.prediction_files import sample_files_by_case
 
 
 _CHANNEL = re.compile(r"_\d{4}$")

@@ -15,7 +15,7 @@ from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_se
 
 from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.consensus import sample_logits, uncertainty
-from nnunet_arseg.inference.files import ExtraOutputs, sample_file, scales_file, uncertainty_files
+from nnunet_arseg.prediction_files import ExtraOutputs, sample_file, scales_file, uncertainty_files
 
 
 def class_membership(seg: np.ndarray, label_manager, k: int) -> np.ndarray:

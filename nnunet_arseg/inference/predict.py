@@ -16,19 +16,13 @@ import sys
 
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
-from nnunet_arseg.inference.files import ARGS_FILE, ExtraOutputs, stale_temporaries
+from nnunet_arseg import env
 from nnunet_arseg.inference.inputs import InputError, checked_folds, input_cases, model_folder
+from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_temporaries
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
 RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "step_size", "mirroring")
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name) or default)
-    except ValueError:
-        return default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     nn.add_argument("--continue_prediction", action="store_true",
                     help="continue an interrupted run: skip the cases that have every requested output")
     nn.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name; default checkpoint_final.pth")
-    nn.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
+    npp, nps = env.prediction_processes()
+    nn.add_argument("-npp", type=int, default=npp,
                     help="preprocessing processes (0 with -nps 0: all in this process); default $nnUNet_npp or 3")
-    nn.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
+    nn.add_argument("-nps", type=int, default=nps,
                     help="export processes; default $nnUNet_nps or 3")
     nn.add_argument("-prev_stage_predictions", default=None, help="predictions of the previous cascade stage")
     nn.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts; default 1")
@@ -172,7 +167,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
           f"mirroring axes {mirroring or 'none'}")
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
-        predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o, save_probabilities=args.save_probabilities,
+        predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,
+                                                save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction,
                                                 folder_with_segs_from_prev_stage=args.prev_stage_predictions)
     else:

@@ -22,7 +22,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
 from nnunet_arseg.atomic import save_json_atomic
-from nnunet_arseg.inference.files import ExtraOutputs, case_files
+from nnunet_arseg.prediction_files import ExtraOutputs, case_files
 from nnunet_arseg.inference.outputs import export_case
 from nnunet_arseg.sampling_window import SamplingPredictor
 

@@ -13,15 +13,15 @@ __all__ = ["ClassCondition", "AdaLNModulation", "AdaLNBeforeHead"]
 class ClassCondition(nn.Module):
     """Class index (B,) -> condition vector cond_BD."""
 
-    def __init__(self, num_classes: int, dim: int):
+    def __init__(self, num_conditions: int, dim: int):
         super().__init__()
-        self.num_classes = num_classes
-        self.embed = nn.Embedding(num_classes, dim)
+        self.num_conditions = num_conditions
+        self.embed = nn.Embedding(num_conditions, dim)
         nn.init.trunc_normal_(self.embed.weight, std=0.02)
 
     def forward(self, cls_B: torch.Tensor) -> torch.Tensor:
-        if cls_B.numel() and (int(cls_B.min()) < 0 or int(cls_B.max()) >= self.num_classes):
-            raise ValueError(f"class indices must be in [0, {self.num_classes}), got {cls_B.tolist()}")
+        if cls_B.numel() and (int(cls_B.min()) < 0 or int(cls_B.max()) >= self.num_conditions):
+            raise ValueError(f"class indices must be in [0, {self.num_conditions}), got {cls_B.tolist()}")
         return self.embed(cls_B.long())
 
 

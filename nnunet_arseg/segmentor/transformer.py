@@ -79,13 +79,13 @@ class BlockCausalTransformer(nn.Module):
         num_prefix: N_f, the number of image tokens.
         scales: token-map shapes of the tokenizer, coarse to fine.
         code_dim, vocab_size: the tokenizer's Cvae (word_embed input) and V (head output).
-        num_classes: number of condition classes.
+        num_conditions: number of condition classes (foreground labels or regions).
         width, depth, heads, mlp_ratio, dropout: §2.4 (256, 8, 8, 4, 0.1 in the reference).
         level_embed: add a learned embedding per level (VAR; the reference has none).
         init_adaln, init_adaln_gamma: VAR's AdaLN init scaling.
     """
 
-    def __init__(self, num_prefix: int, scales, code_dim: int, vocab_size: int, num_classes: int, width: int = 256,
+    def __init__(self, num_prefix: int, scales, code_dim: int, vocab_size: int, num_conditions: int, width: int = 256,
                  depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.1,
                  level_embed: bool = False, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5):
         super().__init__()
@@ -96,7 +96,7 @@ class BlockCausalTransformer(nn.Module):
         levels_T = block_causal_levels(num_prefix, self.scales)
         self.register_buffer("levels_T", levels_T, persistent=False)
         self.register_buffer("mask_TT", levels_T[:, None] >= levels_T[None, :], persistent=False)
-        self.condition = ClassCondition(num_classes, width)
+        self.condition = ClassCondition(num_conditions, width)
         self.word_embed = nn.Linear(code_dim, width)
         self.pos_start = nn.Parameter(torch.empty(1, self.lengths[0], width))
         self.pos_embed = nn.Parameter(torch.zeros(1, len(levels_T), width))

@@ -6,6 +6,7 @@ masks; ``training/tokenizer_store.py`` wires this to a preprocessed nnU-Net data
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -90,8 +91,10 @@ def target_reached(scores: dict, cfg: TokenizerFitConfig) -> bool:
 
 def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generator, int], torch.Tensor],
                   heldout_B1: torch.Tensor, cfg: TokenizerFitConfig, state: dict | None = None,
-                  checkpoint: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train ``model`` in place until the held-out target or ``cfg.max_steps``; returns the final state.
+                  checkpoint: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
+                  time_limit_s: float | None = None) -> dict:
+    """Train ``model`` in place until the held-out target or ``cfg.max_steps`` (or, for benchmarks, the first
+    evaluation after ``time_limit_s`` seconds of this call); returns the final state.
 
     ``draw_batch(rng, batch_size)`` returns binary masks (B, 1, *patch) on the CPU. ``state`` (from an earlier call's
     ``checkpoint``) resumes exactly: model, optimizer, step, random generators and history. ``checkpoint(state)`` is
@@ -112,6 +115,7 @@ def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generato
         if state.get("done"):
             return state
     model.train()
+    started = time.time()
     done = False
     while not done:
         for group in opt.param_groups:
@@ -125,7 +129,8 @@ def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generato
         if step % cfg.eval_every == 0 or step >= cfg.max_steps:
             scores = reconstruction_scores(model, heldout_B1)
             history.append({"step": step, "loss": logs["loss"], **scores})
-            done = target_reached(scores, cfg) or step >= cfg.max_steps
+            done = (target_reached(scores, cfg) or step >= cfg.max_steps
+                    or (time_limit_s is not None and time.time() - started >= time_limit_s))
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
                      "global_torch_rng": torch.get_rng_state(), "history": history, "done": done,

@@ -11,17 +11,22 @@ stores in each checkpoint, so ``--c`` re-derives the same numbers and continues 
 epoch, ``num_epochs`` = the epochs done + those the time left allows at the mean epoch time so far, and the LR
 schedule is stretched over them.
 
-Training also stops as soon as the budget is spent, whichever comes first. With fold ``all`` nnU-Net would validate on
+With ``nnUNet_ARSEG_SNAPSHOT_MINUTES=M`` the trainer also keeps ``checkpoint_<m>min.pth`` when the budget time spent
+passes each multiple m of M minutes (for learning curves). Training also stops as soon as the budget is spent,
+whichever comes first. With fold ``all`` nnU-Net would validate on
 the training cases; these variants skip that final validation (predict a test set instead).
 """
 from __future__ import annotations
 
+import math
 import os
+import shutil
 from time import time
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_arseg import env
+from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small
 
@@ -108,6 +113,18 @@ class WallTimeBudgetMixin:
             raise BudgetReached(f"{spent:.0f} s spent after {self.current_epoch} epochs "
                                 f"(budget {self.budget_seconds:.0f} s)")
         super().on_epoch_start()
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        every = env.env_float(env.SNAPSHOT_MINUTES, type(self).__name__, default=math.inf)
+        if math.isfinite(every):
+            starts, ends = self.epoch_times()
+            spent = spent_seconds(starts, ends, self.current_epoch, time()) + self.extra_seconds()
+            mark = int(spent // (60 * every) * every)
+            name = os.path.join(self.output_folder, f"checkpoint_{mark:03d}min.pth")
+            latest = os.path.join(self.output_folder, "checkpoint_latest.pth")  # written every epoch (save_every 1)
+            if mark > 0 and not os.path.isfile(name) and os.path.isfile(latest) and self.local_rank == 0:
+                write_atomic(name, lambda tmp: shutil.copyfile(latest, tmp))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.fold == 'all':

@@ -7,7 +7,8 @@ from copy import deepcopy
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_arseg.network import ARSEG_PRESETS, NETWORK_CLASS_NAME, build_arseg_architecture
+from nnunet_arseg.config import preset
+from nnunet_arseg.network import NETWORK_CLASS_NAME, build_arseg_architecture
 
 
 def is_arseg_architecture(architecture: dict) -> bool:
@@ -17,7 +18,8 @@ def is_arseg_architecture(architecture: dict) -> bool:
 def tokenizer_widths(overrides: dict) -> dict:
     """The tokenizer kwargs a trainer variant asks for (its preset's, updated by its overrides), before the latent
     stride is chosen from the data."""
-    return {**ARSEG_PRESETS[overrides.get("preset", "reference")]["tokenizer"], **(overrides.get("tokenizer") or {})}
+    return preset(overrides.get("preset", "reference"),
+                  **{k: v for k, v in overrides.items() if k != "preset"}).tokenizer
 
 
 def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, has_regions: bool | None = None) -> dict:

@@ -24,13 +24,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p
 from scipy import ndimage
 
 from nnunet_arseg import env
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.tokenizer import MaskTokenizer
-from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer, reconstruction_scores
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 from nnunet_arseg.training import raters
 
 TOKENIZER_FOLDER_PREFIX = "ARSegTokenizer"
@@ -84,8 +84,7 @@ def choose_latent_stride(patch_size, object_extent, max_positions: int = MAX_LAT
 # ---------------------------------------------------------------- masks from a preprocessed dataset
 class PreprocessedMasks:
     """Binary masks of the patch size from preprocessed nnU-Net cases: a drawn rater (where the dataset has raters)
-    or the label map, a drawn foreground class/region, cropped around its foreground with probability
-    ``foreground_fraction`` (else anywhere), background outside the image."""
+    or the label map, a drawn foreground class/region, background outside the image."""
 
     def __init__(self, preprocessed_data_folder: str, identifiers: list[str], dataset_class, label_manager,
                  patch_size, with_raters: bool, foreground_fraction: float = 0.67):
@@ -103,11 +102,12 @@ class PreprocessedMasks:
             return raters.load_raters(self.folder, identifier)[:, 0], properties
         return np.asarray(seg[:])[:1], properties
 
-    def crop(self, label_map: np.ndarray, locations, rng: np.random.Generator) -> np.ndarray:
-        """A patch-size crop of (*spatial); 2D configurations first pick a slice (one with foreground if centred)."""
+    def crop(self, label_map: np.ndarray, locations, rng: np.random.Generator, centred: bool) -> np.ndarray:
+        """A patch-size crop of (*spatial), ``centred`` on one of the class ``locations`` (nnU-Net's sampled
+        foreground voxels) where there are any; 2D configurations first pick a slice (the centre's, if centred)."""
         spatial = label_map.shape
         centre = None
-        if locations is not None and len(locations) and rng.random() < self.foreground_fraction:
+        if centred and locations is not None and len(locations):
             centre = locations[rng.integers(len(locations))][1:]  # (c, z, y, x) -> spatial
         if len(self.patch) == 2 and len(spatial) == 3:
             z = int(centre[0]) if centre is not None else int(rng.integers(spatial[0]))
@@ -127,15 +127,21 @@ class PreprocessedMasks:
         return out
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> torch.Tensor:
-        """(B, 1, *patch) binary masks."""
+        """(B, 1, *patch) binary masks. With probability ``foreground_fraction`` an example is centred on the drawn
+        class's foreground and, where raters disagree on whether there is any, drawn from a rater who marked it."""
         out = []
         for _ in range(batch_size):
             identifier = self.identifiers[rng.integers(len(self.identifiers))]
             maps, properties = self.label_maps(identifier)
             k = int(rng.integers(len(self.classes)))
+            values = np.atleast_1d(self.classes[k])
             locations = properties.get("class_locations", {}).get(self.classes[k])
-            crop = self.crop(maps[rng.integers(len(maps))], locations, rng)
-            out.append(np.isin(crop, np.atleast_1d(self.classes[k])))
+            if rng.random() < self.foreground_fraction:
+                marked = [i for i, m in enumerate(maps) if np.isin(m, values).any()] if len(maps) > 1 else [0]
+                crop = self.crop(maps[marked[rng.integers(len(marked))] if marked else 0], locations, rng, True)
+            else:
+                crop = self.crop(maps[rng.integers(len(maps))], locations, rng, False)
+            out.append(np.isin(crop, values))
         return torch.from_numpy(np.stack(out)[:, None])
 
 

@@ -117,20 +117,23 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
 
     def _restore_network(self) -> None:
         """Put the whole AR-Seg network back in place of the U-Net view (see ``initialize``)."""
-        if getattr(self, "_arseg_network", None) is not None:
-            loaded = [k for k, v in self.network.state_dict().items() if not torch.equal(v, self._image_model_at_init[k])]
-            if loaded:
-                kept = sorted({k.split(".")[0] for k, _ in self._arseg_network.named_parameters()} - {"encoder",
-                                                                                                       "decoder"})
-                self.print_to_log_file(
-                    f"AR-Seg: {len(loaded)} of {len(self._image_model_at_init)} U-Net tensors were loaded from the "
-                    f"pretrained weights (encoder{' and decoder' if unwrap_network(self._arseg_network).aux_head else ''}"
-                    f"); not in a stock checkpoint and trained from scratch: {', '.join(kept)} (the tokenizer is "
-                    f"the dataset's own)")
-            self.network, self._arseg_network, self._image_model_at_init = self._arseg_network, None, None
+        if getattr(self, "_arseg_network", None) is None:
+            return
+        at_init = self._image_model_at_init
+        loaded = [k for k, v in self.network.state_dict().items() if not torch.equal(v, at_init[k])]
+        if loaded:
+            parts = sorted({k.split(".")[0] for k in loaded})
+            fresh = sorted({k.split(".")[0] for k, _ in unwrap_network(self._arseg_network).named_parameters()}
+                           - {"encoder", "decoder", "tokenizer"})
+            self.print_to_log_file(
+                f"AR-Seg: {len(loaded)} of {len(at_init)} U-Net tensors ({', '.join(parts)}) were loaded from the "
+                f"pretrained weights; not in a stock checkpoint and trained from scratch: {', '.join(fresh)}; the "
+                f"tokenizer is the dataset's own")
+        self.network, self._arseg_network, self._image_model_at_init = self._arseg_network, None, None
 
     # ---------------------------------------------------------------- tokenizer
-    def _resolve_tokenizer(self, plans: dict, configuration: str, dataset_json: dict) -> tokenizer_store.DatasetTokenizer:
+    def _resolve_tokenizer(self, plans: dict, configuration: str,
+                           dataset_json: dict) -> tokenizer_store.DatasetTokenizer:
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)
         folder = join(nnUNet_preprocessed, pm.dataset_name, cm.data_identifier)

@@ -58,11 +58,11 @@ class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
 
 
 class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
-    """Smoke-test size: tiny tokenizer/transformer/encoder, tokenizer 150 steps, 3 epochs of 5 iterations, batch
+    """Smoke-test size: tiny tokenizer/transformer/encoder, tokenizer 60 steps, 3 epochs of 5 iterations, batch
     <= 4, 4 samples. Trains in about a minute on 2 CPU cores; a checkpoint after every epoch (so it resumes)."""
 
     arseg_arch_overrides = {"preset": "tiny", "num_samples": 4}
-    tokenizer_fit = TokenizerFitConfig(max_steps=150, batch_size=8, eval_every=50, warmup_steps=20)
+    tokenizer_fit = TokenizerFitConfig(max_steps=60, batch_size=8, eval_every=20, warmup_steps=10)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

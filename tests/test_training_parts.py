@@ -1,0 +1,89 @@
+"""The trainer's pieces on their own: patient-grouped folds, plans rewriting, presets, LR schedule, rater bookkeeping."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_arseg.config import PRESETS, ARSegConfig, preset
+from nnunet_arseg.training import raters
+from nnunet_arseg.training.plans import rewrite_plans_for_arseg, tokenizer_widths
+from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
+from nnunet_arseg.training.splits import patient_grouped_splits
+from test_network import plans_with_arseg
+
+
+def test_folds_never_split_a_patient():
+    cases = [f"p{p}_s{s}" for p in range(7) for s in range(1 + p % 3)]
+    patient = {c: c.split("_")[0] for c in cases}
+    folds = patient_grouped_splits(cases, patient)
+    assert len(folds) == 5
+    assert sorted(c for f in folds for c in f["val"]) == sorted(cases)  # every case validated exactly once
+    for f in folds:
+        assert {patient[c] for c in f["train"]}.isdisjoint({patient[c] for c in f["val"]})
+    assert patient_grouped_splits(cases, patient) == folds  # seeded
+    with pytest.raises(KeyError, match="no patient"):
+        patient_grouped_splits(cases + ["orphan"], patient)
+    with pytest.raises(ValueError, match="single patient"):
+        patient_grouped_splits(["a", "b"], {"a": "p", "b": "p"})
+
+
+def test_plans_rewrite_changes_only_the_configurations_architecture():
+    plans = plans_with_arseg()
+    dataset_json = {"labels": {"background": 0, "nodule": 1}}
+    before = copy.deepcopy(plans)
+    out = rewrite_plans_for_arseg(plans, "2d", dataset_json, {"preset": "small", "tokenizer": {"latent_stride": 8}})
+    assert plans == before  # the caller's plans are not modified
+    arch = out["configurations"]["2d"]["architecture"]
+    assert arch["network_class_name"] == "nnunet_arseg.network.ARSegNetwork"
+    assert arch["arch_kwargs"]["features_per_stage"] == [32, 64, 64, 64, 64, 64]  # the small preset's cap
+    assert arch["arch_kwargs"]["tokenizer"] == {**PRESETS["small"].tokenizer, "latent_stride": 8}
+    assert arch["arch_kwargs"]["has_regions"] is False
+    for key in ("3d_fullres", "arseg_2d"):
+        assert out["configurations"][key] == before["configurations"][key]
+    assert {k: v for k, v in out.items() if k != "configurations"} == \
+        {k: v for k, v in before.items() if k != "configurations"}
+    assert PlansManager(out).get_configuration("2d").network_arch_class_name == "nnunet_arseg.network.ARSegNetwork"
+    with pytest.raises(KeyError, match="not in the plans"):
+        rewrite_plans_for_arseg(plans, "3d_lowres", dataset_json, {})
+
+
+def test_presets_are_one_source_of_defaults():
+    assert tokenizer_widths({"preset": "tiny", "tokenizer": {"ch": 8}}) == {**PRESETS["tiny"].tokenizer, "ch": 8}
+    assert preset("small", transformer={"depth": 5}).transformer == {**PRESETS["small"].transformer, "depth": 5}
+    cfg = preset("tiny", num_samples=4)
+    assert ARSegConfig.from_arch_kwargs({**cfg.arch_kwargs(), "n_stages": 6}) == cfg.replace(max_features_per_stage=None)
+    with pytest.raises(ValueError, match="unknown AR-Seg settings"):
+        preset("small", widht=3)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset("huge")
+
+
+def test_warmup_then_cosine_and_a_stretchable_horizon():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(net, list(net.parameters()), 1e-3, 0.01)
+    decays = [g["weight_decay"] for g in opt.param_groups]
+    assert decays == [0.01, 0.0] and len(opt.param_groups[0]["params"]) == 1  # only the matrix decays
+    sched = WarmupCosineLR(opt, 1e-3, num_epochs=100, warmup_epochs=4)
+    lrs = [sched.lr_at(e) for e in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[4] == pytest.approx(1e-3)  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.05e-3  # then monotone decay
+    sched.num_epochs = 200  # a budget re-plans the epochs: the same epoch now sits earlier in the decay
+    assert sched.lr_at(50) > lrs[50]
+    sched.step(10)
+    assert all(g["lr"] == pytest.approx(sched.lr_at(10)) for g in opt.param_groups)
+
+
+def test_rater_bookkeeping():
+    assert raters.rater_info({"labels": {}}) is None
+    assert raters.rater_info({"arseg": {"num_raters": 0}}) is None
+    assert raters.rater_info({"arseg": {"num_raters": 4}}) == {"num_raters": 4}
+    assert raters.raters_folder_of("/x/DatasetA/nnUNetPlans_2d/") == "/x/DatasetA/nnUNetPlans_2d_raters"
+    assert raters.rater_dataset_class(nnUNetDatasetBlosc2) is raters.nnUNetDatasetBlosc2Raters
+    assert raters.rater_dataset_class(nnUNetDatasetNumpy) is raters.nnUNetDatasetNumpyRaters
+    assert raters.rater_dataset_class(raters.nnUNetDatasetBlosc2Raters) is raters.nnUNetDatasetBlosc2Raters
+    with pytest.raises(TypeError, match="no rater-drawing dataset"):
+        raters.rater_dataset_class(dict)
