@@ -1,15 +1,23 @@
-"""AR-Seg against the stock nnU-Net trainer on real LIDC-IDRI crops, each trained for the same wall-time budget.
+"""AR-Seg against the stock nnU-Net on real LIDC-IDRI crops, on test patients neither model saw, at the same
+wall-time budget; and AR-Seg trained on top of that stock model (the upgrade path).
 
-    python benchmarks/lidc_experiment.py --train TRAIN_DIR --test TEST_DIR --budget-minutes 20 [--work DIR]
-    python benchmarks/lidc_experiment.py --pool /tmp/lidc_dev --num-train 120 --num-test 40 --budget-minutes 20
+    python benchmarks/lidc_experiment.py --pool LIDC_DEV --num-train 160 --num-test 40 --budget-minutes 60 \\
+        --upgrade-minutes 20 --work lidc_experiment
 
-Folders are in the LIDC-IDRI-slices layout (one subfolder per patient). ``--pool`` draws disjoint train/test patient
-sets with ``--seed`` instead and links them into ``WORK/split/`` (the lists are written there). Steps, each with the
-real command line: convert (train -> imagesTr, test -> imagesTs), plan and preprocess (2d), train AR-Seg and
-``nnUNetTrainerBudget`` one after the other for ``--budget-minutes`` each (``nnUNet_ARSEG_BUDGET_MINUTES``), predict the
-test patients (AR-Seg: N samples; nnU-Net: its one prediction linked as N identical samples), evaluate both with
-``nnUNetv2_arseg_evaluate``. Prints a table and one JSON line (also ``WORK/results.json``); progress goes to stderr.
-A rerun with the same ``--work`` skips finished steps and resumes an interrupted training with ``--c``.
+``--pool``: a folder of LIDC-IDRI patient folders (the LIDC-IDRI-slices layout); ``--num-train`` / ``--num-test``
+patients are drawn with ``--seed`` and linked into ``WORK/split/`` (lists there). Each step runs the real command
+line and leaves a marker in ``WORK/done/``; a rerun with the same ``--work`` skips finished steps and resumes an
+interrupted training with ``--c`` (so the runs may span several sittings). Steps:
+
+1. convert (training patients -> imagesTr, test patients -> imagesTs) and ``nnUNetv2_plan_and_preprocess -c 2d``;
+2. from scratch, at the same time, each pinned to its own CPU core (``--cores``): ``nnUNetTrainerARSeg_small_budget``
+   and the stock ``nnUNetTrainerBudget`` (batch 8 both), ``--budget-minutes`` each. AR-Seg's budget includes the time
+   its tokenizer takes to train; both keep a checkpoint every ``--snapshot-minutes`` for the learning curves;
+3. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
+   (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer;
+4. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
+   samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case;
+5. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
 """
 from __future__ import annotations
 
@@ -23,37 +31,59 @@ import subprocess
 import sys
 import time
 
-from batchgenerators.utilities.file_and_folder_operations import (isfile, join, load_json, maybe_mkdir_p, save_json,
-                                                                  subdirs, subfiles)
+from batchgenerators.utilities.file_and_folder_operations import (isfile, join, load_json, maybe_mkdir_p, subdirs,
+                                                                  subfiles)
 
+from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.prediction_files import sample_file
 
 BIN = os.path.dirname(sys.executable)
-STOCK_TRAINER = "nnUNetTrainerBudget"
-METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus")
+AR = "nnUNetTrainerARSeg_small_budget"
+STOCK = "nnUNetTrainerBudget"
+UPGRADE = "nnUNetTrainerARSeg_upgrade_budget"
+METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "presence_gap", "presence_correlation")
+LABELS = {AR: "AR-Seg from scratch", STOCK: "nnU-Net (stock)", UPGRADE: "AR-Seg upgrade of the nnU-Net model",
+          "empty": "empty mask (reference)"}
 
 
 def log(msg: str) -> None:
     print(f"[lidc_experiment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_step(name: str, cmd: list[str], env: dict, marker: str) -> None:
-    """Run ``cmd`` unless ``marker`` exists; create the marker after success (stdout goes to stderr)."""
-    if isfile(marker):
-        log(f"{name}: done before, skipping")
-        return
-    log(f"{name}\n  $ {shlex.join(cmd)}")
-    t0 = time.time()
-    subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)
-    with open(marker, "w") as f:
-        f.write(f"{time.time() - t0:.1f}\n")
-    log(f"{name}: done in {time.time() - t0:.0f} s")
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomic(path, write)
 
 
-def save_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_json(obj, tmp, sort_keys=False)
-    os.replace(tmp, path)
+def marker(work: str, step: str) -> str:
+    return join(work, "done", step)
+
+
+def run_steps(steps: list[tuple[str, list[str], dict]], work: str) -> None:
+    """Run the not yet finished ``(name, cmd, env)`` steps at the same time; each leaves its marker on success."""
+    todo = [(n, c, e) for n, c, e in steps if not isfile(marker(work, n))]
+    for n, _, _ in steps:
+        if not any(n == t[0] for t in todo):
+            log(f"{n}: done before, skipping")
+    procs = []
+    for name, cmd, env in todo:
+        log(f"{name}\n  $ {shlex.join(cmd)}")
+        out = open(join(work, "logs", f"{name}.log"), "a")
+        procs.append((name, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), time.time(), out))
+    failed = []
+    for name, proc, t0, out in procs:
+        rc = proc.wait()
+        out.close()
+        if rc != 0:
+            failed.append(f"{name} (exit {rc}, see {join(work, 'logs', name + '.log')})")
+            continue
+        with open(marker(work, name), "w") as f:
+            f.write(f"{time.time() - t0:.1f}\n")
+        log(f"{name}: done in {time.time() - t0:.0f} s")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 def patients_in(folder: str) -> list[str]:
@@ -71,24 +101,21 @@ def split_pool(pool: str, work: str, num_train: int, num_test: int, seed: int) -
     chosen = random.Random(seed).sample(patients, num_train + num_test)
     lists = {"train": sorted(chosen[:num_train]), "test": sorted(chosen[num_train:])}
     split_file = join(work, "split", "split.json")
-    if isfile(split_file):
-        if load_json(split_file)["patients"] != lists:
-            raise SystemExit(f"{split_file} holds a different split (other --pool/--num-*/--seed); use another --work")
+    if isfile(split_file) and load_json(split_file)["patients"] != lists:
+        raise SystemExit(f"{split_file} holds a different split (other --pool/--num-*/--seed); use another --work")
     for part, names in lists.items():
         maybe_mkdir_p(join(work, "split", part))
         for name in names:
             link = join(work, "split", part, name)
             if not os.path.lexists(link):
                 os.symlink(os.path.abspath(join(pool, name)), link)
-        with open(join(work, "split", f"{part}_patients.txt"), "w") as f:
-            f.write("\n".join(names) + "\n")
-    save_json_atomic({"pool": os.path.abspath(pool), "seed": seed, "patients": lists}, split_file)
+        write_text(join(work, "split", f"{part}_patients.txt"), "\n".join(names) + "\n")
+    save_json_atomic({"seed": seed, "patients": lists}, split_file)
     return join(work, "split", "train"), join(work, "split", "test")
 
 
 def link_single_prediction_as_samples(pred_dir: str, file_ending: str, num_samples: int) -> int:
-    """``PRED/samples/<case>_sampleNN<ext>``: nnU-Net's one prediction as ``num_samples`` identical samples (hard
-    links)."""
+    """``PRED/samples/``: nnU-Net's one prediction per case as ``num_samples`` identical samples (hard links)."""
     maybe_mkdir_p(join(pred_dir, "samples"))
     cases = subfiles(pred_dir, suffix=file_ending, join=False)
     for name in cases:
@@ -104,115 +131,175 @@ def link_single_prediction_as_samples(pred_dir: str, file_ending: str, num_sampl
     return len(cases)
 
 
-def training_facts(fold_dir: str) -> dict:
-    """Epochs, iterations and training wall time from the final checkpoint's log (for the results page)."""
-    import torch
+def write_empty_prediction(raw: str, pred_dir: str, cases: list[str], file_ending: str, num_samples: int) -> None:
+    """The all-empty prediction of ``cases`` (a reference row: what drawing nothing scores)."""
+    import numpy as np
+    from PIL import Image
+    maybe_mkdir_p(pred_dir)
+    for case in cases:
+        shape = np.asarray(Image.open(join(raw, "imagesTs", f"{case}_0000{file_ending}"))).shape[:2]
+        path = join(pred_dir, case + file_ending)
+        if not isfile(path):
+            write_atomic(path, lambda t: Image.fromarray(np.zeros(shape, np.uint8)).save(t, format="png"))
+    link_single_prediction_as_samples(pred_dir, file_ending, num_samples)
 
+
+def training_facts(fold_dir: str) -> dict:
+    """Epochs, iterations and wall time from the final checkpoint's log."""
+    import torch
     ckpt = torch.load(join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     logs = ckpt["logging"]
     starts, ends = logs["epoch_start_timestamps"], logs["epoch_end_timestamps"]
-    out = {"epochs": int(ckpt["current_epoch"]), "epoch_seconds_sum": round(float(sum(e - s for s, e in
-                                                                                     zip(starts, ends))), 1)}
-    if "arseg_phase" in ckpt:
-        out["final_phase"] = ckpt["arseg_phase"]
-    text = "".join(open(f).read() for f in subfiles(fold_dir, prefix="training_log", suffix=".txt"))
-    budget_lines = [line.split(": ", 1)[-1] for line in text.splitlines() if "Wall-time budget" in line]
-    out["budget_log"] = budget_lines[-3:]
+    out = {"epochs": int(ckpt["current_epoch"]), "epoch_minutes": round(sum(e - s for s, e in zip(starts, ends)) / 60,
+                                                                        1)}
+    record = join(fold_dir, "budget_tokenizer.json")
+    if isfile(record):
+        out["tokenizer_minutes"] = round(load_json(record)["tokenizer_seconds"] / 60, 1)
     return out
 
 
-def format_table(results: dict) -> str:
-    rows = [["trainer"] + list(METRICS)]
-    for trainer, res in results.items():
-        rows.append([trainer] + [f"{res['metrics'].get(m, float('nan')):.4f}" for m in METRICS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([lines[0], "-+-".join("-" * w for w in widths)] + lines[1:])
+def evaluate(work: str, env: dict, did: str, pred: str, name: str, cases_folder: str | None = None) -> dict:
+    summary = join(pred, "summary_arseg.json")
+    cmd = [join(BIN, "nnUNetv2_arseg_evaluate"), "-i", pred, "-d", did, "-o", summary]
+    if cases_folder:
+        cmd += ["-cases", cases_folder]
+    run_steps([(f"evaluate_{name}", cmd, env)], work)
+    s = load_json(summary)
+    return {m: s["mean"]["1"][m] for m in METRICS if m in s["mean"]["1"]} | {"num_cases": len(s["metric_per_case"])}
+
+
+def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str, name: str, num_samples: int,
+            checkpoint: str = "checkpoint_final.pth", device: str = "cpu") -> None:
+    common = ["-i", images, "-o", pred, "-d", did, "-c", "2d", "-f", "all", "-tr", trainer, "-chk", checkpoint,
+              "-device", device, "-npp", "0", "-nps", "0", "--disable_progress_bar"]
+    if trainer == STOCK:
+        run_steps([(f"predict_{name}", [join(BIN, "nnUNetv2_predict")] + common, env)], work)
+        link_single_prediction_as_samples(pred, ".png", num_samples)
+    else:
+        run_steps([(f"predict_{name}", [join(BIN, "nnUNetv2_arseg_predict")] + common +
+                    ["--num_samples", str(num_samples), "--save_samples"], env)], work)
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, metric in zip(axes, ("GED", "HM-IoU", "Soft-Dice")):
+        for trainer, points in curves.items():
+            if points:
+                ax.plot([p["minutes"] for p in points], [p[metric] for p in points], "o-", label=LABELS[trainer])
+        ax.set_title(metric + (" (lower is better)" if metric == "GED" else " (higher is better)"))
+        ax.set_xlabel("training minutes"), ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda t: fig.savefig(t, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def results_table(rows: dict) -> str:
+    head = "| model | " + " | ".join(METRICS) + " | training |\n|---|" + "---|" * (len(METRICS) + 1) + "\n"
+    body = ""
+    for name, res in rows.items():
+        cells = [f"{res['metrics'][m]:.3f}" if m in res["metrics"] else "" for m in METRICS]
+        body += f"| {LABELS[name]} | " + " | ".join(cells) + f" | {res.get('training', '')} |\n"
+    return head + body
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", help="training patients (LIDC-IDRI-slices layout)")
-    p.add_argument("--test", help="test patients (LIDC-IDRI-slices layout)")
-    p.add_argument("--pool", help="instead of --train/--test: draw both from this folder of patients")
-    p.add_argument("--num-train", type=int, default=120)
+    p.add_argument("--pool", required=True, help="folder of LIDC-IDRI patient folders")
+    p.add_argument("--num-train", type=int, default=160)
     p.add_argument("--num-test", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0, help="seed of the --pool patient split")
-    p.add_argument("--budget-minutes", type=float, required=True, help="training wall time per trainer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    p.add_argument("--budget-minutes", type=float, default=60.0, help="training wall time of each from-scratch model")
+    p.add_argument("--upgrade-minutes", type=float, default=20.0, help="AR-Seg training on top of the stock model")
+    p.add_argument("--snapshot-minutes", type=float, default=10.0, help="checkpoint interval of the learning curves")
+    p.add_argument("--curve-every", type=int, default=3, help="learning curves on every n-th test case")
+    p.add_argument("--cores", default="0,1", help="CPU cores of the two simultaneous trainings (taskset); '' off")
     p.add_argument("--work", default="lidc_experiment", help="work folder (nnU-Net folders, predictions, results)")
     p.add_argument("--num_samples", type=int, default=16)
-    p.add_argument("--fold", default="all", choices=("all", "0", "1", "2", "3", "4"))
-    p.add_argument("--arseg-trainer", default="nnUNetTrainerARSeg_small_budget")
     p.add_argument("-d", type=int, default=601, help="dataset id inside the work folder")
     args = p.parse_args()
-    if args.budget_minutes <= 0:
-        p.error("--budget-minutes must be > 0")
     work = os.path.abspath(args.work)
-    maybe_mkdir_p(join(work, "done"))
-    if args.pool:
-        train_dir, test_dir = split_pool(args.pool, work, args.num_train, args.num_test, args.seed)
-    elif args.train and args.test:
-        train_dir, test_dir = args.train, args.test
-        if set(patients_in(train_dir)) & set(patients_in(test_dir)):
-            p.error("--train and --test share patients; give disjoint folders")
-    else:
-        p.error("give --train and --test, or --pool")
+    for sub in ("done", "logs"):
+        maybe_mkdir_p(join(work, sub))
+    train_dir, test_dir = split_pool(args.pool, work, args.num_train, args.num_test, args.seed)
 
     import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from nnunet_arseg.nnunet_ext import EXT_DIR
     env = dict(os.environ, nnUNet_raw=join(work, "nnUNet_raw"), nnUNet_preprocessed=join(work, "nnUNet_preprocessed"),
                nnUNet_results=join(work, "nnUNet_results"), nnUNet_extTrainer=EXT_DIR, nnUNet_def_n_proc="1")
-    env.pop("nnUNet_n_proc_DA", None)  # planning breaks with 0 (nnunet-notes 5.4); set for training only
+    env.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning breaks with 0; set for training only
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         maybe_mkdir_p(env[key])
     name = f"Dataset{args.d:03d}_LIDCExp"
-    raw = join(env["nnUNet_raw"], name)
-    did, done = str(args.d), lambda step: join(work, "done", step)
+    raw, did = join(env["nnUNet_raw"], name), str(args.d)
+    run_steps([("convert", [join(BIN, "nnUNetv2_arseg_convert_lidc"), "-i", train_dir, "--test_input", test_dir,
+                            "-o", env["nnUNet_raw"], "-d", did, "-n", "LIDCExp", "--disable_progress_bar"], env)], work)
+    run_steps([("plan", [join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", did, "-c", "2d", "-np", "1", "-npfp", "1",
+                         "--verify_dataset_integrity", "--no_pbar"], env)], work)
 
-    run_step("convert", [join(BIN, "nnUNetv2_arseg_convert_lidc"), "-i", train_dir, "--test_input", test_dir,
-                         "-o", env["nnUNet_raw"], "-d", did, "-n", "LIDCExp", "--disable_progress_bar"],
-             env, done("convert"))
-    run_step("plan and preprocess", [join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", did, "-c", "2d", "-np", "1",
-                                     "-npfp", "1", "--verify_dataset_integrity", "--no_pbar"], env, done("plan"))
-    dataset_json = load_json(join(raw, "dataset.json"))
-    ext = dataset_json["file_ending"]
-    train_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes))
-    results = {}
-    for trainer in (args.arseg_trainer, STOCK_TRAINER):
-        fold_dir = join(env["nnUNet_results"], name, f"{trainer}__nnUNetPlans__2d", f"fold_{args.fold}")
-        resume = ["--c"] if any(isfile(join(fold_dir, f"checkpoint_{c}.pth")) for c in ("latest", "best")) \
-            and not isfile(done(f"train_{trainer}")) else []
-        run_step(f"train {trainer} for {args.budget_minutes:g} min" + (" (resuming)" if resume else ""),
-                 [join(BIN, "nnUNetv2_train"), did, "2d", args.fold, "-tr", trainer, "-device", device] + resume,
-                 train_env, done(f"train_{trainer}"))
-    for trainer in (args.arseg_trainer, STOCK_TRAINER):
+    results_dir = join(env["nnUNet_results"], name)
+
+    def fold_dir(trainer: str) -> str:
+        return join(results_dir, f"{trainer}__nnUNetPlans__2d", "fold_all")
+
+    def train_cmd(trainer: str, core: str | None, extra: list[str]) -> list[str]:
+        resume = ["--c"] if isfile(join(fold_dir(trainer), "checkpoint_latest.pth")) else []
+        pin = ["taskset", "-c", core] if core else []
+        return pin + [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", trainer, "-device", device] + \
+            (resume or extra)
+
+    cores = args.cores.split(",") if args.cores else [None, None]
+    train_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
+    scratch_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes))
+    run_steps([(f"train_{AR}", train_cmd(AR, cores[0], []), scratch_env),
+               (f"train_{STOCK}", train_cmd(STOCK, cores[1], []), scratch_env)], work)
+    stock_final = join(fold_dir(STOCK), "checkpoint_final.pth")
+    run_steps([(f"train_{UPGRADE}", train_cmd(UPGRADE, cores[0], ["-pretrained_weights", stock_final]),
+                dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes)))], work)
+
+    # every curve_every-th test case for the learning curves
+    images = join(raw, "imagesTs")
+    cases = sorted(f[:-len("_0000.png")] for f in subfiles(images, suffix="_0000.png", join=False))
+    curve_images = join(work, "curve_images")
+    maybe_mkdir_p(curve_images)
+    for case in cases[::args.curve_every]:
+        link = join(curve_images, f"{case}_0000.png")
+        if not os.path.lexists(link):
+            os.symlink(join(images, f"{case}_0000.png"), link)
+
+    rows, curves = {}, {}
+    for trainer in (AR, STOCK, UPGRADE):
         pred = join(work, "predictions", trainer)
-        common = ["-i", join(raw, "imagesTs"), "-o", pred, "-d", did, "-c", "2d", "-f", args.fold, "-tr", trainer,
-                  "-device", device, "-npp", "0", "-nps", "0", "--disable_progress_bar"]
-        if trainer == STOCK_TRAINER:
-            run_step(f"predict {trainer}", [join(BIN, "nnUNetv2_predict")] + common, env, done(f"predict_{trainer}"))
-            n_cases = link_single_prediction_as_samples(pred, ext, args.num_samples)
-            log(f"{trainer}: one prediction per case linked as {args.num_samples} samples ({n_cases} cases)")
-        else:
-            run_step(f"predict {trainer} ({args.num_samples} samples)",
-                     [join(BIN, "nnUNetv2_arseg_predict")] + common + ["--num_samples", str(args.num_samples),
-                                                                       "--save_samples"],
-                     env, done(f"predict_{trainer}"))
-        summary = join(pred, "summary_arseg.json")
-        run_step(f"evaluate {trainer}", [join(BIN, "nnUNetv2_arseg_evaluate"), "-i", pred, "-d", did, "-o", summary],
-                 env, done(f"evaluate_{trainer}"))
-        s = load_json(summary)
-        fold_dir = join(env["nnUNet_results"], name, f"{trainer}__nnUNetPlans__2d", f"fold_{args.fold}")
-        results[trainer] = {"metrics": {m: s["foreground_mean"][m] for m in METRICS if m in s["foreground_mean"]},
-                            "num_test_cases": len(s["metric_per_case"]), "training": training_facts(fold_dir)}
-    out = {"budget_minutes": args.budget_minutes, "num_samples": args.num_samples, "fold": args.fold,
-           "device": device, "train": os.path.abspath(train_dir), "test": os.path.abspath(test_dir),
-           "num_train_patients": len(patients_in(train_dir)), "num_test_patients": len(patients_in(test_dir)),
-           "num_train_cases": dataset_json["numTraining"], "results": results}
+        predict(work, env, did, trainer, images, pred, trainer, args.num_samples, device=device)
+        rows[trainer] = {"metrics": evaluate(work, env, did, pred, trainer), "training": training_facts(
+            fold_dir(trainer))}
+        curves[trainer] = []
+        for snap in sorted(subfiles(fold_dir(trainer), prefix="checkpoint_", suffix="min.pth", join=False)):
+            minutes = int(snap[len("checkpoint_"):-len("min.pth")])
+            tag = f"{trainer}_{minutes:03d}min"
+            pred = join(work, "curves", tag)
+            predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
+                    device=device)
+            curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, curve_images)})
+    pred = join(work, "predictions", "empty")
+    write_empty_prediction(raw, pred, cases, ".png", args.num_samples)
+    rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty")}
+
+    dataset_json = load_json(join(raw, "dataset.json"))
+    out = {"budget_minutes": args.budget_minutes, "upgrade_minutes": args.upgrade_minutes,
+           "num_samples": args.num_samples, "device": device, "cores": args.cores, "seed": args.seed,
+           "num_train_patients": args.num_train, "num_test_patients": args.num_test,
+           "num_train_cases": dataset_json["numTraining"], "num_test_cases": len(cases),
+           "results": rows, "learning_curves": curves}
     save_json_atomic(out, join(work, "results.json"))
-    print(format_table(results))
+    plot_curves(curves, join(work, "learning_curves.png"))
+    table = results_table(rows)
+    write_text(join(work, "results.md"), table)
+    print(table)
     print(json.dumps(out))
 
 

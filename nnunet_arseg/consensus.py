@@ -1,4 +1,4 @@
-"""N binary samples -> consensus, soft map, uncertainty (reference §3.3), multi-class fusion (§3.4), and the logits
+"""N binary samples -> consensus, soft map, uncertainty (method §3.2), multi-class fusion (method §3.2), and the logits
 that make nnU-Net's export reproduce them.
 
 The one place where anything is derived from samples: the network's eval forward, the predictor's extra outputs and
@@ -89,7 +89,7 @@ def sample_logits(sample_K: torch.Tensor, has_regions: bool) -> torch.Tensor:
 def summarize(samples_KN: torch.Tensor, has_regions: bool) -> dict[str, torch.Tensor]:
     """Everything a case's samples (K, N, *spatial) give: ``consensus`` (K, *) each class's strict majority,
     ``soft`` (K, *) vote frequency, ``uncertainty`` (*) max entropy over classes, ``fused`` the label map (labels,
-    §3.4) or the region consensus (K, *)."""
+    method §3.2) or the region consensus (K, *)."""
     soft = vote_frequency(samples_KN, 1)
     return {"consensus": majority_vote(samples_KN, 1), "soft": soft,
             "uncertainty": binary_entropy_bits(soft).amax(0),

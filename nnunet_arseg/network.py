@@ -258,7 +258,7 @@ class ARSegNetwork(nn.Module):
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
                with_scales: bool = False, use_cache: bool = True) -> dict:
-        """Draw N samples per image and class (§3), the image encoded once; seed ``seed`` fixes them.
+        """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of sample 0. Consensus, soft map,

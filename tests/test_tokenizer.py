@@ -133,8 +133,8 @@ def test_token_map_shapes(conv_op, patch, latent):
 
 def test_reference_size_and_phi_ticks():
     model = MaskTokenizer(torch.nn.Conv2d, (128, 128))
-    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 4.39) < 0.01  # §1.5
-    assert model.quantizer.phi_of_scale == [0, 0, 1, 1, 2, 2, 3, 3]  # §1.3: {1,2}, {3,4}, {5,6}, {7,8}
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 4.39) < 0.01  # the reference's 4.39 M
+    assert model.quantizer.phi_of_scale == [0, 0, 1, 1, 2, 2, 3, 3]  # method §1.3: {1,2}, {3,4}, {5,6}, {7,8}
     assert model.quantizer.embedding.weight.shape == (1024, 32)
 
 

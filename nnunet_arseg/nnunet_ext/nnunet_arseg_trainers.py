@@ -7,4 +7,5 @@ from nnunet_arseg.training import (nnUNetTrainerARSeg, nnUNetTrainerARSeg_5epoch
                                    nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_frozenEncoder,
                                    nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
                                    nnUNetTrainerARSeg_small_budget, nnUNetTrainerARSeg_tiny,
-                                   nnUNetTrainerARSeg_tiny_demo, nnUNetTrainerBudget)
+                                   nnUNetTrainerARSeg_tiny_demo, nnUNetTrainerARSeg_upgrade,
+                                   nnUNetTrainerARSeg_upgrade_budget, nnUNetTrainerBudget)

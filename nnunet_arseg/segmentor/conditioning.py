@@ -1,4 +1,4 @@
-"""Class condition c -> AdaLN parameters (reference §2.5), as in VAR's ``AdaLNSelfAttn`` / ``AdaLNBeforeHead``.
+"""Class condition c -> AdaLN parameters (method §2.3), as in VAR's ``AdaLNSelfAttn`` / ``AdaLNBeforeHead``.
 
 c is a task selector (which class's binary mask to produce), so there is no class dropout and no CFG.
 """

@@ -1,4 +1,4 @@
-"""Image embedding f (reference §2.3): an encoder feature map (B, C, *s) -> a prefix of N_f tokens (B, N_f, D).
+"""Image embedding f (method §2.2): an encoder feature map (B, C, *s) -> a prefix of N_f tokens (B, N_f, D).
 
 ``SVDEmbedding`` is the paper's "SVD ⊕ MLP" reduction (``PositionAwareSVDSpatialReduction``) adapted to any channel
 count, 2D/3D spatial shape and prefix length; ``LinearEmbedding`` is a plain projection to compare it with.

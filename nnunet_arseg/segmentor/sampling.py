@@ -1,4 +1,4 @@
-"""Seeded per-scale sampling (reference §3.1): temperature schedule, top-k, multinomial draws, scale by scale.
+"""Seeded per-scale sampling (method §3.1): temperature schedule, top-k, multinomial draws, scale by scale.
 
 Every random call takes the one ``torch.Generator`` seeded here, so a seed fixes the samples. N samples of an image
 are drawn as one batch (rows b * N + n). With the KV cache, the first step (image prefix and start tokens, which

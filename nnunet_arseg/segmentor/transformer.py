@@ -1,4 +1,4 @@
-"""Block-causal next-scale transformer (reference §2.4, §2.6) with AdaLN class conditioning and a KV cache.
+"""Block-causal next-scale transformer (method §2.4) with AdaLN class conditioning and a KV cache.
 
 Sequence: [image prefix (N_f) | start tokens of scale 1 | word_embed(inputs of scales 2..K)]. The positions after the
 prefix predict the tokens of scales 1..K in order (L = sum of prod(pn) positions). Start tokens are the condition plus
@@ -80,7 +80,7 @@ class BlockCausalTransformer(nn.Module):
         scales: token-map shapes of the tokenizer, coarse to fine.
         code_dim, vocab_size: the tokenizer's Cvae (word_embed input) and V (head output).
         num_conditions: number of condition classes (foreground labels or regions).
-        width, depth, heads, mlp_ratio, dropout: §2.4 (256, 8, 8, 4, 0.1 in the reference).
+        width, depth, heads, mlp_ratio, dropout: method §2.4 (256, 8, 8, 4, 0.1 in the reference).
         level_embed: add a learned embedding per level (VAR; the reference has none).
         init_adaln, init_adaln_gamma: VAR's AdaLN init scaling.
     """

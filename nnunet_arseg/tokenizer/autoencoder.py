@@ -1,7 +1,7 @@
-"""AR-Seg's multi-scale mask tokenizer (reference §1): binary mask -> K token maps -> mask logits, 2D or 3D.
+"""AR-Seg's multi-scale mask tokenizer (method §1): binary mask -> K token maps -> mask logits, 2D or 3D.
 
-Encoder/decoder in the taming-transformers VQGAN style (§1.2), 1x1 quant convs, VAR residual quantizer (§1.3),
-loss Dice + BCE + VQ (§1.4).
+Encoder/decoder in the taming-transformers VQGAN style (method §1.1), 1x1 quant convs, VAR residual quantizer
+(method §1.3), loss Dice + BCE + VQ (method §1.4).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def depth_to_space(x: torch.Tensor, factor: tuple[int, ...]) -> torch.Tensor:
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups as in §1.2 (fewer when the width is not a multiple of 32)."""
+    """GroupNorm with 32 groups as in the reference (fewer when the width is not a multiple of 32)."""
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
 
 
@@ -165,7 +165,7 @@ class MaskTokenizer(nn.Module):
         latent_stride: total stride per axis (an int for all axes), powers of two that divide the patch size;
             None: space_to_depth * 2 ** (len(ch_mult) - 1) along every axis that stays even that long (see
             ``latent_strides``).
-        ch, ch_mult, num_res_blocks, z_channels, dropout: widths of §1.2 (defaults: the reference's; with
+        ch, ch_mult, num_res_blocks, z_channels, dropout: widths of method §1.1 (defaults: the reference's; with
             ``latent_stride`` the default ``ch_mult`` is (1, 2, 2, 4, 4) cut to the number of convolution levels).
         space_to_depth: a power of two f: the mask enters as ``space_to_depth(mask, f)`` (f**d channels, lossless)
             and the decoder ends with the inverse, so no convolution runs at full resolution. A binary mask holds
@@ -260,7 +260,7 @@ class MaskTokenizer(nn.Module):
         return self.decode_f_hat(f_hat), vq_loss, usage_S
 
     def loss(self, mask_B1: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Dice + BCE + VQ (§1.4) in fp32, and logs (loss terms, per-scale codebook usage: batch and EMA)."""
+        """Dice + BCE + VQ (method §1.4) in fp32, and logs (loss terms, per-scale codebook usage: batch and EMA)."""
         logits, vq_loss, usage_S = self(mask_B1)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits, target = logits.float().flatten(1), mask_B1.float().flatten(1)

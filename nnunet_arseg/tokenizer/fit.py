@@ -1,4 +1,4 @@
-"""Training the mask tokenizer until it reconstructs held-out masks well enough, or a step cap (reference §1.4-§1.5).
+"""Training the mask tokenizer until it reconstructs held-out masks well enough, or a step cap (method §1.4).
 
 Knows masks and the tokenizer, nothing of nnU-Net: the caller supplies ``draw_batch`` (training masks) and held-out
 masks; ``training/tokenizer_store.py`` wires this to a preprocessed nnU-Net dataset.

@@ -1,4 +1,4 @@
-"""VAR's multi-scale residual vector quantizer (reference §1.3), for 2D and 3D latents.
+"""VAR's multi-scale residual vector quantizer (method §1.3), for 2D and 3D latents.
 
 Each scale ``pn`` is a tuple (one int per latent axis), so non-square and 3D latents share one code path.
 """

@@ -1,16 +1,19 @@
 """nnU-Net trainers of AR-Seg (``nnUNetTrainerARSeg`` and its variants), rater loading and grouped folds."""
 from __future__ import annotations
 
-from nnunet_arseg.training.budget import nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_small_budget, nnUNetTrainerBudget
+from nnunet_arseg.training.budget import (nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_small_budget,
+                                         nnUNetTrainerARSeg_upgrade_budget, nnUNetTrainerBudget)
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 from nnunet_arseg.training.variants import (nnUNetTrainerARSeg_5epochs, nnUNetTrainerARSeg_10epochs,
                                             nnUNetTrainerARSeg_50epochs, nnUNetTrainerARSeg_100epochs,
                                             nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_frozenEncoder,
                                             nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
-                                            nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_tiny_demo)
+                                            nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_tiny_demo,
+                                            nnUNetTrainerARSeg_upgrade)
 
 __all__ = ["nnUNetTrainerARSeg", "nnUNetTrainerARSeg_5epochs", "nnUNetTrainerARSeg_10epochs",
            "nnUNetTrainerARSeg_50epochs", "nnUNetTrainerARSeg_100epochs", "nnUNetTrainerARSeg_250epochs",
            "nnUNetTrainerARSeg_frozenEncoder", "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_small",
            "nnUNetTrainerARSeg_tiny", "nnUNetTrainerARSeg_tiny_demo", "nnUNetTrainerARSeg_budget",
-           "nnUNetTrainerARSeg_small_budget", "nnUNetTrainerBudget"]
+           "nnUNetTrainerARSeg_small_budget", "nnUNetTrainerARSeg_upgrade", "nnUNetTrainerARSeg_upgrade_budget",
+           "nnUNetTrainerBudget"]

@@ -23,12 +23,13 @@ import os
 import shutil
 from time import time
 
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_arseg import env
-from nnunet_arseg.atomic import write_atomic
+from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
-from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small
+from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small, nnUNetTrainerARSeg_upgrade
 
 UNDECIDED_EPOCHS = 10 ** 6  # loop bound until the first epoch has been timed
 MAX_BOOKKEEPING_S = 60.0  # a longer pause between two epochs is a restart (--c), not bookkeeping: not counted
@@ -148,14 +149,23 @@ class nnUNetTrainerBudget(WallTimeBudgetMixin, nnUNetTrainer):
 
 
 class nnUNetTrainerARSeg_budget(WallTimeBudgetMixin, nnUNetTrainerARSeg):
-    """AR-Seg under the budget, its tokenizer's training time included."""
+    """AR-Seg under the budget, including the time its tokenizer took to train when this run trained it (recorded
+    in ``fold_X/budget_tokenizer.json``, so ``--c`` keeps counting it; a tokenizer that existed is free)."""
+
+    def _tokenizer_record(self) -> str:
+        return os.path.join(self.output_folder, "budget_tokenizer.json")
+
+    def _load_tokenizer(self) -> None:
+        trained_here = not (self.tokenizer.given or self.tokenizer.exists())
+        super()._load_tokenizer()
+        if trained_here:
+            summary = load_json(os.path.join(self.tokenizer.folder, "summary.json"))
+            save_json_atomic({"tokenizer_seconds": summary["seconds"], "tokenizer": self.tokenizer.path},
+                             self._tokenizer_record())
 
     def extra_seconds(self) -> float:
-        summary = os.path.join(self.tokenizer.folder, "summary.json")
-        if self.tokenizer.given or not os.path.isfile(summary):
-            return 0.0
-        from batchgenerators.utilities.file_and_folder_operations import load_json
-        return float(load_json(summary).get("seconds", 0.0))
+        record = self._tokenizer_record()
+        return float(load_json(record)["tokenizer_seconds"]) if os.path.isfile(record) else 0.0
 
     def stretch_schedule(self) -> None:
         self.lr_scheduler.num_epochs = max(1, self.num_epochs)
@@ -163,3 +173,7 @@ class nnUNetTrainerARSeg_budget(WallTimeBudgetMixin, nnUNetTrainerARSeg):
 
 class nnUNetTrainerARSeg_small_budget(nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_small):
     """``nnUNetTrainerARSeg_small`` (a CPU-sized model) under the wall-time budget."""
+
+
+class nnUNetTrainerARSeg_upgrade_budget(nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_upgrade):
+    """``nnUNetTrainerARSeg_upgrade`` (AR-Seg over a lab's frozen nnU-Net encoder) under the wall-time budget."""

@@ -57,6 +57,21 @@ class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
         self.initial_lr = 1e-3
 
 
+class nnUNetTrainerARSeg_upgrade(nnUNetTrainerARSeg):
+    """AR-Seg on top of a lab's trained nnU-Net: the ``small`` AR parts over the plans' own U-Net at its full width,
+    whose encoder stays frozen. Train with ``-pretrained_weights`` of the stock ``nnUNetTrainer`` checkpoint of the
+    same plans: its encoder and decoder initialise AR-Seg's, the rest starts from scratch."""
+
+    arseg_arch_overrides = {"preset": "small", "max_features_per_stage": None}
+    freeze_encoder = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.batch_size_cap = 8
+        self.initial_lr = 1e-3
+
+
 class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
     """Smoke-test size: tiny tokenizer/transformer/encoder, tokenizer 60 steps, 3 epochs of 5 iterations, batch
     <= 4, 4 samples. Trains in about a minute on 2 CPU cores; a checkpoint after every epoch (so it resumes)."""
