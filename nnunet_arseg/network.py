@@ -251,8 +251,17 @@ class ARSegNetwork(nn.Module):
         return logs
 
     # ---- sampling ----
-    def _decode(self, f_hat_BCz: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """Binary masks (B, *patch) of f_hats, decoded a few at a time."""
+    def _decode(self, f_hat_BCz: torch.Tensor, idx_list: list[torch.Tensor] | None = None,
+                chunk: int = 8) -> torch.Tensor:
+        """Binary masks (B, *patch) of f_hats, decoded a few at a time. With the token maps that made them, each
+        distinct token map is decoded once (samples often repeat, e.g. every empty mask is one token sequence)."""
+        if idx_list is not None:
+            tokens_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
+            unique_UL, inverse_B = torch.unique(tokens_BL, dim=0, return_inverse=True)
+            if len(unique_UL) < len(tokens_BL):
+                first_U = torch.full((len(unique_UL),), len(tokens_BL), dtype=torch.long, device=tokens_BL.device)
+                first_U.scatter_reduce_(0, inverse_B, torch.arange(len(tokens_BL), device=tokens_BL.device), "amin")
+                return self._decode(f_hat_BCz[first_U])[inverse_B]
         return torch.cat([self.tokenizer.decode_f_hat(f) > 0 for f in f_hat_BCz.split(chunk)])[:, 0]
 
     @torch.no_grad()
@@ -274,10 +283,11 @@ class ARSegNetwork(nn.Module):
             samples, scales = [], []
             for c in classes:
                 cls_B = torch.full((B,), c, dtype=torch.long, device=x.device)
-                _, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND, cls_B,
-                                                      n, seed=int(seed) * 1009 + c, top_k=self.top_k,
-                                                      use_cache=use_cache, keep_every=n if with_scales else None)
-                samples.append(self._decode(f_hat).view(B, n, *self.patch_size))
+                idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
+                                                             cls_B, n, seed=int(seed) * 1009 + c, top_k=self.top_k,
+                                                             use_cache=use_cache,
+                                                             keep_every=n if with_scales else None)
+                samples.append(self._decode(f_hat, idx_list).view(B, n, *self.patch_size))
                 if with_scales:
                     scales.append(torch.stack([self._decode(f) for f in partial], dim=1))
         finally:

@@ -70,3 +70,25 @@ def nnunet_env(tmp_path, monkeypatch) -> dict[str, str]:
             os.makedirs(value, exist_ok=True)
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def brats15_small(brats2015, tmp_path_factory) -> Path:
+    """The six real BRATS 2015 cases, same layout and splits, cropped to 48x48x32 (x, y, z) around the tumour."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dataset_conversion.brats import FILES_2015
+    crop_xyz = (48, 48, 32)
+    root = tmp_path_factory.mktemp("brats15")
+    for case_dir in sorted(brats2015.glob("*/brats_*")):
+        seg = sitk.ReadImage(str(case_dir / FILES_2015["seg"]))
+        zyx = np.argwhere(sitk.GetArrayFromImage(seg) > 0).mean(0).astype(int)
+        size = seg.GetSize()
+        start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(zyx[::-1], crop_xyz, size)]
+        out = root / case_dir.parent.name / case_dir.name
+        out.mkdir(parents=True)
+        for f in (FILES_2015["flair"], FILES_2015["t1ce"], FILES_2015["seg"]):
+            img = sitk.ReadImage(str(case_dir / f))
+            sitk.WriteImage(img[tuple(slice(s, s + n) for s, n in zip(start, crop_xyz))], str(out / f))
+    return root

@@ -17,32 +17,11 @@ from dataset_conversion.brats import FILES_2015, convert_brats, convert_brats_ba
 from dataset_conversion.raw_dataset import ConversionError
 
 REPO = Path(__file__).resolve().parents[1]
-CROP_XYZ = (48, 48, 32)
 LUT_2015 = np.array([0, 2, 1, 2, 3])  # 2015 label -> nnU-Net: 1 necrosis and 3 non-enhancing -> 2 (NCR/NET)
 
 
 def _arr(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _crop(img: sitk.Image, start_xyz) -> sitk.Image:
-    return img[tuple(slice(s, s + n) for s, n in zip(start_xyz, CROP_XYZ))]
-
-
-@pytest.fixture(scope="module")
-def brats15_small(brats2015, tmp_path_factory) -> Path:
-    """The six real cases, same layout and splits, cropped to 48x48x32 around the tumour."""
-    root = tmp_path_factory.mktemp("brats15")
-    for case_dir in sorted(brats2015.glob("*/brats_*")):
-        seg = sitk.ReadImage(str(case_dir / FILES_2015["seg"]))
-        zyx = np.argwhere(sitk.GetArrayFromImage(seg) > 0).mean(0).astype(int)
-        size = seg.GetSize()
-        start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(zyx[::-1], CROP_XYZ, size)]
-        out = root / case_dir.parent.name / case_dir.name
-        out.mkdir(parents=True)
-        for f in (FILES_2015["flair"], FILES_2015["t1ce"], FILES_2015["seg"]):
-            sitk.WriteImage(_crop(sitk.ReadImage(str(case_dir / f)), start), str(out / f))
-    return root
 
 
 @pytest.fixture(scope="module")

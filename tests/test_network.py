@@ -237,3 +237,20 @@ def test_overfits_real_lidc_slices(lidc_demo):
     consensus = majority_vote(net.sample(x, 8, seed=0)["samples"], dim=2)[:, 0]
     assert dice(consensus, recon).min() > 0.9  # the segmentor reproduces the tokens it was trained on
     assert dice(recon, m).mean() >= 0.9 and dice(recon, m).min() > 0.6  # ... which reproduce the masks
+
+
+def test_each_distinct_token_map_is_decoded_once_with_the_same_masks():
+    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    torch.manual_seed(3)
+    q = net.tokenizer.quantizer
+    idx_list = [torch.randint(0, q.V, (3, *pn)) for pn in q.scales]
+    idx_list = [idx[[0, 1, 0, 2, 1, 0]] for idx in idx_list]  # six rows, three distinct token maps
+    f_hat = q.idx_to_f_hat(idx_list)
+    calls = []
+    hook = net.tokenizer.decoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    with torch.no_grad():
+        deduped = net._decode(f_hat, idx_list)
+        hook.remove()
+        every_row = net._decode(f_hat)
+    assert sum(calls) == 3 and torch.equal(deduped, every_row)
+    assert deduped.shape == (6, *net.patch_size)

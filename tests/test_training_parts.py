@@ -1,4 +1,4 @@
-"""The trainer's pieces on their own: patient-grouped folds, plans rewriting, presets, LR schedule, rater bookkeeping."""
+"""The trainer's pieces on their own: patient-grouped folds, plans rewriting, presets, LR schedule, raters."""
 from __future__ import annotations
 
 import copy
@@ -55,7 +55,8 @@ def test_presets_are_one_source_of_defaults():
     assert tokenizer_widths({"preset": "tiny", "tokenizer": {"ch": 8}}) == {**PRESETS["tiny"].tokenizer, "ch": 8}
     assert preset("small", transformer={"depth": 5}).transformer == {**PRESETS["small"].transformer, "depth": 5}
     cfg = preset("tiny", num_samples=4)
-    assert ARSegConfig.from_arch_kwargs({**cfg.arch_kwargs(), "n_stages": 6}) == cfg.replace(max_features_per_stage=None)
+    back = ARSegConfig.from_arch_kwargs({**cfg.arch_kwargs(), "n_stages": 6})  # the U-Net's keys are not ours
+    assert back == cfg.replace(max_features_per_stage=None)
     with pytest.raises(ValueError, match="unknown AR-Seg settings"):
         preset("small", widht=3)
     with pytest.raises(ValueError, match="preset must be one of"):

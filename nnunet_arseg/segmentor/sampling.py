@@ -29,13 +29,14 @@ def temperature_schedule(num_scales: int, reference=REFERENCE_TEMPERATURES) -> l
 
 def sample_top_k(logits_BlV: torch.Tensor, temperature: float, top_k: int | None,
                  generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per position from softmax(logits / temperature) restricted to the top-k logits, (B, l)."""
-    logits_BlV = logits_BlV.float() / max(temperature, 1e-6)
-    if top_k is not None and 0 < top_k < logits_BlV.shape[-1]:
-        kth_Bl1 = logits_BlV.topk(top_k, dim=-1).values[..., -1:]
-        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, float("-inf"))
-    probs_NV = logits_BlV.softmax(-1).reshape(-1, logits_BlV.shape[-1])
-    return torch.multinomial(probs_NV, 1, generator=generator).view(logits_BlV.shape[:-1])
+    """Draw one token per position from softmax(logits / temperature) over the top-k logits (all logits with
+    ``top_k`` None or 0), (B, l). The softmax and the draw run over the k kept logits only."""
+    logits_NV = logits_BlV.float().reshape(-1, logits_BlV.shape[-1]) / max(temperature, 1e-6)
+    if top_k is not None and 0 < top_k < logits_NV.shape[-1]:
+        values_Nk, codes_Nk = logits_NV.topk(top_k, dim=-1, sorted=False)
+        pick_N1 = torch.multinomial(values_Nk.softmax(-1), 1, generator=generator)
+        return codes_Nk.gather(1, pick_N1).view(logits_BlV.shape[:-1])
+    return torch.multinomial(logits_NV.softmax(-1), 1, generator=generator).view(logits_BlV.shape[:-1])
 
 
 @torch.no_grad()
@@ -66,7 +67,8 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
     try:
         if use_cache:  # step 0 once per image, then its cache and logits serve the N samples
             cond_BD = transformer.condition(cls_B)
-            logits0_BlV = transformer.run(transformer.embed_step(0, prefix_BND, cond_BD), cond_BD, 0)
+            logits0_BlV = transformer.run(transformer.embed_step(0, prefix_BND, cond_BD), cond_BD, 0,
+                                          first_logit=transformer.num_prefix)
             transformer.repeat_cache(num_samples)
         prefix_BND = prefix_BND.repeat_interleave(num_samples, dim=0)
         cls_B = cls_B.repeat_interleave(num_samples, dim=0)

@@ -147,12 +147,14 @@ class BlockCausalTransformer(nn.Module):
             h = h + self.level_embed(self.levels_T[start:end])
         return self.emb_drop(h)
 
-    def run(self, h_BlD: torch.Tensor, cond_BD: torch.Tensor, start: int) -> torch.Tensor:
-        """Blocks + head on positions [start, start + l) seeing keys [0, start + l); logits (B, l, V)."""
+    def run(self, h_BlD: torch.Tensor, cond_BD: torch.Tensor, start: int, first_logit: int = 0) -> torch.Tensor:
+        """Blocks on positions [start, start + l) seeing keys [0, start + l); logits (B, l', V) of the positions from
+        ``first_logit`` on (the image prefix predicts nothing, so its logits are never computed)."""
         end = start + h_BlD.shape[1]
         mask = self.mask_TT[start:end, :end]
         for b in self.blocks:
             h_BlD = b(h_BlD, cond_BD, mask)
+        h_BlD = h_BlD[:, max(first_logit - start, 0):]
         return self.head(self.head_norm(h_BlD, cond_BD)).float()
 
     def forward(self, prefix_BND: torch.Tensor, x_BLC: torch.Tensor, cls_B: torch.Tensor,
@@ -167,4 +169,4 @@ class BlockCausalTransformer(nn.Module):
         h = self.embed_step(0, prefix_BND, cond_BD)
         if num > 1:
             h = torch.cat((h, self.embed_step(1, x_BLC, cond_BD)), dim=1)
-        return self.run(h, cond_BD, 0)[:, self.num_prefix:]
+        return self.run(h, cond_BD, 0, first_logit=self.num_prefix)
