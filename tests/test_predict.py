@@ -208,6 +208,11 @@ def test_bad_inputs_are_refused(paths, tmp_path, capsys):
     Image.fromarray(image).save(bad / "second_0001.png")
     err = _refused(capsys, paths, tmp_path, inputs=bad)
     assert "case second" in err and "_0001" in err and "without gaps" in err
+    os.remove(bad / "second_0001.png")
+    cut = bad / f"{paths['cases'][0]}_0000.png"
+    cut.write_bytes(cut.read_bytes()[:-40])  # cut short: the reader would not say which file
+    err = _refused(capsys, paths, tmp_path, inputs=bad)
+    assert cut.name in err and "copy it again" in err
 
 
 def test_num_samples_flag_spellings(capsys):

@@ -61,3 +61,38 @@ def test_lock_is_exclusive_and_a_dead_owner_is_taken_over(tmp_path):
     with exclusive(lock, poll_s=0.01, log=lambda _: None):
         assert int(open(lock).read()) == os.getpid()
     assert not os.path.exists(lock)
+
+
+def test_a_stored_or_given_tokenizer_is_reused_and_a_new_one_is_sized_from_the_data(tmp_path, monkeypatch):
+    import torch
+
+    from nnunet_arseg.tokenizer import MaskTokenizer
+    from nnunet_arseg.training.tokenizer_store import load_tokenizer_file, resolve_dataset_tokenizer
+
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    widths = {"ch": 8, "num_res_blocks": 1, "z_channels": 8, "codebook_size": 16, "code_dim": 4, "space_to_depth": 2}
+    asked = []
+
+    def extent():
+        asked.append(1)
+        return (10.0, 10.0)
+
+    new = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (64, 64), widths, extent)
+    assert not new.exists() and new.arch_kwargs == {**widths, "latent_stride": [4, 4]} and asked == [1]
+    assert "ARSegTokenizer__nnUNetPlans__2d" in new.path
+    model = MaskTokenizer(2, (64, 64), **new.arch_kwargs)
+    os.makedirs(new.folder)
+    torch.save({"arch_kwargs": new.arch_kwargs, "patch_size": [64, 64], "state_dict": model.state_dict()}, new.path)
+    # another fold or variant with the same widths: the stored tokenizer, without reading the data again
+    again = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (64, 64), widths, extent)
+    assert again.path == new.path and again.exists() and asked == [1]
+    # the user's tokenizer, checked against the patch size
+    monkeypatch.setenv("nnUNet_ARSEG_TOKENIZER", new.path)
+    given = resolve_dataset_tokenizer(str(tmp_path / "other"), "nnUNetPlans", "2d", (64, 64), {"ch": 32}, extent)
+    assert given.given and given.path == new.path and given.arch_kwargs == new.arch_kwargs
+    with pytest.raises(ValueError, match="patch size"):
+        resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (128, 128), widths, extent)
+    (tmp_path / "not_a_tokenizer.pth").write_bytes(b"")
+    torch.save({"weights": 1}, tmp_path / "not_a_tokenizer.pth")
+    with pytest.raises(ValueError, match="not an AR-Seg tokenizer"):
+        load_tokenizer_file(str(tmp_path / "not_a_tokenizer.pth"))

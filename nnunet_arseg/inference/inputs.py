@@ -9,6 +9,8 @@ import re
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
 
+from nnunet_arseg.io_checks import IncompleteFileError, check_complete
+
 __all__ = ["InputError", "model_folder", "checked_folds", "input_cases", "channels_in_file"]
 
 NATURAL_IMAGE_ENDINGS = (".png", ".bmp", ".tif")  # read by nnU-Net's NaturalImage2DIO: an RGB file holds 3 channels
@@ -117,6 +119,11 @@ def input_cases(folder: str, file_ending: str, channel_names: list[str]) -> list
         if sorted(files) != list(range(len(files))):
             raise InputError(f"case {case} in {folder}: channel files {[f'_{c:04d}' for c in sorted(files)]}; they "
                              f"must be numbered _0000 ... without gaps ({expected} channel(s): {channel_names})")
+        for c in sorted(files):  # read to the end: a reader fills a cut-short volume with zeros without a word
+            try:
+                check_complete(files[c], fix="copy it again or remove the case from -i")
+            except IncompleteFileError as e:
+                raise InputError(str(e)) from None
         counts = [channels_in_file(files[c]) for c in sorted(files)]
         if sum(counts) != expected:
             detail = "; ".join(f"{os.path.basename(files[c])} has {n}" for c, n in zip(sorted(files), counts))

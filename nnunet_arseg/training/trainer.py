@@ -153,7 +153,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
                                                          configuration, cm.patch_size,
                                                          tokenizer_widths(self.arseg_arch_overrides), object_extent)
 
-    def _load_tokenizer(self) -> None:
+    def load_tokenizer(self) -> None:
         """Train the dataset's tokenizer if it does not exist yet, then load it into the network (frozen)."""
         patient_of_case = (self._rater_info or self.dataset_json.get("arseg", {})).get("patient_of_case")
         keys = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
@@ -167,7 +167,8 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         stored = tokenizer_store.train_dataset_tokenizer(self.tokenizer, patch, source(train_keys),
                                                          source(heldout_keys), self.tokenizer_fit, self.device,
                                                          log=self.print_to_log_file)
-        unwrap_network(self.network).tokenizer.load_state_dict(stored["state_dict"])
+        full = self._arseg_network if getattr(self, "_arseg_network", None) is not None else self.network
+        unwrap_network(full).tokenizer.load_state_dict(stored["state_dict"])
         self.print_to_log_file(f"AR-Seg: tokenizer {self.tokenizer.path} loaded (held-out Dice "
                                f"{stored['summary']['heldout']['dice_nonempty']:.4f})")
         self._tokenizer_loaded = True
@@ -177,7 +178,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             self.initialize()
         self._restore_network()
         if not self._tokenizer_loaded:
-            self._load_tokenizer()
+            self.load_tokenizer()
         super().on_train_start()
 
     # ---------------------------------------------------------------- data
