@@ -10,14 +10,16 @@ line and leaves a marker in ``WORK/done/``; a rerun with the same ``--work`` ski
 interrupted training with ``--c`` (so the runs may span several sittings). Steps:
 
 1. convert (training patients -> imagesTr, test patients -> imagesTs) and ``nnUNetv2_plan_and_preprocess -c 2d``;
-2. from scratch, at the same time, each pinned to its own CPU core (``--cores``): ``nnUNetTrainerARSeg_small_budget``
-   and the stock ``nnUNetTrainerBudget`` (batch 8 both), ``--budget-minutes`` each. AR-Seg's budget includes the time
-   its tokenizer takes to train; both keep a checkpoint every ``--snapshot-minutes`` for the learning curves;
-3. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
+2. the dataset's tokenizer (``nnUNetv2_arseg_train_tokenizer``, all cores): trained once per dataset and shared by
+   every AR-Seg model of it, like the preprocessing; its minutes are reported beside the budgets, not in them;
+3. from scratch, at the same time, each pinned to its own CPU core (``--cores``): ``nnUNetTrainerARSeg_small_budget``
+   and the stock ``nnUNetTrainerBudget`` (batch 8 both), ``--budget-minutes`` each; both keep a checkpoint every
+   ``--snapshot-minutes`` for the learning curves;
+4. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
    (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer;
-4. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
+5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
    samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case;
-5. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
+6. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
 """
 from __future__ import annotations
 
@@ -252,6 +254,8 @@ def main() -> None:
         return pin + [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", trainer, "-device", device] + \
             (resume or extra)
 
+    run_steps([("tokenizer", [sys.executable, "-m", "nnunet_arseg.training.train_tokenizer", did, "2d", "-tr", AR,
+                              "-device", device], env)], work)
     cores = args.cores.split(",") if args.cores else [None, None]
     train_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
     scratch_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes))
@@ -290,7 +294,10 @@ def main() -> None:
     rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty")}
 
     dataset_json = load_json(join(raw, "dataset.json"))
-    out = {"budget_minutes": args.budget_minutes, "upgrade_minutes": args.upgrade_minutes,
+    tokenizer = load_json(next(join(dirpath, "summary.json") for dirpath, _, files in os.walk(results_dir)
+                               if "summary.json" in files and "ARSegTokenizer" in dirpath))
+    out = {"tokenizer": {k: tokenizer[k] for k in ("seconds", "steps", "heldout", "latent_shape", "scales")},
+           "budget_minutes": args.budget_minutes, "upgrade_minutes": args.upgrade_minutes,
            "num_samples": args.num_samples, "device": device, "cores": args.cores, "seed": args.seed,
            "num_train_patients": args.num_train, "num_test_patients": args.num_test,
            "num_train_cases": dataset_json["numTraining"], "num_test_cases": len(cases),

@@ -155,9 +155,9 @@ class nnUNetTrainerARSeg_budget(WallTimeBudgetMixin, nnUNetTrainerARSeg):
     def _tokenizer_record(self) -> str:
         return os.path.join(self.output_folder, "budget_tokenizer.json")
 
-    def load_tokenizer(self) -> None:
+    def on_train_start(self):
         trained_here = not (self.tokenizer.given or self.tokenizer.exists())
-        super().load_tokenizer()
+        super().on_train_start()
         if trained_here:
             summary = load_json(os.path.join(self.tokenizer.folder, "summary.json"))
             save_json_atomic({"tokenizer_seconds": summary["seconds"], "tokenizer": self.tokenizer.path},

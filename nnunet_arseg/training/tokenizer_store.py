@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_pickle, maybe_mkdir_p
 from scipy import ndimage
 
 from nnunet_arseg import env
@@ -97,9 +97,10 @@ class PreprocessedMasks:
 
     def label_maps(self, identifier: str) -> tuple[np.ndarray, dict]:
         """(R, *spatial) label maps (one per rater, or the case's one) and the case's properties."""
-        _, seg, _, properties = self.dataset.load_case(identifier)
         if self.with_raters:
-            return raters.load_raters(self.folder, identifier)[:, 0], properties
+            return (raters.load_raters(self.folder, identifier)[:, 0],
+                    load_pickle(join(self.folder, identifier + ".pkl")))
+        _, seg, _, properties = self.dataset.load_case(identifier)
         return np.asarray(seg[:])[:1], properties
 
     def crop(self, label_map: np.ndarray, locations, rng: np.random.Generator, centred: bool) -> np.ndarray:
