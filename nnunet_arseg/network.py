@@ -284,7 +284,7 @@ class ARSegNetwork(nn.Module):
             for c in classes:
                 cls_B = torch.full((B,), c, dtype=torch.long, device=x.device)
                 idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
-                                                             cls_B, n, seed=int(seed) * 1009 + c, top_k=self.top_k,
+                                                             cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
                                                              use_cache=use_cache,
                                                              keep_every=n if with_scales else None)
                 samples.append(self._decode(f_hat, idx_list).view(B, n, *self.patch_size))
@@ -329,6 +329,11 @@ class ARSegNetwork(nn.Module):
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))
         return torch.cat(logits)
+
+
+def class_seed(seed: int, cls: int) -> int:
+    """The seed of one condition class's draws, from the image's seed (``content_seed`` in the eval forward)."""
+    return int(seed) * 1009 + int(cls)
 
 
 def content_seed(seed: int, x: torch.Tensor) -> int:

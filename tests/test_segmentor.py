@@ -87,8 +87,8 @@ def test_top_k_restricts_the_draws(tokenizer_and_transformer):
     idx = sample_top_k(logits, 1.0, 5, g)
     allowed = logits.topk(5, dim=-1).indices
     assert (allowed == idx.unsqueeze(-1)).any(-1).all()
-    idx_cold = sample_top_k(logits, 1e-4, None, g)
-    assert torch.equal(idx_cold, logits.argmax(-1))
+    distinct = torch.stack([torch.randperm(64, generator=g) for _ in range(150)]).view(3, 50, 64).float()
+    assert torch.equal(sample_top_k(distinct, 1e-4, None, g), distinct.argmax(-1))  # logits 1 apart: a sure draw
 
 
 def test_temperature_schedule():

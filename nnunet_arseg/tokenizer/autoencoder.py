@@ -20,7 +20,8 @@ __all__ = ["MaskTokenizer", "latent_strides", "space_to_depth", "depth_to_space"
 def latent_strides(patch_size: tuple[int, ...], num_down: int,
                    max_stride: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
     """Per-level strides of the encoder: an axis is halved at a level only while its current size is even and, with
-    ``max_stride``, until its total stride reaches ``max_stride`` for that axis.
+    ``max_stride``, until its total stride reaches ``max_stride`` for that axis; without it, while the axis keeps two
+    latent cells at least.
 
     So 128x128 with 4 levels gives stride 16 (latent 8x8), and a 3D patch (40, 64, 48) gives the latent
     (5, 4, 3): 40 -> 20 -> 10 -> 5 stops at the odd 5 (stride 8), 64 -> 4 and 48 -> 3 (stride 16).
@@ -28,9 +29,10 @@ def latent_strides(patch_size: tuple[int, ...], num_down: int,
     sizes = list(patch_size)
     total = [1] * len(sizes)
     cap = max_stride or [2 ** num_down] * len(sizes)
+    smallest = 1 if max_stride else 2
     strides = []
     for _ in range(num_down):
-        level = tuple(2 if n % 2 == 0 and t < c else 1 for n, t, c in zip(sizes, total, cap))
+        level = tuple(2 if n % 2 == 0 and n // 2 >= smallest and t < c else 1 for n, t, c in zip(sizes, total, cap))
         sizes = [n // s for n, s in zip(sizes, level)]
         total = [t * s for t, s in zip(total, level)]
         strides.append(level)

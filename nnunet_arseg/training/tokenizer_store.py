@@ -59,7 +59,7 @@ def median_object_extent(seg_arrays, labels_or_regions, max_objects: int = 5000)
 def choose_latent_stride(patch_size, object_extent, max_positions: int = MAX_LATENT_POSITIONS,
                          min_stride: int = 4, max_stride: int = 32) -> tuple[int, ...]:
     """Per-axis latent stride: the power of two nearest half the median object extent (so a typical object spans
-    about two latent cells), within [min_stride, max_stride], each dividing the patch, then doubled on the axis with
+    about two latent cells), within [min_stride, max_stride], each dividing the patch and leaving two latent cells per axis at least, then doubled on the axis with
     the most latent positions until the latent has at most ``max_positions`` (the finest token map bounds AR-Seg's
     cost, which then grows no faster than the patch)."""
     def divides(n: int, s: int) -> bool:
@@ -69,12 +69,12 @@ def choose_latent_stride(patch_size, object_extent, max_positions: int = MAX_LAT
     for n, e in zip(patch_size, object_extent):
         s = int(2 ** round(math.log2(max(e, 1.0) / 2)))
         s = min(max(s, min_stride), max_stride)
-        while s > 1 and not divides(n, s):
+        while s > 1 and (not divides(n, s) or n // s < 2):
             s //= 2
         stride.append(s)
     while math.prod(n // s for n, s in zip(patch_size, stride)) > max_positions:
         order = sorted(range(len(stride)), key=lambda a: -patch_size[a] // stride[a])
-        axis = next((a for a in order if divides(patch_size[a], 2 * stride[a]) and 2 * stride[a] <= max_stride), None)
+        axis = next((a for a in order if divides(patch_size[a], 4 * stride[a]) and 2 * stride[a] <= max_stride), None)
         if axis is None:
             break
         stride[axis] *= 2
