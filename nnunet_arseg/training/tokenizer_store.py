@@ -59,9 +59,9 @@ def median_object_extent(seg_arrays, labels_or_regions, max_objects: int = 5000)
 def choose_latent_stride(patch_size, object_extent, max_positions: int = MAX_LATENT_POSITIONS,
                          min_stride: int = 4, max_stride: int = 32) -> tuple[int, ...]:
     """Per-axis latent stride: the power of two nearest half the median object extent (so a typical object spans
-    about two latent cells), within [min_stride, max_stride], each dividing the patch and leaving two latent cells per axis at least, then doubled on the axis with
-    the most latent positions until the latent has at most ``max_positions`` (the finest token map bounds AR-Seg's
-    cost, which then grows no faster than the patch)."""
+    about two latent cells), within [min_stride, max_stride], each dividing the patch and leaving two latent cells per
+    axis at least, then doubled on the axis with the most latent positions until the latent has at most
+    ``max_positions`` (the finest token map bounds AR-Seg's cost, which then grows no faster than the patch)."""
     def divides(n: int, s: int) -> bool:
         return n % s == 0
 
