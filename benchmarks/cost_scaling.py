@@ -50,7 +50,7 @@ def build(patch, preset: str, num_samples: int):
     import pydoc
     arch = stock_architecture(patch)
     kw = {k: pydoc.locate(v) if k in arch["_kw_requires_import"] and v else v for k, v in arch["arch_kwargs"].items()}
-    stock = PlainConvUNet(1, 2, deep_supervision=False, **kw)
+    stock = PlainConvUNet(input_channels=1, num_classes=2, deep_supervision=False, **kw)
     stride = choose_latent_stride(patch, (10.0,) * len(patch))
     ours = build_arseg_architecture(arch, patch, preset, num_samples=num_samples,
                                     tokenizer={"latent_stride": list(stride)})

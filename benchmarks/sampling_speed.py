@@ -7,13 +7,15 @@ Both networks are built from the same plans, as a lab would train them: nnU-Net'
 test-time augmentation, AR-Seg at a preset's size (``small``, what the README recommends on a CPU) without it. Both
 predict the same real case through nnU-Net's own ``predict_sliding_window_return_logits``: a 128x128 LIDC crop of
 the bundled sample (2d) and, with ``--brats`` (a folder of BRATS 2013/2015 cases in their original layout), a whole
-BRATS case cropped to 96x96x64 around the tumour in 3d_fullres, where both predict with sliding windows. Timing does
+BRATS case cropped to 96x96x64 around the tumour in 3d_fullres (the plans' patch then covers the crop: one window,
+the ``tiles`` column). Timing does
 not depend on the weights (the number of steps is fixed), so untrained networks are timed.
 
-Every (configuration, threads) runs in a fresh process, and all of them run one after the other ``--rounds`` times
-(A, B, C, A, B, C, ...), so a change of load on a shared machine moves every configuration. Reported per
-configuration: the minimum and median seconds per image over the rounds, and the ratios of minima against nnU-Net and
-against AR-Seg's N = 1 at the same thread count.
+Where the case is one patch, AR-Seg's time is also split into the image encoder, the token sampling and the
+decoding (one extra draw, timed by stage). Every (configuration, threads) runs in a fresh process, and all of them
+run one after the other ``--rounds`` times (A, B, C, A, B, C, ...), so a change of load on a shared machine moves
+every configuration. Reported per configuration: the minimum and median seconds per image over the rounds, and the
+ratios of minima against nnU-Net and against AR-Seg's N = 1 at the same thread count.
 """
 from __future__ import annotations
 
@@ -76,6 +78,28 @@ def crop_brats(src: str, dst: str, size_xyz) -> None:
                 img = sitk.ReadImage(os.path.join(folder, f))
                 sitk.WriteImage(img[tuple(slice(s, s + n) for s, n in zip(start, size_xyz))],
                                 os.path.join(dst, split, case, f))
+
+
+def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
+    """Where one N-sample draw of one patch spends its time: the image encoder, the token sampling (transformer and
+    draws, scale by scale) and the decoding of the token maps into masks."""
+    from nnunet_arseg.network import class_seed
+    from nnunet_arseg.segmentor.sampling import sample_token_maps
+    sync = torch.cuda.synchronize if x_BCX.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        prefix_BND, _ = network.encode_image(x_BCX)
+        sync()
+        t1 = time.perf_counter()
+        cls_B = torch.zeros(x_BCX.shape[0], dtype=torch.long, device=x_BCX.device)
+        idx_list, f_hat, _ = sample_token_maps(network.transformer, network.tokenizer.quantizer, prefix_BND, cls_B,
+                                               num_samples, seed=class_seed(0, 0), top_k=network.top_k)
+        sync()
+        t2 = time.perf_counter()
+        network._decode(f_hat, idx_list)
+        sync()
+        t3 = time.perf_counter()
+    return {"encoder": t1 - t0, "tokens": t2 - t1, "decode": t3 - t2}
 
 
 def _worker(args) -> dict:
@@ -141,8 +165,11 @@ def _worker(args) -> dict:
     assert torch.isfinite(torch.as_tensor(out)).all()
     tiles = len(predictor._internal_get_sliding_window_slicers(x.shape[1:]))
     tokens = sum(int(np.prod(pn)) for pn in network.tokenizer.scales) if args.worker == "arseg" else None
+    x_BCX = (x[:, 0] if args.c == "2d" else x)[None].to(device)  # the case as one network input
+    stages = (stage_seconds(network, x_BCX, args.num_samples)
+              if args.worker == "arseg" and tuple(x_BCX.shape[2:]) == tuple(cm.patch_size) else None)
     return {"configuration": args.c, "model": args.worker, "num_samples": args.num_samples, "threads": args.threads,
-            "seconds": seconds, "peak_mib": round(peak), "case_shape": list(x.shape[1:]),
+            "stages": stages, "seconds": seconds, "peak_mib": round(peak), "case_shape": list(x.shape[1:]),
             "patch_size": list(cm.patch_size), "tiles": tiles, "tokens_per_sample": tokens}
 
 
@@ -178,13 +205,20 @@ def main() -> None:
                 seconds = runs[(c, threads, worker, n)][-1]["seconds"]
                 print(f"round {r + 1}: {c} {threads} thread(s) {worker} N={n}: {seconds:.3f} s", file=sys.stderr,
                       flush=True)
+    def runs_of(row: dict) -> list[dict]:
+        return runs[(row["configuration"], row["threads"], row["model"], row["num_samples"])]
+
+    def stage_text(rs: list[dict]) -> str:
+        stages = min(rs, key=lambda r: r["seconds"])["stages"]
+        return " / ".join(f"{stages[k]:.3f}" for k in ("encoder", "tokens", "decode")) if stages else ""
+
     rows = []
     for (c, threads, worker, n), rs in runs.items():
         times = sorted(x["seconds"] for x in rs)
         rows.append({**rs[0], "seconds_min": times[0], "seconds_median": float(np.median(times)),
                      "peak_mib": max(x["peak_mib"] for x in rs), "rounds": len(rs)})
     print(f"{'configuration':<12}{'threads':>8}  {'predictor':<26}{'min s':>8}{'median s':>9}{'x nnU-Net':>10}"
-          f"{'x N=1':>7}{'peak MiB':>9}{'tiles':>6}")
+          f"{'x N=1':>7}{'peak MiB':>9}{'tiles':>6}  encoder / tokens / decode s (fastest round)")
     for row in rows:
         same = [r for r in rows if r["configuration"] == row["configuration"] and r["threads"] == row["threads"]]
         base = next(r for r in same if r["model"] == "nnunet")["seconds_min"]
@@ -193,7 +227,7 @@ def main() -> None:
         x_n1 = f"{row['seconds_min'] / n1:.2f}" if n1 and row["model"] == "arseg" else "-"
         print(f"{row['configuration']:<12}{row['threads']:>8}  {name:<26}{row['seconds_min']:>8.3f}"
               f"{row['seconds_median']:>9.3f}{row['seconds_min'] / base:>10.2f}{x_n1:>7}{row['peak_mib']:>9}"
-              f"{row['tiles']:>6}")
+              f"{row['tiles']:>6}  {stage_text(runs_of(row))}")
     print(json.dumps({"device": args.device, "torch": torch.__version__, "preset": args.preset, "results": rows}))
 
 
