@@ -8,8 +8,8 @@ test-time augmentation, AR-Seg at a preset's size (``small``, what the README re
 predict the same real case through nnU-Net's own ``predict_sliding_window_return_logits``: a 128x128 LIDC crop of
 the bundled sample (2d) and, with ``--brats`` (a folder of BRATS 2013/2015 cases in their original layout), a whole
 BRATS case cropped to 96x96x64 around the tumour in 3d_fullres (the plans' patch then covers the crop: one window,
-the ``tiles`` column). Timing does
-not depend on the weights (the number of steps is fixed), so untrained networks are timed.
+the ``tiles`` column). Timing does not depend on the weights (the number of steps is fixed), so untrained networks
+are timed.
 
 Where the case is one patch, AR-Seg's time is also split into the image encoder, the token sampling and the
 decoding (one extra draw, timed by stage). Every (configuration, threads) runs in a fresh process, and all of them
@@ -205,18 +205,12 @@ def main() -> None:
                 seconds = runs[(c, threads, worker, n)][-1]["seconds"]
                 print(f"round {r + 1}: {c} {threads} thread(s) {worker} N={n}: {seconds:.3f} s", file=sys.stderr,
                       flush=True)
-    def runs_of(row: dict) -> list[dict]:
-        return runs[(row["configuration"], row["threads"], row["model"], row["num_samples"])]
-
-    def stage_text(rs: list[dict]) -> str:
-        stages = min(rs, key=lambda r: r["seconds"])["stages"]
-        return " / ".join(f"{stages[k]:.3f}" for k in ("encoder", "tokens", "decode")) if stages else ""
-
     rows = []
     for (c, threads, worker, n), rs in runs.items():
         times = sorted(x["seconds"] for x in rs)
         rows.append({**rs[0], "seconds_min": times[0], "seconds_median": float(np.median(times)),
-                     "peak_mib": max(x["peak_mib"] for x in rs), "rounds": len(rs)})
+                     "peak_mib": max(x["peak_mib"] for x in rs), "rounds": len(rs),
+                     "stages": min(rs, key=lambda x: x["seconds"])["stages"]})
     print(f"{'configuration':<12}{'threads':>8}  {'predictor':<26}{'min s':>8}{'median s':>9}{'x nnU-Net':>10}"
           f"{'x N=1':>7}{'peak MiB':>9}{'tiles':>6}  encoder / tokens / decode s (fastest round)")
     for row in rows:
@@ -225,9 +219,10 @@ def main() -> None:
         n1 = next((r["seconds_min"] for r in same if r["model"] == "arseg" and r["num_samples"] == 1), None)
         name = "nnU-Net (mirroring TTA)" if row["model"] == "nnunet" else f"AR-Seg {args.preset} N={row['num_samples']}"
         x_n1 = f"{row['seconds_min'] / n1:.2f}" if n1 and row["model"] == "arseg" else "-"
+        stages = " / ".join(f"{row['stages'][k]:.3f}" for k in ("encoder", "tokens", "decode")) if row["stages"] else ""
         print(f"{row['configuration']:<12}{row['threads']:>8}  {name:<26}{row['seconds_min']:>8.3f}"
               f"{row['seconds_median']:>9.3f}{row['seconds_min'] / base:>10.2f}{x_n1:>7}{row['peak_mib']:>9}"
-              f"{row['tiles']:>6}  {stage_text(runs_of(row))}")
+              f"{row['tiles']:>6}  {stages}")
     print(json.dumps({"device": args.device, "torch": torch.__version__, "preset": args.preset, "results": rows}))
 
 
