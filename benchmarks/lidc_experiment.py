@@ -16,7 +16,8 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
    and the stock ``nnUNetTrainerBudget`` (batch 8 both), ``--budget-minutes`` each; both keep a checkpoint every
    ``--snapshot-minutes`` for the learning curves;
 4. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
-   (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer;
+   (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer; after step 3, or beside
+   AR-Seg's training on the stock model's core when the stock model was trained in an earlier sitting;
 5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
    samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case;
 6. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
@@ -259,11 +260,19 @@ def main() -> None:
     cores = args.cores.split(",") if args.cores else [None, None]
     train_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
     scratch_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes))
-    run_steps([(f"train_{AR}", train_cmd(AR, cores[0], []), scratch_env),
-               (f"train_{STOCK}", train_cmd(STOCK, cores[1], []), scratch_env)], work)
+    scratch = [(f"train_{AR}", train_cmd(AR, cores[0], []), scratch_env),
+               (f"train_{STOCK}", train_cmd(STOCK, cores[1], []), scratch_env)]
+    stock_trained = isfile(marker(work, f"train_{STOCK}"))
     stock_final = join(fold_dir(STOCK), "checkpoint_final.pth")
-    run_steps([(f"train_{UPGRADE}", train_cmd(UPGRADE, cores[0], ["-pretrained_weights", stock_final]),
-                dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes)))], work)
+    # a stock model trained in an earlier sitting frees its core: the upgrade then runs beside AR-Seg from scratch
+    upgrade = (f"train_{UPGRADE}", train_cmd(UPGRADE, cores[1] if stock_trained else cores[0],
+                                             ["-pretrained_weights", stock_final]),
+               dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes)))
+    if stock_trained:
+        run_steps(scratch + [upgrade], work)
+    else:
+        run_steps(scratch, work)
+        run_steps([upgrade], work)
 
     # every curve_every-th test case for the learning curves
     images = join(raw, "imagesTs")

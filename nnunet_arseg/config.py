@@ -25,6 +25,8 @@ class ARSegConfig:
     prefix_source: ``"encoder"`` (stage ``feature_stage``, None: the deepest with >= N_f positions) or ``"decoder"``
         (the U-Net decoder stage at the tokenizer's latent resolution; needs ``aux_head``).
     aux_head, aux_weight: train the plans' U-Net decoder on the same mask (Dice + BCE), a dense signal.
+    presence: each sample first draws whether its mask is non-empty, from a presence head on the image prefix; the
+        transformer then learns the non-empty masks only (``segmentor/presence.py``).
     max_features_per_stage: cap on the plans' U-Net widths (None: the plans' own, as a stock model of them).
     num_samples: default N; top_k: codes kept when sampling (None: the reference's share of the codebook, 0: all).
     has_regions: one condition class per nnU-Net region (else per foreground label); set from dataset.json.
@@ -38,6 +40,7 @@ class ARSegConfig:
     feature_stage: int | None = None
     aux_head: bool = False
     aux_weight: float = 1.0
+    presence: bool = False
     max_features_per_stage: int | None = None
     num_samples: int = DEFAULT_NUM_SAMPLES
     top_k: int | None = None
@@ -72,12 +75,12 @@ PRESETS = {
     # a CPU-sized model for budgets of minutes to hours
     "small": ARSegConfig(tokenizer={"ch": 32, "num_res_blocks": 1, "z_channels": 32, "space_to_depth": 4},
                          transformer={"width": 128, "depth": 3, "heads": 4, "dropout": 0.0}, embedding="linear",
-                         prefix_source="decoder", aux_head=True, max_features_per_stage=64),
+                         prefix_source="decoder", aux_head=True, presence=True, max_features_per_stage=64),
     # smoke tests and the demo
     "tiny": ARSegConfig(tokenizer={"ch": 16, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 256,
                                    "code_dim": 16, "space_to_depth": 4},
                         transformer={"width": 64, "depth": 2, "heads": 4, "dropout": 0.0}, embedding="linear",
-                        prefix_source="decoder", aux_head=True, max_features_per_stage=32),
+                        prefix_source="decoder", aux_head=True, presence=True, max_features_per_stage=32),
 }
 
 

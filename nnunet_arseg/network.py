@@ -18,6 +18,7 @@ from nnunet_arseg import env
 from nnunet_arseg.config import REFERENCE_TOP_K_SHARE, ARSegConfig, preset
 from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
+from nnunet_arseg.segmentor.presence import PresenceHead, draw_presence
 from nnunet_arseg.segmentor.sampling import sample_token_maps
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
 from nnunet_arseg.tokenizer import MaskTokenizer
@@ -96,6 +97,8 @@ class ARSegNetwork(nn.Module):
             codebook, 100 of 1,024; 0: all codes).
         aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
             (Dice + BCE): a dense signal for the image model.
+        presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
+            non-empty; the transformer is trained on non-empty masks only.
         deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
         **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
     """
@@ -108,7 +111,7 @@ class ARSegNetwork(nn.Module):
                  prefix_source: str = ARSegConfig.prefix_source, has_regions: bool = ARSegConfig.has_regions,
                  num_samples: int = ARSegConfig.num_samples, top_k: int | None = ARSegConfig.top_k,
                  aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
-                 deep_supervision: bool = False, **unet_kwargs):
+                 presence: bool = ARSegConfig.presence, deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
         self.has_regions, self.num_classes = bool(has_regions), int(num_classes)
@@ -169,6 +172,7 @@ class ARSegNetwork(nn.Module):
                                                   self.num_conditions, **(transformer or {}))
         self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
                                          self.transformer.width)
+        self.presence_head = PresenceHead(self.transformer.width, self.num_conditions) if presence else None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -224,30 +228,47 @@ class ARSegNetwork(nn.Module):
     def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor,
                        with_prediction: bool = False) -> dict:
         """Token cross-entropy with teacher forcing (method §2.5), + the aux head's Dice + BCE against the mask at
-        the head's resolution (the share of each cell covered, where pooled) if on. ``with_prediction``
-        adds ``prediction``: the mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling)."""
+        the head's resolution (the share of each cell covered, where pooled) if on, + the presence head's BCE if on
+        (the tokens are then learned from the non-empty masks only). ``with_prediction`` adds ``prediction``: the
+        mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling; empty where the presence head
+        says absent)."""
         with torch.no_grad():
             idx_list = self.tokenizer.mask_to_idx(mask)
             x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
             target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
+            present_B = mask.flatten(1).amax(1) > 0.5
         prefix_BND, aux_logits = self.encode_image(x)
         logits_BLV = self.transformer(prefix_BND, x_BLC, cls_B)
-        token_ce = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1))
-        logs = {"token_ce": token_ce.item(),
-                "token_acc": (logits_BLV.argmax(-1) == target_BL).float().mean().item()}
+        ce_BL = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1),
+                                reduction="none").view(target_BL.shape)
+        hit_BL = (logits_BLV.argmax(-1) == target_BL).float()
+        # with a presence head, absent masks teach presence only; a batch without any object has no token loss
+        weight_B = present_B.float() if self.presence_head is not None else torch.ones_like(present_B.float())
+        norm = weight_B.sum().clamp_min(1.0) * target_BL.shape[1]
+        token_ce = (ce_BL * weight_B[:, None]).sum() / norm
+        logs = {"token_ce": token_ce.item(), "token_acc": ((hit_BL * weight_B[:, None]).sum() / norm).item()}
         loss = token_ce
         if self.aux_head:
             aux_B1 = aux_logits.gather(1, cls_B.view(-1, *[1] * (mask.ndim - 1)).expand(-1, 1, *aux_logits.shape[2:]))
             aux = binary_dice_bce(aux_B1, pool_to(mask.float(), aux_logits.shape[2:]))  # soft target when pooled
             logs["aux_loss"] = aux.item()
             loss = loss + self.aux_weight * aux
+        if self.presence_head is not None:
+            presence_B = self.presence_head(prefix_BND).gather(1, cls_B.view(-1, 1))[:, 0]
+            presence_bce = F.binary_cross_entropy_with_logits(presence_B, present_B.float())
+            logs["presence_bce"] = presence_bce.item()
+            loss = loss + presence_bce
         logs["loss"] = loss
         if with_prediction:
             with torch.no_grad():
                 idx_BL = logits_BLV.argmax(-1)
                 pred = list(idx_BL.split(self.transformer.lengths, dim=1))
-                logs["prediction"] = self.tokenizer.idx_to_logits(
-                    [p.reshape(-1, *pn) for p, pn in zip(pred, self.tokenizer.scales)])
+                prediction = self.tokenizer.idx_to_logits([p.reshape(-1, *pn) for p, pn in
+                                                           zip(pred, self.tokenizer.scales)])
+                if self.presence_head is not None:
+                    absent = (presence_B < 0).view(-1, *[1] * (prediction.ndim - 1))
+                    prediction = prediction.masked_fill(absent, -1e4)
+                logs["prediction"] = prediction
         return logs
 
     # ---- sampling ----
@@ -279,6 +300,7 @@ class ARSegNetwork(nn.Module):
         self.eval()
         try:
             prefix_BND, _ = self.encode_image(x)
+            presence_BK = self.presence_head(prefix_BND) if self.presence_head is not None else None
             B = x.shape[0]
             samples, scales = [], []
             for c in classes:
@@ -287,9 +309,16 @@ class ARSegNetwork(nn.Module):
                                                              cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
                                                              use_cache=use_cache,
                                                              keep_every=n if with_scales else None)
-                samples.append(self._decode(f_hat, idx_list).view(B, n, *self.patch_size))
+                masks_BN = self._decode(f_hat, idx_list).view(B, n, *self.patch_size)
+                scales_BS = torch.stack([self._decode(f) for f in partial], dim=1) if with_scales else None
+                if presence_BK is not None:  # an absent sample is the empty mask, at every scale
+                    present_BN = draw_presence(presence_BK[:, c], n, class_seed(seed, c))
+                    masks_BN = masks_BN & present_BN.view(B, n, *[1] * len(self.patch_size))
+                    if with_scales:
+                        scales_BS = scales_BS & present_BN[:, :1].view(B, 1, *[1] * len(self.patch_size))
+                samples.append(masks_BN)
                 if with_scales:
-                    scales.append(torch.stack([self._decode(f) for f in partial], dim=1))
+                    scales.append(scales_BS)
         finally:
             self.train(was_training)
         out = {"classes": classes, "samples": torch.stack(samples, dim=1)}

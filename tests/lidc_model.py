@@ -95,9 +95,10 @@ def with_arseg(plans: dict, configuration: str, patch_size=None, n_stages: int |
     kw["features_per_stage"] = [min(int(f), 64) for f in kw["features_per_stage"]]
     cfg["architecture"] = build_arseg_architecture(stock, cfg["patch_size"], preset_name="tiny", **{
         "tokenizer": SMALL_TOKENIZER, "transformer": SMALL_TRANSFORMER, "num_prefix_tokens": 16,
-        # all 64 codes and a prefix from the encoder without the dense head: the briefly overfit fixture must stay
-        # diverse where its raters disagree
-        "top_k": 0, "prefix_source": "encoder", "aux_head": False, **arseg})
+        # all 64 codes, a prefix from the encoder without the dense head, no presence head (every sample a token
+        # draw): the briefly overfit fixture must stay diverse where its raters disagree, and draw masks of both
+        # values with a few samples (the presence head is tested in test_network and end to end in test_e2e_nnunet)
+        "top_k": 0, "prefix_source": "encoder", "aux_head": False, "presence": False, **arseg})
     return plans
 
 

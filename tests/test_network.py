@@ -131,7 +131,7 @@ def test_training_losses_2d_labels_with_aux_head():
     x, mask = torch.randn(2, 1, 128, 128), torch.zeros(2, 1, 128, 128)
     mask[:, :, 40:70, 50:90] = 1
     out = net(x, mask=mask, cls=torch.tensor([1, 0]))
-    assert set(out) == {"loss", "token_ce", "token_acc", "aux_loss"}
+    assert set(out) == {"loss", "token_ce", "token_acc", "aux_loss", "presence_bce"}
     out["loss"].backward()
     assert net.transformer.head.weight.grad is not None
     assert net.decoder.seg_layers[net.feature_stage].weight.grad is not None  # the aux head at the prefix stage
@@ -175,6 +175,42 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     monkeypatch.setenv("nnUNet_ARSEG_SEED", "1")
     with torch.inference_mode():
         assert not torch.equal(net(x[:1]), logits)  # a random network's samples depend on the seed
+
+
+def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
+    net = build(plans_with_arseg(), "arseg_2d", 2)  # the tiny preset has a presence head
+    assert net.presence_head is not None
+    x = torch.randn(2, 1, 128, 128)
+    # empty masks teach presence only: no token loss, a presence gradient
+    out = net(x, mask=torch.zeros(2, 1, 128, 128), cls=0)
+    assert out["token_ce"] == 0.0 and out["presence_bce"] > 0
+    out["loss"].backward()
+    assert net.presence_head.fc.weight.grad.abs().sum() > 0 and net.transformer.head.weight.grad.abs().sum() == 0
+    net.eval()
+    bias = net.presence_head.fc.bias
+    with torch.no_grad():
+        bias.fill_(30.0)  # always present: the token draws decide, as without the head
+        present = net.sample(x, num_samples=6, seed=3, with_scales=True)
+        head, net.presence_head = net.presence_head, None
+        without = net.sample(x, num_samples=6, seed=3, with_scales=True)
+        net.presence_head = head
+        assert torch.equal(present["samples"], without["samples"]) and present["samples"].any()
+        assert torch.equal(present["scales"], without["scales"])
+        bias.fill_(-30.0)  # never present: every sample and every scale is the empty mask
+        absent = net.sample(x, num_samples=6, seed=3, with_scales=True)
+        assert not absent["samples"].any() and not absent["scales"].any()
+        bias.zero_()  # p = 1/2: some samples of the same draws are kept, the others emptied
+        half = net.sample(x, num_samples=6, seed=3)["samples"]
+        kept = half.flatten(3).any(-1)
+        assert torch.equal(half, without["samples"] & kept[..., None, None])
+        assert 0 < kept.sum() < without["samples"].flatten(3).any(-1).sum()
+        # the validation prediction is empty where the head says absent
+        bias.fill_(-30.0)
+        net.train()
+        mask = torch.zeros(2, 1, 128, 128)
+        mask[:, :, 40:70, 50:90] = 1
+        pred = net(x, mask=mask, cls=0, with_prediction=True)["prediction"]
+        assert (pred < 0).all()
 
 
 def lidc_slices(root, count: int, crop: int = 64):

@@ -159,3 +159,15 @@ def test_label_fusion_and_logits_agree_with_nnunet_export():
     region = region_logits_from_frequencies(one)
     assert (region.sigmoid() > 0.5).tolist() == [[[False, False, False, True, True]]]
     assert region.isfinite().all() and region.abs().max() < 10
+
+
+def test_presence_draws_follow_the_probability_and_the_seed():
+    from nnunet_arseg.segmentor.presence import draw_presence
+    logit_B = torch.tensor([-30.0, 30.0, 0.0, math.log(3.0), math.log(0.3 / 0.7)])  # p = 0, 1, 1/2, 3/4, 0.3
+    present = draw_presence(logit_B, 16, seed=11)
+    assert present.shape == (5, 16) and present.dtype == torch.bool
+    assert present.sum(1).tolist()[:4] == [0, 16, 8, 12] and present[4].sum() in (4, 5)  # p N, rounded
+    assert torch.equal(present, draw_presence(logit_B, 16, seed=11))
+    # each sample on its own is present with probability p, over seeds
+    share_N = torch.stack([draw_presence(logit_B[4:], 16, seed=s)[0] for s in range(2000)]).float().mean(0)
+    assert (share_N - 0.3).abs().max() < 0.05
