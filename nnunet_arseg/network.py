@@ -309,16 +309,16 @@ class ARSegNetwork(nn.Module):
                                                              cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
                                                              use_cache=use_cache,
                                                              keep_every=n if with_scales else None)
-                masks_BN = self._decode(f_hat, idx_list).view(B, n, *self.patch_size)
-                scales_BS = torch.stack([self._decode(f) for f in partial], dim=1) if with_scales else None
-                if presence_BK is not None:  # an absent sample is the empty mask, at every scale
-                    present_BN = draw_presence(presence_BK[:, c], n, class_seed(seed, c))
-                    masks_BN = masks_BN & present_BN.view(B, n, *[1] * len(self.patch_size))
-                    if with_scales:
-                        scales_BS = scales_BS & present_BN[:, :1].view(B, 1, *[1] * len(self.patch_size))
-                samples.append(masks_BN)
-                if with_scales:
-                    scales.append(scales_BS)
+                present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None
+                              else torch.ones(B, n, dtype=torch.bool, device=x.device))
+                keep_N = present_BN.flatten()
+                masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
+                if keep_N.any():  # an absent sample is the empty mask: its token draw is never decoded
+                    masks_N[keep_N] = self._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
+                samples.append(masks_N.view(B, n, *self.patch_size))
+                if with_scales:  # sample 0's coarse-to-fine masks, empty at every scale when it is absent
+                    scales_BS = torch.stack([self._decode(f) for f in partial], dim=1)
+                    scales.append(scales_BS & present_BN[:, :1].view(B, 1, *[1] * len(self.patch_size)))
         finally:
             self.train(was_training)
         out = {"classes": classes, "samples": torch.stack(samples, dim=1)}
