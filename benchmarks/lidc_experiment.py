@@ -16,8 +16,9 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
    and the stock ``nnUNetTrainerBudget`` (batch 8 both), ``--budget-minutes`` each; both keep a checkpoint every
    ``--snapshot-minutes`` for the learning curves;
 4. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
-   (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer; after step 3, or beside
-   AR-Seg's training on the stock model's core when the stock model was trained in an earlier sitting;
+   (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer; after step 3 (step 5 then
+   predicts the two scratch models on the other core meanwhile), or beside AR-Seg's training on the stock model's
+   core when the stock model was trained in an earlier sitting;
 5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
    samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case;
 6. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
@@ -64,8 +65,8 @@ def marker(work: str, step: str) -> str:
     return join(work, "done", step)
 
 
-def run_steps(steps: list[tuple[str, list[str], dict]], work: str) -> None:
-    """Run the not yet finished ``(name, cmd, env)`` steps at the same time; each leaves its marker on success."""
+def start_steps(steps: list[tuple[str, list[str], dict]], work: str) -> list:
+    """Start the not yet finished ``(name, cmd, env)`` steps at the same time; ``wait_steps`` collects them."""
     todo = [(n, c, e) for n, c, e in steps if not isfile(marker(work, n))]
     for n, _, _ in steps:
         if not any(n == t[0] for t in todo):
@@ -75,6 +76,11 @@ def run_steps(steps: list[tuple[str, list[str], dict]], work: str) -> None:
         log(f"{name}\n  $ {shlex.join(cmd)}")
         out = open(join(work, "logs", f"{name}.log"), "a")
         procs.append((name, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), time.time(), out))
+    return procs
+
+
+def wait_steps(procs: list, work: str) -> None:
+    """Wait for steps of ``start_steps``; each leaves its marker on success."""
     failed = []
     for name, proc, t0, out in procs:
         rc = proc.wait()
@@ -87,6 +93,11 @@ def run_steps(steps: list[tuple[str, list[str], dict]], work: str) -> None:
         log(f"{name}: done in {time.time() - t0:.0f} s")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+def run_steps(steps: list[tuple[str, list[str], dict]], work: str) -> None:
+    """Run the not yet finished ``(name, cmd, env)`` steps at the same time and wait for them."""
+    wait_steps(start_steps(steps, work), work)
 
 
 def patients_in(folder: str) -> list[str]:
@@ -172,14 +183,15 @@ def evaluate(work: str, env: dict, did: str, pred: str, name: str, cases_folder:
 
 
 def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str, name: str, num_samples: int,
-            checkpoint: str = "checkpoint_final.pth", device: str = "cpu") -> None:
+            checkpoint: str = "checkpoint_final.pth", device: str = "cpu", core: str | None = None) -> None:
+    pin = ["taskset", "-c", core] if core else []
     common = ["-i", images, "-o", pred, "-d", did, "-c", "2d", "-f", "all", "-tr", trainer, "-chk", checkpoint,
               "-device", device, "-npp", "0", "-nps", "0", "--disable_progress_bar"]
     if trainer == STOCK:
-        run_steps([(f"predict_{name}", [join(BIN, "nnUNetv2_predict")] + common, env)], work)
+        run_steps([(f"predict_{name}", pin + [join(BIN, "nnUNetv2_predict")] + common, env)], work)
         link_single_prediction_as_samples(pred, ".png", num_samples)
     else:
-        run_steps([(f"predict_{name}", [join(BIN, "nnUNetv2_arseg_predict")] + common +
+        run_steps([(f"predict_{name}", pin + [join(BIN, "nnUNetv2_arseg_predict")] + common +
                     ["--num_samples", str(num_samples), "--save_samples"], env)], work)
 
 
@@ -268,11 +280,12 @@ def main() -> None:
     upgrade = (f"train_{UPGRADE}", train_cmd(UPGRADE, cores[1] if stock_trained else cores[0],
                                              ["-pretrained_weights", stock_final]),
                dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes)))
+    upgrading = []
     if stock_trained:
         run_steps(scratch + [upgrade], work)
     else:
         run_steps(scratch, work)
-        run_steps([upgrade], work)
+        upgrading = start_steps([upgrade], work)  # the scratch models are predicted on the other core meanwhile
 
     # every curve_every-th test case for the learning curves
     images = join(raw, "imagesTs")
@@ -285,9 +298,10 @@ def main() -> None:
             os.symlink(join(images, f"{case}_0000.png"), link)
 
     rows, curves = {}, {}
-    for trainer in (AR, STOCK, UPGRADE):
+
+    def predict_and_evaluate(trainer: str, core: str | None) -> None:
         pred = join(work, "predictions", trainer)
-        predict(work, env, did, trainer, images, pred, trainer, args.num_samples, device=device)
+        predict(work, env, did, trainer, images, pred, trainer, args.num_samples, device=device, core=core)
         rows[trainer] = {"metrics": evaluate(work, env, did, pred, trainer), "training": training_facts(
             fold_dir(trainer))}
         curves[trainer] = []
@@ -296,8 +310,14 @@ def main() -> None:
             tag = f"{trainer}_{minutes:03d}min"
             pred = join(work, "curves", tag)
             predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
-                    device=device)
+                    device=device, core=core)
             curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, curve_images)})
+
+    free_core = cores[1] if upgrading else None
+    for trainer in (AR, STOCK):
+        predict_and_evaluate(trainer, free_core)
+    wait_steps(upgrading, work)
+    predict_and_evaluate(UPGRADE, None)
     pred = join(work, "predictions", "empty")
     write_empty_prediction(raw, pred, cases, ".png", args.num_samples)
     rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty")}

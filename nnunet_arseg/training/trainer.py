@@ -9,6 +9,8 @@ Set-up once per shell: ``export nnUNet_extTrainer=$(nnUNetv2_arseg_ext_dir)``.
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
@@ -36,6 +38,9 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
     use_raters: bool | None = None  # None: raters when dataset.json declares them; True: require them
     freeze_encoder: bool = False  # True: the image encoder keeps its (pretrained) weights and runs without backward
     tokenizer_fit: TokenizerFitConfig = TokenizerFitConfig()
+    # seeds the weights, the batches and the augmentation (the same run twice gives the same model where nnU-Net's
+    # augmentation runs in the training process, nnUNet_n_proc_DA=0); None: unseeded, as the stock nnUNetTrainer
+    training_seed: int | None = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -101,7 +106,14 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         optimizer = build_optimizer(net, params, self.initial_lr, self.weight_decay)
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
 
+    def _seed(self, offset: int = 0) -> None:
+        if self.training_seed is not None:
+            random.seed(self.training_seed + offset)
+            np.random.seed(self.training_seed + offset)
+            torch.manual_seed(self.training_seed + offset)
+
     def initialize(self):
+        self._seed()  # the weights
         super().initialize()
         if self._rater_info is not None:
             keys = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
@@ -179,6 +191,8 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         self._restore_network()
         if not self._tokenizer_loaded:
             self.load_tokenizer()
+        # batches and augmentation, whether or not the tokenizer was trained first; a resumed run draws new ones
+        self._seed(offset=self.current_epoch)
         super().on_train_start()
 
     # ---------------------------------------------------------------- data
