@@ -20,7 +20,8 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
    predicts the two scratch models on the other core meanwhile), or beside AR-Seg's training on the stock model's
    core when the stock model was trained in an earlier sitting;
 5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
-   samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case;
+   samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case (the
+   curves end with the final checkpoint on those cases);
 6. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
 """
 from __future__ import annotations
@@ -182,6 +183,14 @@ def evaluate(work: str, env: dict, did: str, pred: str, name: str, cases_folder:
     return {m: s["mean"]["1"][m] for m in METRICS if m in s["mean"]["1"]} | {"num_cases": len(s["metric_per_case"])}
 
 
+def mean_over(summary: str, cases: set[str]) -> dict:
+    """The per-case metrics of an evaluator's ``summary`` averaged over ``cases`` (NaN ignored, as its own mean)."""
+    import numpy as np
+    per_case = [c["metrics"]["1"] for c in load_json(summary)["metric_per_case"] if c["case"] in cases]
+    return {m: float(np.nanmean([c[m] for c in per_case])) for m in METRICS if m in per_case[0]} | {
+        "num_cases": len(per_case)}
+
+
 def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str, name: str, num_samples: int,
             checkpoint: str = "checkpoint_final.pth", device: str = "cpu", core: str | None = None) -> None:
     pin = ["taskset", "-c", core] if core else []
@@ -292,6 +301,7 @@ def main() -> None:
     cases = sorted(f[:-len("_0000.png")] for f in subfiles(images, suffix="_0000.png", join=False))
     curve_images = join(work, "curve_images")
     maybe_mkdir_p(curve_images)
+    curve_cases = set(cases[::args.curve_every])
     for case in cases[::args.curve_every]:
         link = join(curve_images, f"{case}_0000.png")
         if not os.path.lexists(link):
@@ -312,6 +322,9 @@ def main() -> None:
             predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
                     device=device, core=core)
             curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, curve_images)})
+        # the final checkpoint on the same cases, from the full test set's per-case metrics
+        curves[trainer].append({"minutes": rows[trainer]["training"]["epoch_minutes"], "final": True, **mean_over(
+            join(work, "predictions", trainer, "summary_arseg.json"), curve_cases)})
 
     free_core = cores[1] if upgrading else None
     for trainer in (AR, STOCK):
