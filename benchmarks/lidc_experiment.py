@@ -301,8 +301,8 @@ def main() -> None:
     cases = sorted(f[:-len("_0000.png")] for f in subfiles(images, suffix="_0000.png", join=False))
     curve_images = join(work, "curve_images")
     maybe_mkdir_p(curve_images)
-    curve_cases = set(cases[::args.curve_every])
-    for case in cases[::args.curve_every]:
+    curve_cases = cases[::args.curve_every]
+    for case in curve_cases:
         link = join(curve_images, f"{case}_0000.png")
         if not os.path.lexists(link):
             os.symlink(join(images, f"{case}_0000.png"), link)
@@ -324,7 +324,7 @@ def main() -> None:
             curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, curve_images)})
         # the final checkpoint on the same cases, from the full test set's per-case metrics
         curves[trainer].append({"minutes": rows[trainer]["training"]["epoch_minutes"], "final": True, **mean_over(
-            join(work, "predictions", trainer, "summary_arseg.json"), curve_cases)})
+            join(work, "predictions", trainer, "summary_arseg.json"), set(curve_cases))})
 
     free_core = cores[1] if upgrading else None
     for trainer in (AR, STOCK):
