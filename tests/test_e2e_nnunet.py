@@ -167,3 +167,28 @@ def test_same_training_twice_gives_the_same_model(trained):
     # the losses are real per-epoch values: another fold's training records different ones
     other = torch.load(trained["fold"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert other["logging"]["train_losses"] != a["logging"]["train_losses"]
+
+
+def test_upgrade_starts_from_a_stock_nnunet_model(trained):
+    """``-pretrained_weights`` of a stock nnU-Net checkpoint of the same plans (nnU-Net's own trainer, one epoch under
+    a wall-time budget): the upgrade variant loads its whole U-Net but the 1x1 segmentation layers, says so, keeps the
+    encoder frozen through training, and trains the decoder and the AR parts."""
+    results = Path(trained["paths"]["nnUNet_results"]) / DATASET
+    _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerBudget", "-device", "cpu"],
+         _env(trained["base"], nnUNet_n_proc_DA="0", nnUNet_ARSEG_BUDGET_MINUTES="0.01"))
+    stock_file = results / "nnUNetTrainerBudget__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    out = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerARSeg_upgrade_tiny",
+                "-device", "cpu", "-pretrained_weights", str(stock_file)], _env(trained["base"], nnUNet_n_proc_DA="0"))
+    assert "were loaded from the pretrained weights; not loaded, as initialised: decoder.seg_layers;" in out
+    assert "trained from scratch: embedding, presence_head, transformer" in out
+    stock = torch.load(stock_file, map_location="cpu", weights_only=False)["network_weights"]
+    fold = results / "nnUNetTrainerARSeg_upgrade_tiny__nnUNetPlans__2d" / "fold_0"
+    upgraded = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = upgraded["network_weights"]
+    encoder = [k for k in stock if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(weights[k], stock[k]) for k in encoder)  # frozen
+    decoder = [k for k in stock if k.startswith("decoder.stages.")]
+    assert decoder and not all(torch.equal(weights[k], stock[k]) for k in decoder)  # trained
+    losses = upgraded["logging"]["train_losses"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert (fold / "validation" / "summary_arseg.json").is_file()

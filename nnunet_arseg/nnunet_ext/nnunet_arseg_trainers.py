@@ -8,4 +8,5 @@ from nnunet_arseg.training import (nnUNetTrainerARSeg, nnUNetTrainerARSeg_5epoch
                                    nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
                                    nnUNetTrainerARSeg_small_budget, nnUNetTrainerARSeg_tiny,
                                    nnUNetTrainerARSeg_tiny_demo, nnUNetTrainerARSeg_upgrade,
-                                   nnUNetTrainerARSeg_upgrade_budget, nnUNetTrainerBudget)
+                                   nnUNetTrainerARSeg_upgrade_budget, nnUNetTrainerARSeg_upgrade_tiny,
+                                   nnUNetTrainerBudget)

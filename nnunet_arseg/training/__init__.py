@@ -9,11 +9,11 @@ from nnunet_arseg.training.variants import (nnUNetTrainerARSeg_5epochs, nnUNetTr
                                             nnUNetTrainerARSeg_250epochs, nnUNetTrainerARSeg_frozenEncoder,
                                             nnUNetTrainerARSeg_mirroring, nnUNetTrainerARSeg_small,
                                             nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_tiny_demo,
-                                            nnUNetTrainerARSeg_upgrade)
+                                            nnUNetTrainerARSeg_upgrade, nnUNetTrainerARSeg_upgrade_tiny)
 
 __all__ = ["nnUNetTrainerARSeg", "nnUNetTrainerARSeg_5epochs", "nnUNetTrainerARSeg_10epochs",
            "nnUNetTrainerARSeg_50epochs", "nnUNetTrainerARSeg_100epochs", "nnUNetTrainerARSeg_250epochs",
            "nnUNetTrainerARSeg_frozenEncoder", "nnUNetTrainerARSeg_mirroring", "nnUNetTrainerARSeg_small",
            "nnUNetTrainerARSeg_tiny", "nnUNetTrainerARSeg_tiny_demo", "nnUNetTrainerARSeg_budget",
            "nnUNetTrainerARSeg_small_budget", "nnUNetTrainerARSeg_upgrade", "nnUNetTrainerARSeg_upgrade_budget",
-           "nnUNetTrainerBudget"]
+           "nnUNetTrainerARSeg_upgrade_tiny", "nnUNetTrainerBudget"]

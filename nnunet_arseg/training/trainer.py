@@ -137,10 +137,16 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             parts = sorted({k.split(".")[0] for k in loaded})
             fresh = sorted({k.split(".")[0] for k, _ in unwrap_network(self._arseg_network).named_parameters()}
                            - {"encoder", "decoder", "tokenizer"})
+            kept = sorted({k.rsplit(".", 2)[0] for k in at_init if k not in loaded})
             self.print_to_log_file(
                 f"AR-Seg: {len(loaded)} of {len(at_init)} U-Net tensors ({', '.join(parts)}) were loaded from the "
-                f"pretrained weights; not in a stock checkpoint and trained from scratch: {', '.join(fresh)}; the "
-                f"tokenizer is the dataset's own")
+                f"pretrained weights" + (f"; not loaded, as initialised: {', '.join(kept)}" if kept else "") +
+                f"; not in a stock checkpoint and trained from scratch: {', '.join(fresh)}; the tokenizer is the "
+                f"dataset's own")
+        elif self.freeze_encoder:
+            self.print_to_log_file(f"AR-Seg: WARNING {type(self).__name__} keeps its encoder frozen, but no pretrained "
+                                   f"weights were loaded into it: pass -pretrained_weights <a stock nnUNetTrainer "
+                                   f"checkpoint_final.pth of the same dataset and plans>")
         self.network, self._arseg_network, self._image_model_at_init = self._arseg_network, None, None
 
     # ---------------------------------------------------------------- tokenizer

@@ -60,7 +60,8 @@ class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
 class nnUNetTrainerARSeg_upgrade(nnUNetTrainerARSeg):
     """AR-Seg on top of a lab's trained nnU-Net: the ``small`` AR parts over the plans' own U-Net at its full width,
     whose encoder stays frozen. Train with ``-pretrained_weights`` of the stock ``nnUNetTrainer`` checkpoint of the
-    same plans: its encoder and decoder initialise AR-Seg's, the rest starts from scratch."""
+    same plans: its encoder and decoder initialise AR-Seg's (but the 1x1 segmentation layers, which nnU-Net never
+    transfers), the rest starts from scratch."""
 
     arseg_arch_overrides = {"preset": "small", "max_features_per_stage": None}
     freeze_encoder = True
@@ -90,6 +91,12 @@ class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
         self.save_every = 1
         self.num_validation_samples = 4
         self.initial_lr = 1e-3
+
+
+class nnUNetTrainerARSeg_upgrade_tiny(nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_upgrade):
+    """Smoke-test size of ``nnUNetTrainerARSeg_upgrade``: the tiny AR parts over the plans' full-width U-Net."""
+
+    arseg_arch_overrides = {**nnUNetTrainerARSeg_tiny.arseg_arch_overrides, "max_features_per_stage": None}
 
 
 class nnUNetTrainerARSeg_tiny_demo(nnUNetTrainerARSeg_tiny):
