@@ -19,6 +19,7 @@ from PIL import Image
 
 import nnunet_arseg
 from nnunet_arseg.network import build_arseg_architecture
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer, target_reached
 
 DEMO = Path(nnunet_arseg.__file__).parent / "demo_data" / "lidc"
 TRAINER = "nnUNetTrainerARSeg"
@@ -140,9 +141,21 @@ def preprocessed_tiles(plans: dict, configuration: str, dataset_json: dict, case
     return torch.stack(xs), torch.stack(ms)
 
 
-def overfit(network, x: torch.Tensor, masks: torch.Tensor, tokenizer_steps: int = 100, segmentor_steps: int = 60,
+def draws_disagreeing_masks(network, x: torch.Tensor) -> bool:
+    """What the prediction tests need of the model: most of its samples mark something, and they disagree (in at
+    least two of the cases)."""
+    samples = network.sample(x, 16, seed=0)["samples"][:, 0]
+    marked = samples.flatten(2).any(-1).float().mean()
+    disagreeing = (samples != samples[:, :1]).flatten(1).any(1).sum()
+    return bool(marked >= 0.5 and disagreeing >= 2)
+
+
+def overfit(network, x: torch.Tensor, masks: torch.Tensor, segmentor_steps: int = 60, max_segmentor_steps: int = 600,
             seed: int = 0):
-    """Tokenizer, then segmentor, on the masks of randomly drawn raters (class 0)."""
+    """Tokenizer, then segmentor, on the masks of randomly drawn raters (class 0), each to a criterion under a step
+    cap (another CPU's arithmetic changes how many steps that takes, not whether the model gets there): the tokenizer
+    until it reconstructs the rater masks, the segmentor at least ``segmentor_steps`` and until it draws disagreeing
+    masks (checked every 20 steps)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = network.train()
@@ -151,24 +164,26 @@ def overfit(network, x: torch.Tensor, masks: torch.Tensor, tokenizer_steps: int 
     def draw():
         return masks[rows, torch.randint(masks.shape[1], (len(x),), generator=gen)][:, None]
 
+    all_masks = masks.reshape(-1, 1, *masks.shape[2:])
+    cfg = TokenizerFitConfig(max_steps=1500, batch_size=8, lr=5e-3, warmup_steps=20, eval_every=25, target_dice=0.9,
+                             target_empty=1.0, seed=seed)
     net.tokenizer.requires_grad_(True)
-    net.tokenizer.train()
-    opt = torch.optim.Adam(net.tokenizer.parameters(), 5e-3)
-    for _ in range(tokenizer_steps):
-        loss = net.tokenizer.loss(draw())[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    state = fit_tokenizer(net.tokenizer, lambda rng, b: all_masks[rng.integers(len(all_masks), size=b)], all_masks,
+                          cfg, log=lambda _: None)
     net.tokenizer.requires_grad_(False)
+    if not target_reached(state["history"][-1], cfg):
+        raise RuntimeError(f"the test model's tokenizer does not reconstruct the rater masks: {state['history'][-1]}")
     net.train()
     opt = torch.optim.AdamW(net.trainable_parameters(), 2e-3)
     cls = torch.zeros(len(x), dtype=torch.long)
-    for _ in range(segmentor_steps):
+    for step in range(1, max_segmentor_steps + 1):
         loss = net(x, mask=draw(), cls=cls)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return net.eval()
+        if step >= segmentor_steps and step % 20 == 0 and draws_disagreeing_masks(net, x):
+            return net.eval()
+    raise RuntimeError(f"the test model does not draw disagreeing masks after {max_segmentor_steps} steps")
 
 
 def save_results_folder(results_root: str, dataset_name: str, plans: dict, dataset_json: dict, configuration: str,
