@@ -3,6 +3,7 @@
 - ``nnUNet_ARSEG_NUM_SAMPLES``: N samples per image of the network's eval forward (the stock ``nnUNetv2_predict``);
   default: the model's stored N (16).
 - ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
+- ``nnUNet_ARSEG_TEMPERATURE``: the factor on that sampling's per-scale temperatures; default 1 (the reference's).
 - ``nnUNet_ARSEG_BUDGET_MINUTES``: the wall-time budget of the ``*_budget`` trainers, in minutes.
 - ``nnUNet_ARSEG_SNAPSHOT_MINUTES``: the ``*_budget`` trainers also keep ``checkpoint_<m>min.pth`` every this many
   minutes of the budget (learning curves).
@@ -19,6 +20,7 @@ import os
 
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
+TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
 SNAPSHOT_MINUTES = "nnUNet_ARSEG_SNAPSHOT_MINUTES"
 TOKENIZER = "nnUNet_ARSEG_TOKENIZER"
@@ -68,6 +70,10 @@ def num_samples(default: int) -> int:
 
 def sampling_seed() -> int:
     return env_int(SEED, 0)
+
+
+def sampling_temperature() -> float:
+    return env_float(TEMPERATURE, "AR-Seg sampling", default=1.0)
 
 
 def tokenizer_file() -> str | None:

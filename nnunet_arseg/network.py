@@ -19,7 +19,7 @@ from nnunet_arseg.config import REFERENCE_TOP_K_SHARE, ARSegConfig, preset
 from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
 from nnunet_arseg.segmentor.presence import PresenceHead, draw_presence
-from nnunet_arseg.segmentor.sampling import sample_token_maps
+from nnunet_arseg.segmentor.sampling import sample_token_maps, temperature_schedule
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
 from nnunet_arseg.tokenizer import MaskTokenizer
 
@@ -287,14 +287,18 @@ class ARSegNetwork(nn.Module):
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
-               with_scales: bool = False, use_cache: bool = True) -> dict:
+               with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
+        ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of sample 0. Consensus, soft map,
         uncertainty and logits are derived from the samples in ``nnunet_arseg.consensus``.
         """
         n = self.num_samples if num_samples is None else int(num_samples)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperatures = [t * temperature for t in temperature_schedule(len(self.tokenizer.scales))]
         classes = list(range(self.num_conditions)) if classes is None else [int(c) for c in classes]
         was_training = self.training
         self.eval()
@@ -307,7 +311,7 @@ class ARSegNetwork(nn.Module):
                 cls_B = torch.full((B,), c, dtype=torch.long, device=x.device)
                 idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
                                                              cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
-                                                             use_cache=use_cache,
+                                                             temperatures=temperatures, use_cache=use_cache,
                                                              keep_every=n if with_scales else None)
                 present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None
                               else torch.ones(B, n, dtype=torch.bool, device=x.device))
@@ -329,16 +333,18 @@ class ARSegNetwork(nn.Module):
     # what the eval forward draws: set by a predictor around its sliding window (``nnunet_arseg.sampling_window``)
     eval_sampling = None
 
-    def eval_settings(self) -> tuple[int, int]:
-        """N and base seed of the eval forward: those of ``eval_sampling`` where a predictor set them, else
-        ``nnUNet_ARSEG_NUM_SAMPLES`` / ``nnUNet_ARSEG_SEED`` (for the stock ``nnUNetv2_predict``), else the stored
-        default N and seed 0."""
+    def eval_settings(self) -> tuple[int, int, float]:
+        """N, base seed and temperature factor of the eval forward: those of ``eval_sampling`` where a predictor set
+        them, else ``nnUNet_ARSEG_NUM_SAMPLES`` / ``_SEED`` / ``_TEMPERATURE`` (for the stock ``nnUNetv2_predict``),
+        else the stored default N, seed 0 and temperature 1."""
         request = self.eval_sampling
         n = getattr(request, "num_samples", None)
         seed = getattr(request, "seed", None)
+        temperature = getattr(request, "temperature", None)
         n = env.num_samples(self.num_samples) if n is None else int(n)
         seed = env.sampling_seed() if seed is None else int(seed)
-        return n, seed
+        temperature = env.sampling_temperature() if temperature is None else float(temperature)
+        return n, seed, temperature
 
     def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval output (B, num_classes, *patch): the consensus logits of N samples per image (``consensus.py``), so
@@ -348,12 +354,12 @@ class ARSegNetwork(nn.Module):
         (``content_seed``): whoever tiles a case (``nnUNetv2_predict``, ``nnUNetv2_arseg_predict``, the final
         validation) draws the same samples for the same tile. A recorder in ``eval_sampling`` receives them.
         """
-        n, seed = self.eval_settings()
+        n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
         logits = []
         for x_1 in x.split(1):
             with_scales = recorder is not None and recorder.wants_scales
-            out = self.sample(x_1, n, content_seed(seed, x_1), with_scales=with_scales)
+            out = self.sample(x_1, n, content_seed(seed, x_1), with_scales=with_scales, temperature=temperature)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))

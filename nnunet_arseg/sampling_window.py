@@ -27,11 +27,12 @@ __all__ = ["EvalSampling", "TileRecorder", "CaseSamples", "SamplingPredictor", "
 
 @dataclass
 class EvalSampling:
-    """What ``ARSegNetwork``'s eval forward draws while a predictor runs: N and base seed (None: the network's own
-    default, see ``ARSegNetwork.eval_settings``) and a recorder for the samples."""
+    """What ``ARSegNetwork``'s eval forward draws while a predictor runs: N, base seed and temperature factor (None:
+    the network's own default, see ``ARSegNetwork.eval_settings``) and a recorder for the samples."""
 
     num_samples: int | None = None
     seed: int | None = None
+    temperature: float | None = None
     recorder: TileRecorder | None = None
 
 
@@ -117,21 +118,24 @@ class SamplingPredictor(nnUNetPredictor):
     over: ``sample_case`` returns the consensus logits of a preprocessed case, as nnU-Net computes them, and its
     samples. Everything else (tiling, mirroring, fold averaging, export) is nnU-Net's."""
 
-    def __init__(self, *args, num_samples: int | None = None, seed: int | None = None, with_scales: bool = False,
-                 **kwargs):
+    def __init__(self, *args, num_samples: int | None = None, seed: int | None = None,
+                 temperature: float | None = None, with_scales: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if num_samples is not None and int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if temperature is not None and not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.num_samples = None if num_samples is None else int(num_samples)
         self.seed = None if seed is None else int(seed)
+        self.temperature = None if temperature is None else float(temperature)
         self.with_scales = with_scales
         self._windows: list | None = None  # the samples of each model's window, while sample_case runs
         self._recorder: TileRecorder | None = None
 
-    def eval_settings(self) -> tuple[int, int]:
-        """The N (per fold model) and base seed this predictor draws with."""
+    def eval_settings(self) -> tuple[int, int, float]:
+        """The N (per fold model), base seed and temperature factor this predictor draws with."""
         net = arseg_network(self.network)
-        previous, net.eval_sampling = net.eval_sampling, EvalSampling(self.num_samples, self.seed)
+        previous, net.eval_sampling = net.eval_sampling, EvalSampling(self.num_samples, self.seed, self.temperature)
         try:
             return net.eval_settings()
         finally:
@@ -156,7 +160,7 @@ class SamplingPredictor(nnUNetPredictor):
         net = arseg_network(self.network)
         recording = self._windows is not None
         self._recorder = TileRecorder(self.with_scales and not self._windows) if recording else None
-        net.eval_sampling = EvalSampling(self.num_samples, self.seed, self._recorder)
+        net.eval_sampling = EvalSampling(self.num_samples, self.seed, self.temperature, self._recorder)
         try:
             logits = super().predict_sliding_window_return_logits(input_image)
         finally:

@@ -97,6 +97,30 @@ def test_outputs_agree_with_the_samples_and_the_stock_command(lidc2d, tmp_path):
 
 
 @pytest.mark.e2e
+def test_temperature_trades_diversity_for_the_most_likely_mask(lidc2d, tmp_path):
+    """``--temperature``: near 0 every drawn mask of a case is the same (the per-scale argmax), at 1 they are not; the
+    stock command takes it from ``nnUNet_ARSEG_TEMPERATURE``."""
+    def masks(temperature: str, out: Path) -> list[np.ndarray]:
+        _run(_ours(lidc2d, out, "-npp", "0", "-nps", "0", "--disable_tta", "--num_samples", N, "--save_samples",
+                   "--temperature", temperature), _env(lidc2d))
+        assert json.loads((out / ARGS_FILE).read_text())["temperature"] == float(temperature)
+        return [np.stack([_png(sample_file(str(out), case, k, ".png")) for k in range(N)]) for case in lidc2d["cases"]]
+
+    def distinct_drawn(samples: np.ndarray) -> int:
+        return len({s.tobytes() for s in samples if s.any()})
+
+    cold, warm = masks("1e-4", tmp_path / "cold"), masks("1", tmp_path / "warm")
+    assert sum(distinct_drawn(s) for s in cold) == len(cold)  # one mask per case (absent samples aside)
+    assert any(distinct_drawn(s) > 1 for s in warm)
+    stock = tmp_path / "stock"
+    _run([BIN / "nnUNetv2_predict", "-i", lidc2d["images"], "-o", stock, "-d", lidc2d["dataset_id"], "-c", "2d",
+          "-f", "0", "-tr", lidc_model.TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta",
+          "--disable_progress_bar"], _env(lidc2d, nnUNet_ARSEG_NUM_SAMPLES=str(N), nnUNet_ARSEG_TEMPERATURE="1e-4"))
+    for case in lidc2d["cases"]:
+        assert filecmp.cmp(tmp_path / "cold" / f"{case}.png", stock / f"{case}.png", shallow=False)
+
+
+@pytest.mark.e2e
 def test_continue_prediction_redoes_exactly_the_incomplete_cases(lidc2d, tmp_path):
     out, first = tmp_path / "out", tmp_path / "first"
     flags = ["--num_samples", 4, "--save_samples", "--save_uncertainty"]
@@ -183,6 +207,8 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     assert "no trained model" in err and "nnUNetTrainerARSeg__nnUNetPlans__2d" in err
     err = _refused(capsys, paths, tmp_path, "--num_samples", "0")
     assert "--num_samples must be >= 1" in err
+    err = _refused(capsys, paths, tmp_path, "--temperature", "0")
+    assert "--temperature must be > 0" in err
 
 
 def test_bad_inputs_are_refused(paths, tmp_path, capsys):

@@ -22,7 +22,7 @@ from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_tempora
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
-RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "step_size", "mirroring")
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "step_size", "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("-num_samples", dest="num_samples_deprecated", type=int, default=None, help=argparse.SUPPRESS)
     ours.add_argument("--seed", type=int, default=None,
                       help="base seed of the sampling (same seed, same samples); default $nnUNet_ARSEG_SEED or 0")
+    ours.add_argument("--temperature", type=float, default=None,
+                      help="factor on the per-scale sampling temperatures (> 0; below 1: each sample closer to the "
+                           "model's most likely mask, less diversity); default $nnUNet_ARSEG_TEMPERATURE or 1")
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
     ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
@@ -86,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_samples = args.num_samples_deprecated
     if args.num_samples is not None and args.num_samples < 1:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.temperature is not None and not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.device not in ("cpu", "cuda", "mps"):
         parser.error(f"-device must be cpu, cuda or mps, got {args.device!r}")
     if not 0 <= args.part_id < args.num_parts:
@@ -142,16 +147,17 @@ def run(args: argparse.Namespace) -> None:
                                perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
-                               extras=extras)
+                               temperature=args.temperature, extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
     except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
         raise InputError(f"{folder}: cannot load the model from {args.chk} of fold(s) {folds} "
                          f"({type(e).__name__}: {e})") from e
-    num_samples, seed = predictor.eval_settings()
+    num_samples, seed, temperature = predictor.eval_settings()
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
-                "num_samples": num_samples, "seed": seed, "step_size": args.step_size, "mirroring": mirroring,
+                "num_samples": num_samples, "seed": seed, "temperature": temperature, "step_size": args.step_size,
+                "mirroring": mirroring,
                 "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
                 "save_probabilities": args.save_probabilities}
@@ -165,7 +171,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {args.o}")
     save_json_atomic(settings, join(args.o, ARGS_FILE))
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
-          f"mirroring axes {mirroring or 'none'}")
+          f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}")
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,
                                                 save_probabilities=args.save_probabilities,
