@@ -157,8 +157,7 @@ def run(args: argparse.Namespace) -> None:
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
                 "num_samples": num_samples, "seed": seed, "temperature": temperature, "step_size": args.step_size,
-                "mirroring": mirroring,
-                "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
+                "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
                 "save_probabilities": args.save_probabilities}
     if args.continue_prediction:

@@ -137,10 +137,10 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             parts = sorted({k.split(".")[0] for k in loaded})
             fresh = sorted({k.split(".")[0] for k, _ in unwrap_network(self._arseg_network).named_parameters()}
                            - {"encoder", "decoder", "tokenizer"})
-            kept = sorted({k.rsplit(".", 2)[0] for k in at_init if k not in loaded})
+            unloaded = sorted({k.rsplit(".", 2)[0] for k in at_init if k not in loaded})
             self.print_to_log_file(
                 f"AR-Seg: {len(loaded)} of {len(at_init)} U-Net tensors ({', '.join(parts)}) were loaded from the "
-                f"pretrained weights" + (f"; not loaded, as initialised: {', '.join(kept)}" if kept else "") +
+                f"pretrained weights" + (f"; not loaded, as initialised: {', '.join(unloaded)}" if unloaded else "") +
                 f"; not in a stock checkpoint and trained from scratch: {', '.join(fresh)}; the tokenizer is the "
                 f"dataset's own")
         elif self.freeze_encoder:
