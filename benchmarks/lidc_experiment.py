@@ -18,7 +18,8 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
 4. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
    (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer; after step 3 (step 5 then
    predicts the two scratch models on the other core meanwhile), or beside AR-Seg's training on the stock model's
-   core when the stock model was trained in an earlier sitting;
+   core when the stock model was trained in an earlier sitting; predicted twice: on its own, and sampling around
+   the stock model's test predictions (``--anchor``, method §3.3);
 5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
    samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case (the
    curves end with the final checkpoint on those cases);
@@ -47,8 +48,9 @@ AR = "nnUNetTrainerARSeg_small_budget"
 STOCK = "nnUNetTrainerBudget"
 UPGRADE = "nnUNetTrainerARSeg_upgrade_budget"
 METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "presence_gap", "presence_correlation")
+ANCHORED = f"{UPGRADE}_anchored"
 LABELS = {AR: "AR-Seg from scratch", STOCK: "nnU-Net (stock)", UPGRADE: "AR-Seg upgrade of the nnU-Net model",
-          "empty": "empty mask (reference)"}
+          ANCHORED: "AR-Seg upgrade, sampled around the nnU-Net masks (--anchor)", "empty": "empty mask (reference)"}
 
 
 def log(msg: str) -> None:
@@ -192,7 +194,8 @@ def mean_over(summary: str, cases: set[str]) -> dict:
 
 
 def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str, name: str, num_samples: int,
-            checkpoint: str = "checkpoint_final.pth", device: str = "cpu", core: str | None = None) -> None:
+            checkpoint: str = "checkpoint_final.pth", device: str = "cpu", core: str | None = None,
+            extra: tuple[str, ...] = ()) -> None:
     pin = ["taskset", "-c", core] if core else []
     common = ["-i", images, "-o", pred, "-d", did, "-c", "2d", "-f", "all", "-tr", trainer, "-chk", checkpoint,
               "-device", device, "-npp", "0", "-nps", "0", "--disable_progress_bar"]
@@ -201,7 +204,7 @@ def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str
         link_single_prediction_as_samples(pred, ".png", num_samples)
     else:
         run_steps([(f"predict_{name}", pin + [join(BIN, "nnUNetv2_arseg_predict")] + common +
-                    ["--num_samples", str(num_samples), "--save_samples"], env)], work)
+                    ["--num_samples", str(num_samples), "--save_samples", *extra], env)], work)
 
 
 def plot_curves(curves: dict, path: str) -> None:
@@ -331,6 +334,11 @@ def main() -> None:
         predict_and_evaluate(trainer, free_core)
     wait_steps(upgrading, work)
     predict_and_evaluate(UPGRADE, None)
+    # the upgrade sampled around the stock model's own test predictions (method §3.3, all scales from them)
+    pred = join(work, "predictions", ANCHORED)
+    predict(work, env, did, UPGRADE, images, pred, ANCHORED, args.num_samples, device=device,
+            extra=("--anchor", join(work, "predictions", STOCK)))
+    rows[ANCHORED] = {"metrics": evaluate(work, env, did, pred, ANCHORED), "training": rows[UPGRADE]["training"]}
     pred = join(work, "predictions", "empty")
     write_empty_prediction(raw, pred, cases, ".png", args.num_samples)
     rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty")}

@@ -114,6 +114,7 @@ class ARSegNetwork(nn.Module):
                  presence: bool = ARSegConfig.presence, deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
+        self.input_channels = int(input_channels)
         self.has_regions, self.num_classes = bool(has_regions), int(num_classes)
         self.num_conditions = self.num_classes if self.has_regions else self.num_classes - 1
         if self.num_conditions < 1:
@@ -287,9 +288,13 @@ class ARSegNetwork(nn.Module):
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
-               with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0) -> dict:
+               with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
+               anchor: torch.Tensor | None = None, anchor_scales: int | None = None) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
         ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
+        ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's masks: where a class's anchor is
+        non-empty, its first ``anchor_scales`` token maps (None: all) are the anchor's own and the finer ones are
+        drawn given them (method §3.3); presence is drawn as without it, and an empty anchor leaves the draws free.
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of sample 0. Consensus, soft map,
@@ -299,6 +304,14 @@ class ARSegNetwork(nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         temperatures = [t * temperature for t in temperature_schedule(len(self.tokenizer.scales))]
+        num_scales = len(self.tokenizer.scales)
+        anchor_scales = num_scales if anchor_scales is None else int(anchor_scales)
+        if not 0 <= anchor_scales <= num_scales:
+            raise ValueError(f"anchor_scales must be in 0 .. {num_scales} (the tokenizer's scales), got "
+                             f"{anchor_scales}")
+        if anchor is not None and tuple(anchor.shape) != (x.shape[0], self.num_conditions, *self.patch_size):
+            raise ValueError(f"anchor must have the shape (B, {self.num_conditions}, *{self.patch_size}) (one mask per "
+                             f"condition class), got {tuple(anchor.shape)}")
         classes = list(range(self.num_conditions)) if classes is None else [int(c) for c in classes]
         was_training = self.training
         self.eval()
@@ -309,10 +322,16 @@ class ARSegNetwork(nn.Module):
             samples, scales = [], []
             for c in classes:
                 cls_B = torch.full((B,), c, dtype=torch.long, device=x.device)
+                given = None
+                if anchor is not None and anchor_scales > 0:
+                    mask_B1 = anchor[:, c:c + 1].float()
+                    idx_anchor = self.tokenizer.mask_to_idx(mask_B1)[:anchor_scales]
+                    given = ([idx.repeat_interleave(n, dim=0) for idx in idx_anchor],
+                             mask_B1.flatten(1).amax(1).gt(0).repeat_interleave(n))
                 idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
                                                              cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
                                                              temperatures=temperatures, use_cache=use_cache,
-                                                             keep_every=n if with_scales else None)
+                                                             keep_every=n if with_scales else None, anchor=given)
                 present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None
                               else torch.ones(B, n, dtype=torch.bool, device=x.device))
                 keep_N = present_BN.flatten()
@@ -353,13 +372,27 @@ class ARSegNetwork(nn.Module):
         Each image draws its samples with a seed made of the base seed and the image's own content
         (``content_seed``): whoever tiles a case (``nnUNetv2_predict``, ``nnUNetv2_arseg_predict``, the final
         validation) draws the same samples for the same tile. A recorder in ``eval_sampling`` receives them.
+
+        Channels beyond the image's are anchor masks, one per foreground label: nnU-Net's predictor appends them
+        from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``.
         """
         n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
+        anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
+        anchor = None
+        if x.shape[1] > self.input_channels:
+            x, anchor = x[:, :self.input_channels], x[:, self.input_channels:] > 0.5
+            if self.has_regions or anchor.shape[1] != self.num_conditions:
+                raise ValueError(f"the input has {anchor.shape[1]} channel(s) beyond the image's {self.input_channels}"
+                                 f"; as anchor masks they must be one per condition class ({self.num_conditions}) of "
+                                 "a label-based (not region-based) dataset")
         logits = []
-        for x_1 in x.split(1):
+        for b, x_1 in enumerate(x.split(1)):
             with_scales = recorder is not None and recorder.wants_scales
-            out = self.sample(x_1, n, content_seed(seed, x_1), with_scales=with_scales, temperature=temperature)
+            a_1 = None if anchor is None else anchor[b:b + 1]
+            seed_1 = content_seed(seed, x_1 if a_1 is None else torch.cat((x_1, a_1.to(x_1)), 1))
+            out = self.sample(x_1, n, seed_1, with_scales=with_scales, temperature=temperature, anchor=a_1,
+                              anchor_scales=anchor_scales)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))

@@ -213,6 +213,37 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         assert (pred < 0).all()
 
 
+def test_an_anchor_mask_is_kept_where_a_sample_is_present():
+    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    x = torch.randn(2, 1, 128, 128)
+    anchor = torch.zeros(2, 1, 128, 128, dtype=torch.bool)
+    anchor[0, 0, 40:70, 50:90] = True  # image 1 has an empty anchor
+    bias = net.presence_head.fc.bias
+    with torch.no_grad():
+        bias.fill_(30.0)  # always present
+        free = net.sample(x, num_samples=4, seed=3)["samples"]
+        out = net.sample(x, num_samples=4, seed=3, anchor=anchor)["samples"]  # every scale from the anchor
+        own = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(anchor[:1].float()))[0, 0] > 0
+        assert torch.equal(out[0, 0], own.expand(4, -1, -1))  # the anchor's own (tokenized) mask, every sample
+        assert not torch.equal(out[0], free[0])
+        assert torch.equal(out[1], free[1])  # an empty anchor leaves the draws free
+        assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor=anchor, anchor_scales=0)["samples"], free)
+        bias.fill_(-30.0)  # presence is still the model's: never present, no mask
+        assert not net.sample(x, num_samples=4, seed=3, anchor=anchor)["samples"].any()
+        bias.fill_(30.0)
+        # the eval forward takes anchors as the channels after the image's (nnU-Net's previous-stage channels)
+        x_anchor = torch.cat((x[:1], anchor[:1].float()), 1)
+        drawn = net.sample(x[:1], num_samples=net.num_samples, seed=content_seed(0, x_anchor),
+                           anchor=anchor[:1])["samples"]
+        with torch.inference_mode():
+            logits = net(x_anchor)
+        assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(vote_frequency(drawn, dim=2), class_dim=1))
+        with pytest.raises(ValueError, match="one per condition class"):
+            net(torch.cat((x_anchor, x_anchor[:, 1:]), 1))
+        with pytest.raises(ValueError, match="anchor_scales"):
+            net.sample(x, num_samples=2, anchor=anchor, anchor_scales=len(net.tokenizer.scales) + 1)
+
+
 def lidc_slices(root, count: int, crop: int = 64):
     """The first slice of the first ``count`` nodules whose consensus (>= 3 of 4 raters) is non-empty."""
     from skimage.io import imread

@@ -121,6 +121,40 @@ def test_temperature_trades_diversity_for_the_most_likely_mask(lidc2d, tmp_path)
 
 
 @pytest.mark.e2e
+def test_anchor_samples_around_given_masks(lidc2d, tmp_path):
+    """``--anchor FOLDER``: every drawn mask of a case is the anchor's (as the tokenizer reconstructs it) where all
+    scales come from it (the stock command given the folder as ``-prev_stage_predictions`` agrees), and only the
+    coarse ones with ``--anchor_scales``."""
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    for case in lidc2d["cases"]:  # a rater who marked the nodule
+        raters = lidc2d["raters"][case]
+        Image.fromarray(raters[raters.reshape(4, -1).any(1)][0].astype(np.uint8)).save(anchors / f"{case}.png")
+
+    def drawn(out: Path, *flags) -> list[np.ndarray]:
+        _run(_ours(lidc2d, out, "-npp", "0", "-nps", "0", "--disable_tta", "--num_samples", N, "--save_samples",
+                   "--anchor", anchors, *flags), _env(lidc2d))
+        return [np.stack([s for k in range(N) if (s := _png(sample_file(str(out), case, k, ".png"))).any()])
+                for case in lidc2d["cases"]]
+
+    for case, samples in zip(lidc2d["cases"], drawn(tmp_path / "all")):
+        anchor = _png(anchors / f"{case}.png") > 0
+        assert (samples == samples[0]).all()  # one mask per case
+        assert 2 * (samples[0] & anchor).sum() / (samples[0].sum() + anchor.sum()) > 0.7, case
+    args = json.loads((tmp_path / "all" / ARGS_FILE).read_text())
+    assert args["anchor"] == str(anchors) and args["anchor_scales"] > 2  # all of the tokenizer's scales
+    stock = tmp_path / "stock"  # nnU-Net's own previous-stage input is the same anchor
+    _run([BIN / "nnUNetv2_predict", "-i", lidc2d["images"], "-o", stock, "-d", lidc2d["dataset_id"], "-c", "2d",
+          "-f", "0", "-tr", lidc_model.TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta",
+          "--disable_progress_bar", "-prev_stage_predictions", anchors], _env(lidc2d, nnUNet_ARSEG_NUM_SAMPLES=str(N)))
+    for case in lidc2d["cases"]:
+        assert filecmp.cmp(tmp_path / "all" / f"{case}.png", stock / f"{case}.png", shallow=False)
+    coarse = drawn(tmp_path / "coarse", "--anchor_scales", "2")
+    assert json.loads((tmp_path / "coarse" / ARGS_FILE).read_text())["anchor_scales"] == 2
+    assert any(len({s.tobytes() for s in samples}) > 1 for samples in coarse)  # the finer scales are drawn
+
+
+@pytest.mark.e2e
 def test_continue_prediction_redoes_exactly_the_incomplete_cases(lidc2d, tmp_path):
     out, first = tmp_path / "out", tmp_path / "first"
     flags = ["--num_samples", 4, "--save_samples", "--save_uncertainty"]
@@ -209,6 +243,18 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     assert "--num_samples must be >= 1" in err
     err = _refused(capsys, paths, tmp_path, "--temperature", "0")
     assert "--temperature must be > 0" in err
+    assert "goes with --anchor" in _refused(capsys, paths, tmp_path, "--anchor_scales", "2")
+    err = _refused(capsys, paths, tmp_path, "--anchor", tmp_path / "nothing")
+    assert "--anchor" in err and "no such folder" in err
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    err = _refused(capsys, paths, tmp_path, "--anchor", anchors)
+    assert f"no mask for {len(paths['cases'])} of {len(paths['cases'])} case(s)" in err
+    assert f"{paths['cases'][0]}.png" in err and "nnUNetv2_predict" in err
+    for case in paths["cases"]:
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(anchors / f"{case}.png")
+    err = _refused(capsys, paths, tmp_path, "--anchor", anchors, "--anchor_scales", "99")
+    assert "--anchor_scales 99" in err and "scales" in err
 
 
 def test_bad_inputs_are_refused(paths, tmp_path, capsys):

@@ -80,6 +80,26 @@ def test_kv_cache_gives_the_same_samples_and_seeds_matter(tokenizer_and_transfor
     assert all(b.attn.cached_k is None and not b.attn.caching for b in tr.blocks)  # cache switched off again
 
 
+def test_an_anchor_fixes_the_coarse_scales_of_its_rows_only(tokenizer_and_transformer):
+    tok, tr = tokenizer_and_transformer
+    prefix, cls = torch.randn(2, 6, 32), torch.tensor([1, 0])
+    free, _, _ = sample_token_maps(tr, tok.quantizer, prefix, cls, 5, 3, top_k=20)
+    torch.manual_seed(2)
+    given = tok.mask_to_idx((torch.rand(10, 1, 32, 32) > 0.5).float())  # a token map per row
+    rows = torch.arange(10) >= 5  # the samples of image 1
+    for num in (len(tok.scales), 2):
+        idx, _, _ = sample_token_maps(tr, tok.quantizer, prefix, cls, 5, 3, top_k=20, anchor=(given[:num], rows))
+        uncached, _, _ = sample_token_maps(tr, tok.quantizer, prefix, cls, 5, 3, top_k=20, use_cache=False,
+                                           anchor=(given[:num], rows))
+        assert all(torch.equal(a, b) for a, b in zip(idx, uncached))
+        for si in range(len(tok.scales)):
+            assert torch.equal(idx[si][~rows], free[si][~rows])  # the other rows draw as without an anchor
+            if si < num:
+                assert torch.equal(idx[si][rows], given[si][rows])
+    # with 2 anchored scales the finer ones are drawn (given the anchor), not copied
+    assert any(not torch.equal(idx[si][rows], given[si][rows]) for si in range(2, len(tok.scales)))
+
+
 def test_top_k_restricts_the_draws(tokenizer_and_transformer):
     from nnunet_arseg.segmentor.sampling import sample_top_k
     logits = torch.randn(3, 50, 64)

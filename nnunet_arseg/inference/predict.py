@@ -17,12 +17,13 @@ import sys
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
 from nnunet_arseg import env
-from nnunet_arseg.inference.inputs import InputError, checked_folds, input_cases, model_folder
+from nnunet_arseg.inference.inputs import InputError, anchor_files, checked_folds, input_cases, model_folder
 from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_temporaries
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
-RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "step_size", "mirroring")
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "anchor", "anchor_scales",
+            "step_size", "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--temperature", type=float, default=None,
                       help="factor on the per-scale sampling temperatures (> 0; below 1: each sample closer to the "
                            "model's most likely mask, less diversity); default $nnUNet_ARSEG_TEMPERATURE or 1")
+    ours.add_argument("--anchor", default=None, metavar="FOLDER",
+                      help="sample around these masks (FOLDER/<case><ext>, e.g. a stock nnU-Net's predictions of the "
+                           "same images): each non-empty sample keeps the anchor's coarse scales and draws the finer "
+                           "ones; presence is still drawn by the model")
+    ours.add_argument("--anchor_scales", type=int, default=None, metavar="S",
+                      help="with --anchor: how many coarse scales come from the anchor (0: none, the model's own "
+                           "draws; default: all, i.e. the anchor's mask wherever a sample is present)")
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
     ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
@@ -91,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.temperature is not None and not args.temperature > 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.anchor_scales is not None and (args.anchor is None or args.anchor_scales < 0):
+        parser.error("--anchor_scales S (S >= 0) goes with --anchor FOLDER" if args.anchor is None else
+                     f"--anchor_scales must be >= 0, got {args.anchor_scales}")
+    if args.anchor is not None and args.prev_stage_predictions is not None:
+        parser.error("--anchor and -prev_stage_predictions: give one (an AR-Seg model of a cascade stage cannot be "
+                     "anchored)")
     if args.device not in ("cpu", "cuda", "mps"):
         parser.error(f"-device must be cpu, cuda or mps, got {args.device!r}")
     if not 0 <= args.part_id < args.num_parts:
@@ -136,6 +150,10 @@ def run(args: argparse.Namespace) -> None:
     cases = input_cases(args.i, dataset_json["file_ending"], channels)
     if os.path.abspath(args.o) == os.path.abspath(args.i):
         raise InputError(f"-o {args.o} is the input folder; predict into another folder")
+    if args.anchor is not None:
+        if os.path.abspath(args.o) == os.path.abspath(args.anchor):
+            raise InputError(f"-o {args.o} is the --anchor folder; predict into another folder")
+        anchor_files(args.anchor, cases, dataset_json["file_ending"])
 
     from nnunet_arseg.atomic import save_json_atomic
     from nnunet_arseg.inference.predictor import ARSegPredictor
@@ -147,16 +165,33 @@ def run(args: argparse.Namespace) -> None:
                                perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
-                               temperature=args.temperature, extras=extras)
+                               temperature=args.temperature, anchor_scales=args.anchor_scales, extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
     except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
         raise InputError(f"{folder}: cannot load the model from {args.chk} of fold(s) {folds} "
                          f"({type(e).__name__}: {e})") from e
     num_samples, seed, temperature = predictor.eval_settings()
+    anchor_scales = None
+    if args.anchor is not None:
+        from nnunet_arseg.sampling_window import arseg_network
+        net = arseg_network(predictor.network)
+        num_scales = len(net.tokenizer.scales)
+        if args.anchor_scales is not None and args.anchor_scales > num_scales:
+            raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has {num_scales} scales; "
+                             f"give 0 .. {num_scales}")
+        if net.has_regions:
+            raise InputError(f"--anchor: {folder} is trained on regions; anchors are label maps, one mask per "
+                             "foreground label, and work with label-based datasets only")
+        if predictor.configuration_manager.previous_stage_name is not None:
+            raise InputError(f"--anchor: configuration {args.c} is a cascade stage (it takes the previous stage's "
+                             "predictions as input); anchor a configuration without a previous stage")
+        anchor_scales = num_scales if args.anchor_scales is None else args.anchor_scales
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
-                "num_samples": num_samples, "seed": seed, "temperature": temperature, "step_size": args.step_size,
+                "num_samples": num_samples, "seed": seed, "temperature": temperature,
+                "anchor": None if args.anchor is None else os.path.abspath(args.anchor), "anchor_scales": anchor_scales,
+                "step_size": args.step_size,
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
                 "save_probabilities": args.save_probabilities}
@@ -170,17 +205,19 @@ def run(args: argparse.Namespace) -> None:
         print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {args.o}")
     save_json_atomic(settings, join(args.o, ARGS_FILE))
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
-          f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}")
+          f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}"
+          + (f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))" if args.anchor is not None else ""))
+    prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,
                                                 save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction,
-                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+                                                folder_with_segs_from_prev_stage=prev_stage)
     else:
         predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,
                                      overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
                                      num_processes_segmentation_export=args.nps,
-                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                     folder_with_segs_from_prev_stage=prev_stage,
                                      num_parts=args.num_parts, part_id=args.part_id)
 
 

@@ -42,7 +42,8 @@ def sample_top_k(logits_BlV: torch.Tensor, temperature: float, top_k: int | None
 @torch.no_grad()
 def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND: torch.Tensor, cls_B: torch.Tensor,
                       num_samples: int, seed: int, top_k: int | None = 100, temperatures=None,
-                      use_cache: bool = True, keep_every: int | None = None):
+                      use_cache: bool = True, keep_every: int | None = None,
+                      anchor: tuple[list[torch.Tensor], torch.Tensor] | None = None):
     """Sample N token maps per image, scale by scale.
 
     Args:
@@ -53,6 +54,10 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
         seed: seeds the one generator of all draws.
         use_cache: KV cache on (fast) or recompute the whole sequence at every scale (same samples).
         keep_every: also return the partial f_hat of every ``keep_every``-th row after each scale (e.g. N: sample 0).
+        anchor: ``(idx_list, anchored_B)``: token maps (B * N, *pn) of the first ``len(idx_list)`` scales that replace
+            the draws of the rows where ``anchored_B`` (B * N,) is set (VAR's teacher-forced editing: the finer
+            scales are then drawn given them). The draws are made for every row, so the other rows' samples do not
+            depend on the anchor.
 
     Returns ``(idx_list, f_hat_BCz, partial_f_hats)``: token maps (B * N, *pn) per scale, the final f_hat
     (B * N, Cvae, *z), and a list (one per scale) of partial f_hats of the kept rows (empty without keep_every).
@@ -84,6 +89,9 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
                                                                               quantizer.C)
                 logits_BlV = transformer(prefix_BND, x_BLC, cls_B, num_scales=si + 1)
             idx_Bpn = sample_top_k(logits_BlV[:, -transformer.lengths[si]:], temps[si], top_k, generator).view(-1, *pn)
+            if anchor is not None and si < len(anchor[0]):
+                anchored = anchor[1].view(-1, *[1] * len(pn))
+                idx_Bpn = torch.where(anchored, anchor[0][si].to(idx_Bpn), idx_Bpn)
             idx_list.append(idx_Bpn)
             f_hat, next_x = quantizer.embed_idx_and_next_input(si, f_hat, idx_Bpn)
             if keep_every:
