@@ -81,14 +81,19 @@ def crop_brats(src: str, dst: str, size_xyz) -> None:
 
 
 def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
-    """Where one N-sample draw of one patch spends its time: the image encoder, the token sampling (transformer and
-    draws, scale by scale) and the decoding of the token maps into masks."""
+    """Where one N-sample draw of one patch spends its time, as ``ARSegNetwork.sample`` draws it: the image encoder
+    (with the presence draw, if the network has a presence head), the token sampling (transformer and draws, scale by
+    scale) and the decoding of the present samples' token maps into masks."""
     from nnunet_arseg.network import class_seed
+    from nnunet_arseg.segmentor.presence import draw_presence
     from nnunet_arseg.segmentor.sampling import sample_token_maps
     sync = torch.cuda.synchronize if x_BCX.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         t0 = time.perf_counter()
         prefix_BND, _ = network.encode_image(x_BCX)
+        keep_N = torch.ones(x_BCX.shape[0] * num_samples, dtype=torch.bool, device=x_BCX.device)
+        if network.presence_head is not None:
+            keep_N = draw_presence(network.presence_head(prefix_BND)[:, 0], num_samples, class_seed(0, 0)).flatten()
         sync()
         t1 = time.perf_counter()
         cls_B = torch.zeros(x_BCX.shape[0], dtype=torch.long, device=x_BCX.device)
@@ -96,7 +101,8 @@ def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
                                                num_samples, seed=class_seed(0, 0), top_k=network.top_k)
         sync()
         t2 = time.perf_counter()
-        network._decode(f_hat, idx_list)
+        if keep_N.any():
+            network._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
         sync()
         t3 = time.perf_counter()
     return {"encoder": t1 - t0, "tokens": t2 - t1, "decode": t3 - t2}
