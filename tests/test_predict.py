@@ -255,6 +255,8 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
         Image.fromarray(np.zeros((64, 64), np.uint8)).save(anchors / f"{case}.png")
     err = _refused(capsys, paths, tmp_path, "--anchor", anchors, "--anchor_scales", "99")
     assert "--anchor_scales 99" in err and "scales" in err
+    err = _refused(capsys, paths, tmp_path, "-prev_stage_predictions", anchors)
+    assert "no previous stage" in err and "--anchor" in err
 
 
 def test_bad_inputs_are_refused(paths, tmp_path, capsys):

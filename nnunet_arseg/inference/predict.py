@@ -172,6 +172,9 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"{folder}: cannot load the model from {args.chk} of fold(s) {folds} "
                          f"({type(e).__name__}: {e})") from e
     num_samples, seed, temperature = predictor.eval_settings()
+    if args.prev_stage_predictions is not None and predictor.configuration_manager.previous_stage_name is None:
+        raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
+                         "previous stage; to sample around these masks give them as --anchor")
     anchor_scales = None
     if args.anchor is not None:
         from nnunet_arseg.sampling_window import arseg_network
