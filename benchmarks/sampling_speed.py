@@ -82,8 +82,8 @@ def crop_brats(src: str, dst: str, size_xyz) -> None:
 
 def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
     """Where one N-sample draw of one patch spends its time, as ``ARSegNetwork.sample`` draws it: the image encoder
-    (with the presence draw, if the network has a presence head), the token sampling (transformer and draws, scale by
-    scale) and the decoding of the present samples' token maps into masks."""
+    (with the presence draw, if the network has a presence head), the token sampling (transformer, for the present
+    samples only, and draws, scale by scale) and the decoding of the present samples' token maps into masks."""
     from nnunet_arseg.network import class_seed
     from nnunet_arseg.segmentor.presence import draw_presence
     from nnunet_arseg.segmentor.sampling import sample_token_maps
@@ -91,21 +91,25 @@ def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
     with torch.inference_mode():
         t0 = time.perf_counter()
         prefix_BND, _ = network.encode_image(x_BCX)
-        keep_N = torch.ones(x_BCX.shape[0] * num_samples, dtype=torch.bool, device=x_BCX.device)
+        keep_N = None
         if network.presence_head is not None:
             keep_N = draw_presence(network.presence_head(prefix_BND)[:, 0], num_samples, class_seed(0, 0)).flatten()
         sync()
         t1 = time.perf_counter()
         cls_B = torch.zeros(x_BCX.shape[0], dtype=torch.long, device=x_BCX.device)
         idx_list, f_hat, _ = sample_token_maps(network.transformer, network.tokenizer.quantizer, prefix_BND, cls_B,
-                                               num_samples, seed=class_seed(0, 0), top_k=network.top_k)
+                                               num_samples, seed=class_seed(0, 0), top_k=network.top_k,
+                                               active=keep_N)
         sync()
         t2 = time.perf_counter()
-        if keep_N.any():
+        if keep_N is None:
+            network._decode(f_hat, idx_list)
+        elif keep_N.any():
             network._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
         sync()
         t3 = time.perf_counter()
-    return {"encoder": t1 - t0, "tokens": t2 - t1, "decode": t3 - t2}
+    present = num_samples if keep_N is None else int(keep_N.sum())
+    return {"encoder": t1 - t0, "tokens": t2 - t1, "decode": t3 - t2, "present": present}
 
 
 def _worker(args) -> dict:
@@ -218,14 +222,15 @@ def main() -> None:
                      "peak_mib": max(x["peak_mib"] for x in rs), "rounds": len(rs),
                      "stages": min(rs, key=lambda x: x["seconds"])["stages"]})
     print(f"{'configuration':<12}{'threads':>8}  {'predictor':<26}{'min s':>8}{'median s':>9}{'x nnU-Net':>10}"
-          f"{'x N=1':>7}{'peak MiB':>9}{'tiles':>6}  encoder / tokens / decode s (fastest round)")
+          f"{'x N=1':>7}{'peak MiB':>9}{'tiles':>6}  encoder / tokens / decode s (fastest round), present samples")
     for row in rows:
         same = [r for r in rows if r["configuration"] == row["configuration"] and r["threads"] == row["threads"]]
         base = next(r for r in same if r["model"] == "nnunet")["seconds_min"]
         n1 = next((r["seconds_min"] for r in same if r["model"] == "arseg" and r["num_samples"] == 1), None)
         name = "nnU-Net (mirroring TTA)" if row["model"] == "nnunet" else f"AR-Seg {args.preset} N={row['num_samples']}"
         x_n1 = f"{row['seconds_min'] / n1:.2f}" if n1 and row["model"] == "arseg" else "-"
-        stages = " / ".join(f"{row['stages'][k]:.3f}" for k in ("encoder", "tokens", "decode")) if row["stages"] else ""
+        stages = (" / ".join(f"{row['stages'][k]:.3f}" for k in ("encoder", "tokens", "decode"))
+                  + f", {row['stages']['present']} of {row['num_samples']}") if row["stages"] else ""
         print(f"{row['configuration']:<12}{row['threads']:>8}  {name:<26}{row['seconds_min']:>8.3f}"
               f"{row['seconds_median']:>9.3f}{row['seconds_min'] / base:>10.2f}{x_n1:>7}{row['peak_mib']:>9}"
               f"{row['tiles']:>6}  {stages}")

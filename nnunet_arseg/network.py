@@ -328,13 +328,15 @@ class ARSegNetwork(nn.Module):
                     idx_anchor = self.tokenizer.mask_to_idx(mask_B1)[:anchor_scales]
                     given = ([idx.repeat_interleave(n, dim=0) for idx in idx_anchor],
                              mask_B1.flatten(1).amax(1).gt(0).repeat_interleave(n))
-                idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
-                                                             cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
-                                                             temperatures=temperatures, use_cache=use_cache,
-                                                             keep_every=n if with_scales else None, anchor=given)
                 present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None
                               else torch.ones(B, n, dtype=torch.bool, device=x.device))
                 keep_N = present_BN.flatten()
+                # the transformer runs for the present samples only (their draws: those of a run for all)
+                idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
+                                                             cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
+                                                             temperatures=temperatures, use_cache=use_cache,
+                                                             keep_every=n if with_scales else None, anchor=given,
+                                                             active=keep_N if presence_BK is not None else None)
                 masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
                 if keep_N.any():  # an absent sample is the empty mask: its token draw is never decoded
                     masks_N[keep_N] = self._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])

@@ -100,6 +100,23 @@ def test_an_anchor_fixes_the_coarse_scales_of_its_rows_only(tokenizer_and_transf
     assert any(not torch.equal(idx[si][rows], given[si][rows]) for si in range(2, len(tok.scales)))
 
 
+def test_active_rows_draw_as_in_a_run_for_all_rows(tokenizer_and_transformer):
+    """``active``: the transformer runs on some rows (the present samples); theirs are the draws of a run for all."""
+    tok, tr = tokenizer_and_transformer
+    prefix, cls = torch.randn(2, 6, 32), torch.tensor([1, 0])
+    free, f_free, _ = sample_token_maps(tr, tok.quantizer, prefix, cls, 5, 3, top_k=20)
+    active = torch.tensor([True, False, False, True, True, False, True, False, False, False])
+    for cache in (True, False):
+        idx, f_hat, _ = sample_token_maps(tr, tok.quantizer, prefix, cls, 5, 3, top_k=20, use_cache=cache,
+                                          active=active)
+        for a, b in zip(idx, free):
+            assert torch.equal(a[active], b[active])
+        torch.testing.assert_close(f_hat[active], f_free[active])
+    assert any(not torch.equal(a[~active], b[~active]) for a, b in zip(idx, free))  # the others are not drawn so
+    none, _, _ = sample_token_maps(tr, tok.quantizer, prefix, cls, 5, 3, top_k=20, active=torch.zeros(10, dtype=bool))
+    assert [tuple(i.shape) for i in none] == [tuple(i.shape) for i in free]
+
+
 def test_top_k_restricts_the_draws(tokenizer_and_transformer):
     from nnunet_arseg.segmentor.sampling import sample_top_k
     logits = torch.randn(3, 50, 64)

@@ -43,7 +43,8 @@ def sample_top_k(logits_BlV: torch.Tensor, temperature: float, top_k: int | None
 def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND: torch.Tensor, cls_B: torch.Tensor,
                       num_samples: int, seed: int, top_k: int | None = 100, temperatures=None,
                       use_cache: bool = True, keep_every: int | None = None,
-                      anchor: tuple[list[torch.Tensor], torch.Tensor] | None = None):
+                      anchor: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+                      active: torch.Tensor | None = None):
     """Sample N token maps per image, scale by scale.
 
     Args:
@@ -58,6 +59,10 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
             the draws of the rows where ``anchored_B`` (B * N,) is set (VAR's teacher-forced editing: the finer
             scales are then drawn given them). The draws are made for every row, so the other rows' samples do not
             depend on the anchor.
+        active: (B * N,) bool, the rows whose draws are used (e.g. the samples a presence draw keeps): the
+            transformer runs on these only, and the other rows draw from uniform logits. Each row takes the same
+            amount of the generator whatever its logits, so the active rows draw what a run for all rows draws (up
+            to floating-point rounding: a smaller batch may round the logits differently).
 
     Returns ``(idx_list, f_hat_BCz, partial_f_hats)``: token maps (B * N, *pn) per scale, the final f_hat
     (B * N, Cvae, *z), and a list (one per scale) of partial f_hats of the kept rows (empty without keep_every).
@@ -67,6 +72,17 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
     if len(temps) != len(scales):
         raise ValueError(f"need one temperature per scale ({len(scales)}), got {temps}")
     generator = torch.Generator(device=prefix_BND.device).manual_seed(int(seed))
+    rows = None if active is None else active.nonzero().flatten()
+    num_rows = prefix_BND.shape[0] * num_samples
+
+    def take(t: torch.Tensor) -> torch.Tensor:  # the rows the transformer runs on
+        return t if rows is None else t[rows]
+
+    def spread(logits_rlV: torch.Tensor) -> torch.Tensor:  # their logits among uniform ones
+        if rows is None:
+            return logits_rlV
+        return logits_rlV.new_zeros(num_rows, *logits_rlV.shape[1:]).index_copy_(0, rows, logits_rlV)
+
     f_hat, next_x, xs, idx_list, partial = None, None, [], [], []
     transformer.kv_caching(use_cache)
     try:
@@ -74,21 +90,25 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
             cond_BD = transformer.condition(cls_B)
             logits0_BlV = transformer.run(transformer.embed_step(0, prefix_BND, cond_BD), cond_BD, 0,
                                           first_logit=transformer.num_prefix)
-            transformer.repeat_cache(num_samples)
+            transformer.repeat_cache(num_samples, rows)
         prefix_BND = prefix_BND.repeat_interleave(num_samples, dim=0)
         cls_B = cls_B.repeat_interleave(num_samples, dim=0)
         cond_BD = transformer.condition(cls_B)
         for si, pn in enumerate(scales):
+            length = transformer.lengths[si]
             if use_cache and si == 0:
                 logits_BlV = logits0_BlV.repeat_interleave(num_samples, dim=0)
+            elif rows is not None and rows.numel() == 0:
+                logits_BlV = prefix_BND.new_zeros(num_rows, length, transformer.vocab_size, dtype=torch.float)
             elif use_cache:
-                h = transformer.embed_step(si, next_x, cond_BD)
-                logits_BlV = transformer.run(h, cond_BD, transformer.starts[si])
+                h = transformer.embed_step(si, take(next_x), take(cond_BD))
+                logits_BlV = spread(transformer.run(h, take(cond_BD), transformer.starts[si]))
             else:
                 x_BLC = torch.cat(xs, dim=1) if xs else prefix_BND.new_zeros(prefix_BND.shape[0], 0,
                                                                               quantizer.C)
-                logits_BlV = transformer(prefix_BND, x_BLC, cls_B, num_scales=si + 1)
-            idx_Bpn = sample_top_k(logits_BlV[:, -transformer.lengths[si]:], temps[si], top_k, generator).view(-1, *pn)
+                logits_BlV = spread(transformer(take(prefix_BND), take(x_BLC), take(cls_B),
+                                                num_scales=si + 1)[:, -length:])
+            idx_Bpn = sample_top_k(logits_BlV[:, -length:], temps[si], top_k, generator).view(-1, *pn)
             if anchor is not None and si < len(anchor[0]):
                 anchored = anchor[1].view(-1, *[1] * len(pn))
                 idx_Bpn = torch.where(anchored, anchor[0][si].to(idx_Bpn), idx_Bpn)

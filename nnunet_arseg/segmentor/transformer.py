@@ -126,12 +126,15 @@ class BlockCausalTransformer(nn.Module):
         for b in self.blocks:
             b.attn.kv_caching(enable)
 
-    def repeat_cache(self, n: int) -> None:
+    def repeat_cache(self, n: int, rows: torch.Tensor | None = None) -> None:
         """Repeat every cached row n times (rows b -> b * n + i): positions computed once per image serve its n
-        samples."""
+        samples; with ``rows`` (indices into the repeated rows), keep only those."""
         for b in self.blocks:
-            b.attn.cached_k = b.attn.cached_k.repeat_interleave(n, dim=0)
-            b.attn.cached_v = b.attn.cached_v.repeat_interleave(n, dim=0)
+            index = torch.arange(b.attn.cached_k.shape[0], device=b.attn.cached_k.device).repeat_interleave(n)
+            if rows is not None:
+                index = index[rows]
+            b.attn.cached_k = b.attn.cached_k.index_select(0, index)
+            b.attn.cached_v = b.attn.cached_v.index_select(0, index)
 
     def embed_step(self, si: int, inp: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Input features with positions: si = 0 takes the prefix (B, N_f, D) and returns [prefix | start tokens];
