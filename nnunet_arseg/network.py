@@ -303,8 +303,8 @@ class ARSegNetwork(nn.Module):
         n = self.num_samples if num_samples is None else int(num_samples)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        temperatures = [t * temperature for t in temperature_schedule(len(self.tokenizer.scales))]
         num_scales = len(self.tokenizer.scales)
+        temperatures = [t * temperature for t in temperature_schedule(num_scales)]
         anchor_scales = num_scales if anchor_scales is None else int(anchor_scales)
         if not 0 <= anchor_scales <= num_scales:
             raise ValueError(f"anchor_scales must be in 0 .. {num_scales} (the tokenizer's scales), got "
@@ -383,17 +383,16 @@ class ARSegNetwork(nn.Module):
         anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
         anchor = None
         if x.shape[1] > self.input_channels:
-            x, anchor = x[:, :self.input_channels], x[:, self.input_channels:] > 0.5
+            anchor = x[:, self.input_channels:] > 0.5
             if self.has_regions or anchor.shape[1] != self.num_conditions:
                 raise ValueError(f"the input has {anchor.shape[1]} channel(s) beyond the image's {self.input_channels}"
                                  f"; as anchor masks they must be one per condition class ({self.num_conditions}) of "
                                  "a label-based (not region-based) dataset")
         logits = []
-        for b, x_1 in enumerate(x.split(1)):
+        for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
             with_scales = recorder is not None and recorder.wants_scales
-            a_1 = None if anchor is None else anchor[b:b + 1]
-            seed_1 = content_seed(seed, x_1 if a_1 is None else torch.cat((x_1, a_1.to(x_1)), 1))
-            out = self.sample(x_1, n, seed_1, with_scales=with_scales, temperature=temperature, anchor=a_1,
+            out = self.sample(x_1[:, :self.input_channels], n, content_seed(seed, x_1), with_scales=with_scales,
+                              temperature=temperature, anchor=None if anchor is None else anchor[b:b + 1],
                               anchor_scales=anchor_scales)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
