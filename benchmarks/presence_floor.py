@@ -4,12 +4,14 @@
 
 The presence gap (``nnUNetv2_arseg_evaluate``) compares the share of non-empty samples of an image with the share of
 its M raters who drew anything. Raters drawn independently given the image, each with the image's own probability p,
-make that share a binomial draw: even a sampler that knew every image's p and drew exactly pN non-empty samples has a
-gap of E|p - S/M|. p is not observed, but its distribution must reproduce the histogram of S; this script bounds the
-oracle's gap over every distribution that does (a linear programme over a grid of p, the images with S = 0 left out
-when almost none are there, as in crops centred on marked objects). It also bounds the gap of the best possible
-predictor of S/M under absolute error (the median of S/M given p, which a sampler drawing at a calibrated rate does
-not use). Each summary's own gap is printed beside them.
+make their count S a binomial draw, so even a perfect sampler has a gap. p is not observed, but its distribution must
+reproduce the histogram of S; this script bounds the oracle's gap over every distribution that does (a linear
+programme over a grid of p). Where the images with S = 0 are (almost) missing, as in crops centred on marked objects,
+they are left out, and the data are a selection: a rater's chance of drawing on a selected image is then
+r(p) = E[S/M | p, S >= 1], above p, and that is what a model trained on such images learns. The oracle draws exactly
+r(p) N non-empty samples (r = p without selection), so its gap is E|r(p) - S/M|. The script also bounds the gap of the
+best possible predictor of S/M under absolute error (its median given p, which a sampler drawing at a calibrated rate
+does not use). Each summary's own gap is printed beside them.
 """
 from __future__ import annotations
 
@@ -36,20 +38,22 @@ def rater_counts(summary: dict, key: str = "1") -> tuple[np.ndarray, np.ndarray,
 
 def oracle_gap_bounds(counts: np.ndarray, min_count: int = 0, grid: int = 400) -> dict:
     """Lowest and highest expected gap, over every distribution of p that gives the histogram ``counts`` (images
-    with S = 0 .. M) of S >= ``min_count``, of (a) a sampler drawing at p (gap |p - S/M|) and (b) the best predictor
-    of S/M (the median given p)."""
+    with S = 0 .. M) of S >= ``min_count``, of (a) ``calibrated``: a sampler drawing at the rate r(p) = E[S/M | p,
+    S >= min_count] (p when min_count is 0) and (b) ``best``: the best predictor of S/M (the median given p)."""
     counts = np.asarray(counts, dtype=float)
     M = len(counts) - 1
     s = np.arange(min_count, M + 1)
     share = s / M
     p = np.linspace(0.0, 1.0, grid + 1)
     pmf_PS = stats.binom.pmf(s[None, :], M, p[:, None])  # P(S = s | p), s >= min_count
-    at_p = (pmf_PS * np.abs(share[None, :] - p[:, None])).sum(1)
+    kept_P = pmf_PS.sum(1)
+    rate_P = np.where(kept_P > 0, (pmf_PS * share).sum(1) / np.maximum(kept_P, 1e-300), p)
+    calibrated = (pmf_PS * np.abs(share[None, :] - rate_P[:, None])).sum(1)
     q = np.linspace(0.0, 1.0, 101)
     best = np.min((pmf_PS[:, None, :] * np.abs(share[None, None, :] - q[None, :, None])).sum(2), axis=1)
     target = counts[min_count:] / counts[min_count:].sum()
     out = {}
-    for name, cost in (("at_p", at_p), ("best", best)):
+    for name, cost in (("calibrated", calibrated), ("best", best)):
         # weights w(p) >= 0 with sum_p w(p) P(S = s | p) = share of images with S = s (the images given S >= min_count)
         lo = optimize.linprog(cost, A_eq=pmf_PS.T, b_eq=target, bounds=(0, None))
         hi = optimize.linprog(-cost, A_eq=pmf_PS.T, b_eq=target, bounds=(0, None))
@@ -77,8 +81,9 @@ def main() -> None:
     print(f"{len(raters)} images, {M} raters; images with S = 0 .. {M} non-empty raters: {counts.tolist()}"
           + (f"; the {counts[:min_count].sum()} with S < {min_count} left out" if min_count else ""))
     bounds = oracle_gap_bounds(counts, min_count)
-    print(f"oracle sampler (draws at each image's true p): presence gap {bounds['at_p'][0]:.3f} .. "
-          f"{bounds['at_p'][1]:.3f}")
+    rate = "r(p) = E[S/M | p, S >= %d]" % min_count if min_count else "p"
+    print(f"oracle sampler (draws at each image's true rate {rate}): presence gap {bounds['calibrated'][0]:.3f} .. "
+          f"{bounds['calibrated'][1]:.3f}")
     print(f"best predictor of the raters' share (median given p): {bounds['best'][0]:.3f} .. {bounds['best'][1]:.3f}")
     for path in args.summaries:
         r, smp, _ = rater_counts(load_json(path), args.key)

@@ -483,20 +483,24 @@ def test_presence_shares_gap_and_correlation():
 
 
 def test_presence_floor_bounds_an_oracle_sampler():
-    """``benchmarks/presence_floor.py``: the gap of a sampler that knows each image's rater probability p."""
+    """``benchmarks/presence_floor.py``: the gap of a sampler that knows each image's rate of drawing a mask."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("presence_floor", REPO / "benchmarks" / "presence_floor.py")
     floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(floor)
-    assert floor.oracle_gap_bounds([0, 0, 0, 0, 50])["at_p"] == pytest.approx((0.0, 0.0), abs=1e-9)  # all certain
+    assert floor.oracle_gap_bounds([0, 0, 0, 0, 50])["calibrated"] == pytest.approx((0.0, 0.0), abs=1e-9)
     # every image at p = 1/2 (binomial counts): E|1/2 - S/4| = 3/16, a value inside the bounds
-    lo, hi = floor.oracle_gap_bounds([1, 4, 6, 4, 1])["at_p"]
+    lo, hi = floor.oracle_gap_bounds([1, 4, 6, 4, 1])["calibrated"]
     assert lo - 1e-9 <= 3 / 16 <= hi + 1e-9 and lo > 0.05
     best_lo, _ = floor.oracle_gap_bounds([1, 4, 6, 4, 1])["best"]
     assert best_lo <= lo  # the median predictor does at least as well
+    # the same images with S = 0 left out: the selected images' rate is r = E[S/4 | S >= 1] = 8/15, and the oracle
+    # drawing at r is off by (4 |1/4 - r| + 6 |1/2 - r| + 4 |3/4 - r| + |1 - r|) / 15 = 8/45
+    lo, hi = floor.oracle_gap_bounds([1, 4, 6, 4, 1], min_count=1)["calibrated"]
+    assert lo - 1e-9 <= 8 / 45 <= hi + 1e-9
     # one image without a rater's mask but many with one (crops centred on marked objects): no binomial mixture
     # gives that, unless the images without any are left out
     with pytest.raises(ValueError, match="min-count"):
         floor.oracle_gap_bounds([1, 40, 20, 20, 40])
-    lo, hi = floor.oracle_gap_bounds([1, 40, 20, 20, 40], min_count=1)["at_p"]
+    lo, hi = floor.oracle_gap_bounds([1, 40, 20, 20, 40], min_count=1)["calibrated"]
     assert 0.05 < lo <= hi < 0.25
