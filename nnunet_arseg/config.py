@@ -30,6 +30,8 @@ class ARSegConfig:
     max_features_per_stage: cap on the plans' U-Net widths (None: the plans' own, as a stock model of them).
     num_samples: default N; top_k: codes kept when sampling (None: the reference's share of the codebook, 0: all).
     has_regions: one condition class per nnU-Net region (else per foreground label); set from dataset.json.
+    regions: with has_regions, the labels of each region (nnU-Net's foreground regions, in condition order): an anchor
+        label map's region masks (method §3.3); set from dataset.json.
     """
 
     tokenizer: dict = field(default_factory=dict)
@@ -45,6 +47,7 @@ class ARSegConfig:
     num_samples: int = DEFAULT_NUM_SAMPLES
     top_k: int | None = None
     has_regions: bool = False
+    regions: list | None = None
 
     def replace(self, **overrides) -> ARSegConfig:
         """A copy with ``overrides``; ``tokenizer``/``transformer`` are merged key by key."""

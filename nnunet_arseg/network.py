@@ -93,6 +93,7 @@ class ARSegNetwork(nn.Module):
             U-Net decoder stage whose resolution is the tokenizer's latent (one prefix token per latent cell, N_f
             set accordingly; needs ``aux_head``).
         has_regions: nnU-Net regions (one condition class per region) or labels (one per foreground label).
+        regions: with has_regions, the labels of each region: anchor label maps become region masks (method §3.3).
         num_samples: default N of the eval forward; top_k: sampling top-k (None: the reference's share of the
             codebook, 100 of 1,024; 0: all codes).
         aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
@@ -109,6 +110,7 @@ class ARSegNetwork(nn.Module):
                  num_prefix_tokens: int = ARSegConfig.num_prefix_tokens,
                  feature_stage: int | None = ARSegConfig.feature_stage,
                  prefix_source: str = ARSegConfig.prefix_source, has_regions: bool = ARSegConfig.has_regions,
+                 regions: list | None = ARSegConfig.regions,
                  num_samples: int = ARSegConfig.num_samples, top_k: int | None = ARSegConfig.top_k,
                  aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
                  presence: bool = ARSegConfig.presence, deep_supervision: bool = False, **unet_kwargs):
@@ -120,6 +122,9 @@ class ARSegNetwork(nn.Module):
         if self.num_conditions < 1:
             raise ValueError(f"num_classes={num_classes} leaves no foreground class to segment "
                              f"(has_regions={has_regions})")
+        self.regions = [tuple(int(i) for i in r) for r in regions] if self.has_regions and regions else None
+        if self.regions is not None and len(self.regions) != self.num_conditions:
+            raise ValueError(f"regions has {len(self.regions)} entries for {self.num_conditions} region outputs")
         if prefix_source not in PREFIX_SOURCES:
             raise ValueError(f"prefix_source must be one of {PREFIX_SOURCES}, got {prefix_source!r}")
         if prefix_source == "decoder" and not aux_head:
@@ -367,6 +372,24 @@ class ARSegNetwork(nn.Module):
         temperature = env.sampling_temperature() if temperature is None else float(temperature)
         return n, seed, temperature
 
+    def anchor_masks(self, labels_BL: torch.Tensor) -> torch.Tensor:
+        """Anchor masks (B, num_conditions, *patch) from a label map's one-hot channels (B, L, *patch), one per
+        foreground label in nnU-Net's order: the labels themselves, or each region's union of its labels."""
+        if not self.has_regions:
+            if labels_BL.shape[1] != self.num_conditions:
+                raise ValueError(f"the input has {labels_BL.shape[1]} channel(s) beyond the image's "
+                                 f"{self.input_channels}; as an anchor label map they must be one per foreground "
+                                 f"label ({self.num_conditions})")
+            return labels_BL
+        if self.regions is None:
+            raise ValueError("this model does not record the labels of its regions (trained with an earlier "
+                             "nnunet_arseg), so an anchor label map cannot be turned into region masks; retrain it")
+        labels = sorted({i for r in self.regions for i in r} - {0})
+        if labels_BL.shape[1] != len(labels):
+            raise ValueError(f"the input has {labels_BL.shape[1]} channel(s) beyond the image's {self.input_channels}; "
+                             f"as an anchor label map they must be one per foreground label ({len(labels)}: {labels})")
+        return torch.stack([labels_BL[:, [labels.index(i) for i in r if i != 0]].any(1) for r in self.regions], 1)
+
     def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval output (B, num_classes, *patch): the consensus logits of N samples per image (``consensus.py``), so
         nnU-Net's export writes the consensus.
@@ -375,19 +398,14 @@ class ARSegNetwork(nn.Module):
         (``content_seed``): whoever tiles a case (``nnUNetv2_predict``, ``nnUNetv2_arseg_predict``, the final
         validation) draws the same samples for the same tile. A recorder in ``eval_sampling`` receives them.
 
-        Channels beyond the image's are anchor masks, one per foreground label: nnU-Net's predictor appends them
-        from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``.
+        Channels beyond the image's are an anchor label map, one channel per foreground label: nnU-Net's predictor
+        appends them from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``
+        and ``anchor_masks``.
         """
         n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
         anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
-        anchor = None
-        if x.shape[1] > self.input_channels:
-            anchor = x[:, self.input_channels:] > 0.5
-            if self.has_regions or anchor.shape[1] != self.num_conditions:
-                raise ValueError(f"the input has {anchor.shape[1]} channel(s) beyond the image's {self.input_channels}"
-                                 f"; as anchor masks they must be one per condition class ({self.num_conditions}) of "
-                                 "a label-based (not region-based) dataset")
+        anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
             with_scales = recorder is not None and recorder.wants_scales

@@ -76,6 +76,20 @@ def test_3d_train_predict_both_commands_and_evaluate(brats15_small, tmp_path):
             assert Path(sample_file(str(ours), case, k, ".nii.gz")).is_file()
         unc = np.load(ours / "uncertainty" / f"{case}.npz")["uncertainty"]
         assert unc.size == image.size and np.isfinite(unc).all()
+    # sampling around a label map (here the consensus just written): each region is the union of its labels, and
+    # the stock command, given the folder as its previous stage, draws the same
+    anchored, anchored_stock = tmp_path / "pred_anchored", tmp_path / "pred_anchored_stock"
+    _run([str(BIN / "nnUNetv2_arseg_predict"), "-o", str(anchored)] + common + ["--num_samples", "4", "--seed", "2",
+                                                                                 "--anchor", str(ours)], env)
+    _run([str(BIN / "nnUNetv2_predict"), "-o", str(anchored_stock), "-prev_stage_predictions", str(ours)] + common,
+         {**env, "nnUNet_ARSEG_NUM_SAMPLES": "4", "nnUNet_ARSEG_SEED": "2"})
+    for case in cases:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(anchored / f"{case}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(anchored_stock / f"{case}.nii.gz")))
+        assert np.array_equal(a, b) and set(np.unique(a)) <= {0, 1, 2, 3}
+    regions = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
+        "arch_kwargs"]["regions"]
+    assert regions == [[1, 2, 3], [2, 3], [3]]  # whole tumour, tumour core, enhancing (nnU-Net's BraTS labels)
     _run([str(BIN / "nnUNetv2_arseg_evaluate"), "-i", str(ours), "-d", str(DATASET_ID), "--regions",
           "--no_raters"], env)
     summary = json.loads((ours / "summary_arseg.json").read_text())

@@ -238,10 +238,37 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
         with torch.inference_mode():
             logits = net(x_anchor)
         assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(vote_frequency(drawn, dim=2), class_dim=1))
-        with pytest.raises(ValueError, match="one per condition class"):
+        with pytest.raises(ValueError, match="one per foreground label"):
             net(torch.cat((x_anchor, x_anchor[:, 1:]), 1))
         with pytest.raises(ValueError, match="anchor_scales"):
             net.sample(x, num_samples=2, anchor=anchor, anchor_scales=len(net.tokenizer.scales) + 1)
+
+
+def test_region_anchors_are_unions_of_their_labels():
+    """A region-based model takes the anchor as nnU-Net's one-hot label channels; each region samples around the
+    union of its labels (nnU-Net paints nested regions as labels, e.g. BraTS)."""
+    net = build(plans_with_arseg(has_regions=True, regions=[[1, 2], [2]], num_samples=3), "arseg_3d", 2).eval()
+    x = torch.randn(1, 1, *net.patch_size)
+    labels = torch.zeros(1, 2, *net.patch_size)
+    labels[0, 0, 4:10, 8:20, 8:20] = 1  # label 1: in region 0 only
+    labels[0, 1, 6:9, 12:16, 12:16] = 1  # label 2: in both regions
+    regions = net.anchor_masks(labels > 0.5)
+    assert torch.equal(regions[:, 0], labels.amax(1) > 0.5) and torch.equal(regions[:, 1], labels[:, 1] > 0.5)
+    x_anchor = torch.cat((x, labels), 1)
+    with torch.no_grad():
+        net.presence_head.fc.bias.fill_(30.0)  # always present
+        drawn = net.sample(x, num_samples=3, seed=content_seed(0, x_anchor), anchor=regions)["samples"]
+        own = torch.stack([net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(regions[:, k:k + 1].float()))[0, 0]
+                           > 0 for k in range(2)])
+        assert torch.equal(drawn[0], own[:, None].expand_as(drawn[0]))  # every sample: its region's anchor
+        with torch.inference_mode():
+            logits = net(x_anchor)
+        assert torch.equal(logits.sigmoid() > 0.5, vote_frequency(drawn, dim=2) > 0.5)
+        with pytest.raises(ValueError, match=r"one per foreground label \(2: \[1, 2\]\)"):
+            net(torch.cat((x_anchor, labels[:, :1]), 1))
+    old = build(plans_with_arseg(has_regions=True, num_samples=3), "arseg_3d", 2)  # plans without the regions
+    with pytest.raises(ValueError, match="retrain"):
+        old.anchor_masks(labels > 0.5)
 
 
 def lidc_slices(root, count: int, crop: int = 64):

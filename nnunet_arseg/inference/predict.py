@@ -183,9 +183,9 @@ def run(args: argparse.Namespace) -> None:
         if args.anchor_scales is not None and args.anchor_scales > num_scales:
             raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has {num_scales} scales; "
                              f"give 0 .. {num_scales}")
-        if net.has_regions:
-            raise InputError(f"--anchor: {folder} is trained on regions; anchors are label maps, one mask per "
-                             "foreground label, and work with label-based datasets only")
+        if net.has_regions and net.regions is None:
+            raise InputError(f"--anchor: {folder} does not record the labels of its regions (trained with an earlier "
+                             "nnunet_arseg), so the anchor label maps cannot be turned into region masks; retrain it")
         if predictor.configuration_manager.previous_stage_name is not None:
             raise InputError(f"--anchor: configuration {args.c} is a cascade stage (it takes the previous stage's "
                              "predictions as input); anchor a configuration without a previous stage")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from copy import deepcopy
 
+import numpy as np
+
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_arseg.config import preset
@@ -22,16 +24,20 @@ def tokenizer_widths(overrides: dict) -> dict:
                   **{k: v for k, v in overrides.items() if k != "preset"}).tokenizer
 
 
-def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, has_regions: bool | None = None) -> dict:
+def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, label_manager=None) -> dict:
     """AR-Seg's ``architecture`` block for a configuration (kept as is when it already is AR-Seg's).
 
-    ``has_regions=None`` leaves it to ``build_arseg_architecture``'s default (only for callers without dataset.json).
+    ``label_manager`` (of dataset.json) sets ``has_regions`` and ``regions``; None leaves them to
+    ``build_arseg_architecture``'s defaults (only for callers without dataset.json).
     ``overrides`` go to ``build_arseg_architecture`` (``preset`` selects the preset).
     """
     if is_arseg_architecture(stock_architecture):
         return deepcopy(stock_architecture)
-    kwargs = dict(overrides) if has_regions is None else {**overrides, "has_regions": has_regions}
-    kwargs.pop("preset", None)
+    kwargs = {k: v for k, v in overrides.items() if k != "preset"}
+    if label_manager is not None:
+        kwargs["has_regions"] = bool(label_manager.has_regions)
+        kwargs["regions"] = [[int(i) for i in np.atleast_1d(r)] for r in label_manager.foreground_regions] \
+            if label_manager.has_regions else None
     arch = build_arseg_architecture(deepcopy(stock_architecture), tuple(patch_size),
                                     overrides.get("preset", "reference"), **kwargs)
     return arch
@@ -49,7 +55,6 @@ def rewrite_plans_for_arseg(plans: dict, configuration: str, dataset_json: dict,
                        f"(available: {sorted(plans['configurations'])})")
     manager = PlansManager(plans)
     cfg = manager.get_configuration(configuration)
-    has_regions = manager.get_label_manager(dataset_json).has_regions
     plans["configurations"][configuration]["architecture"] = arseg_architecture(
-        cfg.configuration["architecture"], cfg.patch_size, overrides, has_regions)
+        cfg.configuration["architecture"], cfg.patch_size, overrides, manager.get_label_manager(dataset_json))
     return plans
