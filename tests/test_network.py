@@ -213,6 +213,15 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         assert (pred < 0).all()
 
 
+def assert_is_decoded_mask(masks_N: torch.Tensor, logits: torch.Tensor, tol: float = 1e-3):
+    """Each of the masks (N, *patch) is ``logits > 0``, where the logit is clear of 0: an untrained decoder leaves
+    some logits within float rounding of 0, and a batch of another size may round them to the other side on another
+    CPU."""
+    clear = logits.abs() > tol
+    assert clear.float().mean() > 0.95
+    assert torch.equal(masks_N[:, clear], (logits > 0)[clear].expand(len(masks_N), -1))
+
+
 def test_an_anchor_mask_is_kept_where_a_sample_is_present():
     net = build(plans_with_arseg(), "arseg_2d", 2).eval()
     x = torch.randn(2, 1, 128, 128)
@@ -223,8 +232,8 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
         bias.fill_(30.0)  # always present
         free = net.sample(x, num_samples=4, seed=3)["samples"]
         out = net.sample(x, num_samples=4, seed=3, anchor=anchor)["samples"]  # every scale from the anchor
-        own = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(anchor[:1].float()))[0, 0] > 0
-        assert torch.equal(out[0, 0], own.expand(4, -1, -1))  # the anchor's own (tokenized) mask, every sample
+        own = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(anchor[:1].float()))[0, 0]
+        assert_is_decoded_mask(out[0, 0], own)  # the anchor's own (tokenized) mask, every sample
         assert not torch.equal(out[0], free[0])
         assert torch.equal(out[1], free[1])  # an empty anchor leaves the draws free
         assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor=anchor, anchor_scales=0)["samples"], free)
@@ -258,9 +267,9 @@ def test_region_anchors_are_unions_of_their_labels():
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(30.0)  # always present
         drawn = net.sample(x, num_samples=3, seed=content_seed(0, x_anchor), anchor=regions)["samples"]
-        own = torch.stack([net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(regions[:, k:k + 1].float()))[0, 0]
-                           > 0 for k in range(2)])
-        assert torch.equal(drawn[0], own[:, None].expand_as(drawn[0]))  # every sample: its region's anchor
+        for k in range(2):  # every sample: its region's anchor
+            own = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(regions[:, k:k + 1].float()))[0, 0]
+            assert_is_decoded_mask(drawn[0, k], own)
         with torch.inference_mode():
             logits = net(x_anchor)
         assert torch.equal(logits.sigmoid() > 0.5, vote_frequency(drawn, dim=2) > 0.5)
