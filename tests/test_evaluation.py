@@ -482,12 +482,17 @@ def test_presence_shares_gap_and_correlation():
     assert blind["presence_gap"] == pytest.approx(1.1 / 3) and np.isnan(blind["presence_correlation"])
 
 
+def _benchmark_module(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_presence_floor_bounds_an_oracle_sampler():
     """``benchmarks/presence_floor.py``: the gap of a sampler that knows each image's rate of drawing a mask."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("presence_floor", REPO / "benchmarks" / "presence_floor.py")
-    floor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(floor)
+    floor = _benchmark_module("presence_floor")
     assert floor.oracle_gap_bounds([0, 0, 0, 0, 50])["calibrated"] == pytest.approx((0.0, 0.0), abs=1e-9)
     # every image at p = 1/2 (binomial counts): E|1/2 - S/4| = 3/16, a value inside the bounds
     lo, hi = floor.oracle_gap_bounds([1, 4, 6, 4, 1])["calibrated"]
@@ -504,3 +509,41 @@ def test_presence_floor_bounds_an_oracle_sampler():
         floor.oracle_gap_bounds([1, 40, 20, 20, 40])
     lo, hi = floor.oracle_gap_bounds([1, 40, 20, 20, 40], min_count=1)["calibrated"]
     assert 0.05 < lo <= hi < 0.25
+
+
+def test_presence_from_masks_parts(lidc_demo):
+    """``benchmarks/presence_from_masks.py``: the systematic sampler's expected gap, and what the object features
+    say of a real nodule."""
+    bench = _benchmark_module("presence_from_masks")
+    share = np.array([0.25, 0.5, 1.0])
+    # p a multiple of 1/N: exactly pN non-empty samples
+    assert bench.systematic_gap(np.array([0.25, 0.5, 1.0]), share, 16) == pytest.approx(0.0)
+    assert bench.systematic_gap(np.array([0.5, 0.5, 0.5]), share, 16) == pytest.approx((0.25 + 0 + 0.5) / 3)
+    # p = 1.5/16: 1 or 2 of 16 samples, each half the time
+    assert bench.systematic_gap(np.array([1.5 / 16]), np.array([0.0]), 16) == pytest.approx(1.5 / 16)
+    nodules = [(imread(f).astype(float), imread(f.parent.parent / "mask-0" / f.name) > 127)
+               for f in sorted(lidc_demo.glob("LIDC-IDRI-*/nodule-*/images/slice-*.png"))]
+    feats = np.array([bench.object_features(image, mask) for image, mask in nodules if mask.sum() > 50])
+    assert len(feats) > 20 and np.isfinite(feats).all()
+    assert feats[:, 0] == pytest.approx([np.log1p(m.sum()) for _, m in nodules if m.sum() > 50])
+    assert np.median(feats[:, 1]) > 0  # nodules are mostly brighter than the lung around them
+    assert bench.object_features(nodules[0][0], np.zeros((128, 128), bool)) == [0.0] * feats.shape[1]
+    cases = ["LIDC0002_n0_s00", "LIDC0002_n0_s01", "LIDC0002_n0_s02", "LIDC0002_n1_s00"]
+    nod = bench.nodule_features(cases, np.array([10.0, 40.0, 20.0, 5.0]))
+    assert nod[:, 0] == pytest.approx(np.log1p([40, 40, 40, 5]))
+    assert nod[:, 1].tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="_n<K>_s<II>"):
+        bench.nodule_features(["case_001"], np.array([1.0]))
+
+
+def test_presence_from_masks_runs_on_a_converted_dataset(lidc_demo, tmp_path):
+    """The benchmark as a user runs it, on the demo patients converted with a test split."""
+    subprocess.run([sys.executable, "-m", "dataset_conversion.lidc", "-i", str(lidc_demo), "-o", str(tmp_path),
+                    "-d", "903", "--test_fraction", "0.25", "--disable_progress_bar"], check=True, cwd=REPO,
+                   capture_output=True)
+    raw = next(tmp_path.glob("Dataset903_*"))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "presence_from_masks.py"), "-raw", str(raw),
+                           "--nodule"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    gaps = [float(line.split("gap ")[1].split(",")[0]) for line in proc.stdout.splitlines() if "presence gap" in line]
+    assert len(gaps) == 2 and all(0 <= g <= 1 for g in gaps), proc.stdout
