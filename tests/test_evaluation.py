@@ -542,8 +542,18 @@ def test_presence_from_masks_runs_on_a_converted_dataset(lidc_demo, tmp_path):
                     "-d", "903", "--test_fraction", "0.25", "--disable_progress_bar"], check=True, cwd=REPO,
                    capture_output=True)
     raw = next(tmp_path.glob("Dataset903_*"))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "presence_from_masks.py"), "-raw", str(raw),
-                           "--nodule"], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    gaps = [float(line.split("gap ")[1].split(",")[0]) for line in proc.stdout.splitlines() if "presence gap" in line]
-    assert len(gaps) == 2 and all(0 <= g <= 1 for g in gaps), proc.stdout
+    # the object tells presence: every fit beats a sampler drawing at the training raters' share on every test slice
+    bench = _benchmark_module("presence_from_masks")
+    ds = load_json(str(raw / "dataset.json"))
+    present_tr = bench.load_cases(str(raw), ds, "imagesTr", "labelsTr_raters")[2]
+    present_te = bench.load_cases(str(raw), ds, "imagesTs", "labelsTs_raters")[2]
+    blind = bench.systematic_gap(np.full(len(present_te), present_tr.mean()), present_te.mean(1), 16)
+    for options in ([], ["--nodule"]):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "presence_from_masks.py"), "-raw", str(raw),
+                               *options], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        for split, images in (("train", "imagesTr"), ("test", "imagesTs")):
+            assert f"{split}: {len(list((raw / images).glob('*_0000.png')))} cases" in proc.stdout
+        fits = [(float(line.split("gap ")[1].split(",")[0]), float(line.split("correlation ")[1]))
+                for line in proc.stdout.splitlines() if "presence gap" in line]
+        assert len(fits) == 2 and all(gap < blind - 0.05 and corr > 0.5 for gap, corr in fits), (blind, proc.stdout)
