@@ -187,9 +187,9 @@ def evaluate(work: str, env: dict, did: str, pred: str, name: str, cases_folder:
 
 def mean_over(summary: str, cases: set[str]) -> dict:
     """The per-case metrics of an evaluator's ``summary`` averaged over ``cases`` (NaN ignored, as its own mean)."""
-    import numpy as np
+    from nnunet_arseg.evaluation.multirater import nan_mean
     per_case = [c["metrics"]["1"] for c in load_json(summary)["metric_per_case"] if c["case"] in cases]
-    return {m: float(np.nanmean([c[m] for c in per_case])) for m in METRICS if m in per_case[0]} | {
+    return {m: nan_mean([c[m] for c in per_case]) for m in METRICS if m in per_case[0]} | {
         "num_cases": len(per_case)}
 
 

@@ -8,7 +8,8 @@ knowing the object takes a sampler: it describes each 2D case by the largest of 
 compactness, distance from the centre, components, and the image inside, around and on the border of it: the object's
 true outline, which an image model has to find for itself), fits P(a rater draws | those features) on the training
 cases (every rater a target; logistic regression and gradient boosting) and reports, on the test cases, the gap of a
-sampler that draws N masks systematically at that rate (``segmentor/presence.py``) and the correlation of the shares.
+sampler that draws N masks systematically at that rate (``segmentor/presence.py``) and the correlation of the shares;
+also of a sampler drawing the share with the least expected gap under P(raters' count | those features).
 With ``--nodule``, cases named ``<patient>_n<K>_s<II>`` (the LIDC converter's names) add the largest object over the
 slices of their nodule and the slice's distance from the nodule's first and last slice.
 """
@@ -24,7 +25,7 @@ from scipy import ndimage
 
 from nnunet_arseg.evaluation.casefiles import find_raw_dataset, load_dataset_json, rater_files_per_case
 
-__all__ = ["object_features", "systematic_gap"]
+__all__ = ["median_share", "object_features", "systematic_gap"]
 
 _NODULE_SLICE = re.compile(r"(.+)_n(\d+)_s(\d+)$")
 
@@ -52,6 +53,15 @@ def systematic_gap(p: np.ndarray, raters_share: np.ndarray, num_samples: int) ->
     frac = p * num_samples - k0
     return float(np.mean((1 - frac) * np.abs(k0 / num_samples - raters_share)
                          + frac * np.abs((k0 + 1) / num_samples - raters_share)))
+
+
+def median_share(proba_CK: np.ndarray, counts_K: np.ndarray, num_raters: int, num_samples: int) -> np.ndarray:
+    """Per case, the share of non-empty samples (a multiple of 1/N) with the least expected gap under a predicted
+    distribution ``proba_CK`` over the raters' counts ``counts_K``: the median of count / M, which a calibrated
+    rate need not be (the gap is an absolute difference)."""
+    grid_G = np.arange(num_samples + 1) / num_samples
+    loss_CG = (proba_CK[:, None, :] * np.abs(grid_G[None, :, None] - counts_K / num_raters)).sum(-1)
+    return grid_G[loss_CG.argmin(1)]
 
 
 def load_cases(raw: str, dataset_json: dict, images: str, raters_folder: str):
@@ -135,6 +145,10 @@ def main() -> None:
         p_te = model.predict_proba(x_te)[:, 1]
         print(f"{what}, {name}: test presence gap {systematic_gap(p_te, share_te, args.num_samples):.3f}, "
               f"correlation {np.corrcoef(p_te, share_te)[0, 1]:.3f}")
+    counts = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=0).fit(x_tr, y_tr.sum(1))
+    q_te = median_share(counts.predict_proba(x_te), counts.classes_, M, args.num_samples)
+    print(f"{what}, gradient boosting on the raters' count, median share: test presence gap "
+          f"{np.abs(q_te - share_te).mean():.3f}, correlation {np.corrcoef(q_te, share_te)[0, 1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -426,9 +427,13 @@ def test_cli_missing_cases(tiny_dataset, capsys):
     assert summary["metric_per_case"][0]["metrics"]["1"]["GED"] == pytest.approx(ref_ged(ss, ys), abs=1e-10)
 
     # the cases to score can be named: then only those must be there
-    main(["-i", str(pred), "-d", "901", "-cases", CASES[1], "-o", str(pred / "named.json")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # one case: no correlation, and no numpy warning about it
+        main(["-i", str(pred), "-d", "901", "-cases", CASES[1], "-o", str(pred / "named.json")])
     named = load_json(str(pred / "named.json"))
     assert [c["case"] for c in named["metric_per_case"]] == [CASES[1]]
+    assert math.isnan(named["foreground_mean"]["presence_correlation"])
+    assert named["foreground_mean"]["GED"] == named["metric_per_case"][0]["metrics"]["1"]["GED"]
     assert named["conventions"]["cases"]["missing"] == [] and "all 1 cases of -cases" in named["conventions"]["images"]
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901", "-cases", CASES[1], CASES[2]])
     assert f"have no prediction: {CASES[2]}" in err
@@ -482,6 +487,14 @@ def test_presence_shares_gap_and_correlation():
     assert blind["presence_gap"] == pytest.approx(1.1 / 3) and np.isnan(blind["presence_correlation"])
 
 
+def test_nan_mean_ignores_undefined_values_without_warning():
+    from nnunet_arseg.evaluation.multirater import nan_mean
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert nan_mean([0.2, float("nan"), 0.4]) == pytest.approx(0.3)
+        assert math.isnan(nan_mean([float("nan")])) and math.isnan(nan_mean([]))
+
+
 def _benchmark_module(name: str):
     import importlib.util
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
@@ -521,6 +534,9 @@ def test_presence_from_masks_parts(lidc_demo):
     assert bench.systematic_gap(np.array([0.5, 0.5, 0.5]), share, 16) == pytest.approx((0.25 + 0 + 0.5) / 3)
     # p = 1.5/16: 1 or 2 of 16 samples, each half the time
     assert bench.systematic_gap(np.array([1.5 / 16]), np.array([0.0]), 16) == pytest.approx(1.5 / 16)
+    # the least expected gap is at the median of the raters' share, not at its mean (0.825 and 0.55 here)
+    proba = np.array([[0.1, 0.1, 0.2, 0.6], [0.6, 0.0, 0.0, 0.4]])
+    assert bench.median_share(proba, np.array([1, 2, 3, 4]), 4, 16).tolist() == [1.0, 0.25]
     nodules = [(imread(f).astype(float), imread(f.parent.parent / "mask-0" / f.name) > 127)
                for f in sorted(lidc_demo.glob("LIDC-IDRI-*/nodule-*/images/slice-*.png"))]
     feats = np.array([bench.object_features(image, mask) for image, mask in nodules if mask.sum() > 50])
@@ -556,4 +572,4 @@ def test_presence_from_masks_runs_on_a_converted_dataset(lidc_demo, tmp_path):
             assert f"{split}: {len(list((raw / images).glob('*_0000.png')))} cases" in proc.stdout
         fits = [(float(line.split("gap ")[1].split(",")[0]), float(line.split("correlation ")[1]))
                 for line in proc.stdout.splitlines() if "presence gap" in line]
-        assert len(fits) == 2 and all(gap < blind - 0.05 and corr > 0.5 for gap, corr in fits), (blind, proc.stdout)
+        assert len(fits) == 3 and all(gap < blind - 0.05 and corr > 0.5 for gap, corr in fits), (blind, proc.stdout)

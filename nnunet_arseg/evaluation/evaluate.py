@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.evaluation import casefiles
 from nnunet_arseg.evaluation.multirater import (METRIC_NAMES, PRESENCE_NAMES, SOFT_DICE_THRESHOLDS,
-                                                multirater_metrics_batch, presence_calibration)
+                                                multirater_metrics_batch, nan_mean, presence_calibration)
 from nnunet_arseg.evaluation.regions import (dice_per_region, foreground_labels_or_regions,
                                              label_manager_from_dataset_json)
 from nnunet_arseg.io_checks import check_complete
@@ -195,13 +195,13 @@ def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions
     mean = {}
     for k in str_keys:
         names = {n for e in per_case for n in e["metrics"].get(k, {}) if n in MEAN_METRICS}
-        mean[k] = {n: float(np.nanmean([e["metrics"][k][n] for e in per_case])) for n in sorted(names)}
+        mean[k] = {n: nan_mean([e["metrics"][k][n] for e in per_case]) for n in sorted(names)}
         if multirater:
             mean[k]["presence_correlation"] = presence_calibration(
                 [e["metrics"][k]["presence_samples"] for e in per_case],
                 [e["metrics"][k]["presence_raters"] for e in per_case])["presence_correlation"]
     fg_names = sorted({n for k in str_keys for n in mean[k]})
-    foreground_mean = {n: float(np.nanmean([mean[k][n] for k in str_keys])) for n in fg_names}
+    foreground_mean = {n: nan_mean([mean[k][n] for k in str_keys]) for n in fg_names}
     n_values = sorted({e["metrics"][str_keys[0]]["N"] for e in per_case}) if multirater else []
     m_values = sorted({e["metrics"][str_keys[0]]["M"] for e in per_case}) if multirater else []
     return {"conventions": _conventions(conv, str_keys, n_values, m_values, multirater, regions, coverage),

@@ -153,6 +153,14 @@ def presence_calibration(share_samples, share_raters) -> dict:
     return {"presence_gap": float(np.mean(np.abs(a - b))) if len(a) else float("nan"), "presence_correlation": corr}
 
 
+def nan_mean(values) -> float:
+    """Mean of ``values`` ignoring NaN; NaN (without numpy's warning) when every value is NaN or there is none,
+    e.g. a correlation over one case."""
+    a = np.asarray(values, dtype=float)
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def _single(samples, raters, **kwargs) -> dict[str, np.ndarray]:
     s, y = _check_pair(samples, raters)
     return multirater_metrics_batch(s[None], y[None], **kwargs)

@@ -27,7 +27,7 @@ from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to
 from torch import distributed as dist
 
 from nnunet_arseg.atomic import save_json_atomic
-from nnunet_arseg.evaluation.multirater import METRIC_NAMES, multirater_metrics_batch
+from nnunet_arseg.evaluation.multirater import METRIC_NAMES, multirater_metrics_batch, nan_mean
 from nnunet_arseg.sampling_window import SamplingPredictor
 from nnunet_arseg.training.raters import load_raters
 
@@ -52,7 +52,7 @@ def case_multirater_metrics(case: str, samples_KN: np.ndarray, raters_R1X: np.nd
 def multirater_summary(per_case: list[dict], label_manager, num_samples: int, seed: int) -> dict:
     """The content of ``summary_arseg.json``: per-class means (NaN-aware) and the per-case metrics."""
     classes = sorted({c for pc in per_case for c in pc if c != "case"}, key=int)
-    mean = {c: {name: float(np.nanmean([pc[c][name] for pc in per_case])) for name in METRIC_NAMES} for c in classes}
+    mean = {c: {name: nan_mean([pc[c][name] for pc in per_case]) for name in METRIC_NAMES} for c in classes}
     names = {c: str(label_manager.foreground_regions[int(c)] if label_manager.has_regions
                     else label_manager.foreground_labels[int(c)]) for c in classes}
     return {"num_samples": num_samples, "seed": seed, "geometry": "preprocessed", "classes": names, "mean": mean,
