@@ -24,6 +24,7 @@ from batchgenerators.utilities.file_and_folder_operations import join, subfiles
 from scipy import ndimage
 
 from nnunet_arseg.evaluation.casefiles import find_raw_dataset, load_dataset_json, rater_files_per_case
+from nnunet_arseg.evaluation.multirater import presence_calibration
 
 __all__ = ["median_share", "object_features", "systematic_gap"]
 
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=16, help="N of the sampler (default 16, as the evaluations)")
     p.add_argument("--nodule", action="store_true", help="add nodule-level features (LIDC converter's case names)")
     args = p.parse_args()
+    from sklearn.base import clone
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -143,12 +145,14 @@ def main() -> None:
     for name, model in models.items():
         model.fit(np.repeat(x_tr, M, 0), y_tr.reshape(-1))
         p_te = model.predict_proba(x_te)[:, 1]
+        corr = presence_calibration(p_te, share_te)["presence_correlation"]
         print(f"{what}, {name}: test presence gap {systematic_gap(p_te, share_te, args.num_samples):.3f}, "
-              f"correlation {np.corrcoef(p_te, share_te)[0, 1]:.3f}")
-    counts = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=0).fit(x_tr, y_tr.sum(1))
-    q_te = median_share(counts.predict_proba(x_te), counts.classes_, M, args.num_samples)
+              f"correlation {corr:.3f}")
+    counts = clone(models["gradient boosting"]).fit(x_tr, y_tr.sum(1))
+    median = presence_calibration(median_share(counts.predict_proba(x_te), counts.classes_, M, args.num_samples),
+                                  share_te)
     print(f"{what}, gradient boosting on the raters' count, median share: test presence gap "
-          f"{np.abs(q_te - share_te).mean():.3f}, correlation {np.corrcoef(q_te, share_te)[0, 1]:.3f}")
+          f"{median['presence_gap']:.3f}, correlation {median['presence_correlation']:.3f}")
 
 
 if __name__ == "__main__":
