@@ -8,6 +8,9 @@
 - ``nnUNet_ARSEG_SNAPSHOT_MINUTES``: the ``*_budget`` trainers also keep ``checkpoint_<m>min.pth`` every this many
   minutes of the budget (learning curves).
 - ``nnUNet_ARSEG_TOKENIZER``: a ``tokenizer.pth`` for ``nnUNetTrainerARSeg`` to use instead of training the dataset's.
+- ``nnUNet_ARSEG_LOCK_TIMEOUT_MINUTES``: a process training the dataset's tokenizer refreshes its lock every 1/20 of
+  this; a lock not refreshed for this long (its owner was killed, on any host) is taken over; default 10.
+- ``nnUNet_ARSEG_HOSTNAME``: the host name a process writes into that lock; default ``socket.gethostname()``.
 
 nnU-Net's own variables read here too: ``nnUNet_npp`` / ``nnUNet_nps`` (default worker processes of
 ``nnUNetv2_arseg_predict``, as of ``nnUNetv2_predict``). ``nnUNet_extTrainer`` is set by our commands, see
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
@@ -24,6 +28,8 @@ TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
 SNAPSHOT_MINUTES = "nnUNet_ARSEG_SNAPSHOT_MINUTES"
 TOKENIZER = "nnUNet_ARSEG_TOKENIZER"
+LOCK_TIMEOUT_MINUTES = "nnUNet_ARSEG_LOCK_TIMEOUT_MINUTES"
+HOSTNAME = "nnUNet_ARSEG_HOSTNAME"
 PREPROCESSING_PROCESSES = "nnUNet_npp"
 EXPORT_PROCESSES = "nnUNet_nps"
 
@@ -78,6 +84,14 @@ def sampling_temperature() -> float:
 
 def tokenizer_file() -> str | None:
     return _raw(TOKENIZER)
+
+
+def lock_timeout_s() -> float:
+    return 60 * env_float(LOCK_TIMEOUT_MINUTES, "the tokenizer lock", default=10.0)
+
+
+def hostname() -> str:
+    return _raw(HOSTNAME) or socket.gethostname()
 
 
 def prediction_processes() -> tuple[int, int]:

@@ -1,15 +1,22 @@
 """The dataset's tokenizer: latent stride from the data, held-out split, masks drawn from preprocessed cases, lock."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
+import torch
 
-from nnunet_arseg.training.tokenizer_store import (choose_latent_stride, exclusive, median_object_extent,
-                                                   split_heldout, widths_name)
+from nnunet_arseg.training.tokenizer_store import (choose_latent_stride, median_object_extent, split_heldout,
+                                                   tokenizer_key, tokenizer_name, why_train)
+from nnunet_arseg.training.lease_lock import exclusive, owner_record
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
 
 
 def test_latent_stride_follows_object_size_and_caps_the_token_map():
@@ -48,19 +55,12 @@ def test_heldout_split_is_by_patient_and_seeded():
     assert len(split_heldout(cases, None, fraction=0.05)[1]) == 2  # without patients: cases
 
 
-def test_tokenizer_name_depends_on_widths_only():
-    assert widths_name({"ch": 32, "z_channels": 32}) == widths_name({"z_channels": 32, "ch": 32})
-    assert widths_name({"ch": 32}) != widths_name({"ch": 16})
-
-
-def test_lock_is_exclusive_and_a_dead_owner_is_taken_over(tmp_path):
-    lock = str(tmp_path / ".lock")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    with open(lock, "w") as f:
-        f.write(dead.stdout.strip())  # a run that was killed while it held the lock
-    with exclusive(lock, poll_s=0.01, log=lambda _: None):
-        assert int(open(lock).read()) == os.getpid()
-    assert not os.path.exists(lock)
+def test_tokenizer_name_depends_on_widths_patch_size_and_spacing():
+    key = tokenizer_key({"ch": 32, "z_channels": 32}, (64, 64), (1.0, 1.0))
+    assert tokenizer_name(key) == tokenizer_name(tokenizer_key({"z_channels": 32, "ch": 32}, [64, 64], [1, 1]))
+    for other in (tokenizer_key({"ch": 16}, (64, 64), (1.0, 1.0)), tokenizer_key({"ch": 32}, (128, 64), (1.0, 1.0)),
+                  tokenizer_key({"ch": 32}, (64, 64), (0.5, 1.0))):
+        assert tokenizer_name(other) != tokenizer_name(tokenizer_key({"ch": 32}, (64, 64), (1.0, 1.0)))
 
 
 def test_a_stored_or_given_tokenizer_is_reused_and_a_new_one_is_sized_from_the_data(tmp_path, monkeypatch):
@@ -77,22 +77,234 @@ def test_a_stored_or_given_tokenizer_is_reused_and_a_new_one_is_sized_from_the_d
         asked.append(1)
         return (10.0, 10.0)
 
-    new = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (64, 64), widths, extent)
+    new = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (64, 64), (1.0, 1.0), widths, extent)
     assert not new.exists() and new.arch_kwargs == {**widths, "latent_stride": [4, 4]} and asked == [1]
     assert "ARSegTokenizer__nnUNetPlans__2d" in new.path
     model = MaskTokenizer(2, (64, 64), **new.arch_kwargs)
     os.makedirs(new.folder)
-    torch.save({"arch_kwargs": new.arch_kwargs, "patch_size": [64, 64], "state_dict": model.state_dict()}, new.path)
+    torch.save({"arch_kwargs": new.arch_kwargs, "patch_size": [64, 64], "spacing": [1.0, 1.0],
+                "state_dict": model.state_dict()}, new.path)
     # another fold or variant with the same widths: the stored tokenizer, without reading the data again
-    again = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (64, 64), widths, extent)
+    again = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (64, 64), (1.0, 1.0), widths, extent)
     assert again.path == new.path and again.exists() and asked == [1]
     # the user's tokenizer, checked against the patch size
     monkeypatch.setenv("nnUNet_ARSEG_TOKENIZER", new.path)
-    given = resolve_dataset_tokenizer(str(tmp_path / "other"), "nnUNetPlans", "2d", (64, 64), {"ch": 32}, extent)
+    given = resolve_dataset_tokenizer(str(tmp_path / "other"), "nnUNetPlans", "2d", (64, 64), (1.0, 1.0), {"ch": 32},
+                                      extent)
     assert given.given and given.path == new.path and given.arch_kwargs == new.arch_kwargs
     with pytest.raises(ValueError, match="patch size"):
-        resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (128, 128), widths, extent)
+        resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (128, 128), (1.0, 1.0), widths, extent)
     (tmp_path / "not_a_tokenizer.pth").write_bytes(b"")
     torch.save({"weights": 1}, tmp_path / "not_a_tokenizer.pth")
     with pytest.raises(ValueError, match="not an AR-Seg tokenizer"):
         load_tokenizer_file(str(tmp_path / "not_a_tokenizer.pth"))
+
+
+# ---------------------------------------------------------------- the lock, across hosts
+def _lock_record(path, age_s: float = 0.0, **owner) -> dict:
+    """Write a lock another process holds (``owner`` over a record of this process), its heartbeat ``age_s`` old."""
+    record = {**owner_record(), "process": "another-process", **owner}
+    with open(path, "w") as f:
+        json.dump(record, f)
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return record
+
+
+def _acquire(lock, within_s: float, timeout_s: float = 60.0, hold_s: float = 0.0) -> tuple[bool, list[str]]:
+    """Whether ``exclusive(lock)`` is entered within ``within_s`` (in a thread, so a lock never taken fails the test
+    instead of hanging it), and what it logged."""
+    logs, entered = [], threading.Event()
+
+    def run():
+        with exclusive(str(lock), poll_s=0.02, log=logs.append, timeout_s=timeout_s):
+            entered.set()
+            time.sleep(hold_s)
+
+    threading.Thread(target=run, daemon=True).start()
+    return entered.wait(within_s), logs
+
+
+def test_a_lock_without_heartbeat_is_taken_over_on_any_host_and_a_live_one_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_ARSEG_HOSTNAME", "node-a")
+    lock = tmp_path / ".lock"
+    _lock_record(lock, age_s=120, host="node-b", pid=1)  # killed on node-b two minutes ago
+    took, logs = _acquire(lock, within_s=5, timeout_s=60)
+    assert took and "took over" in logs[0] and "host node-b pid 1" in logs[0] and "no heartbeat for 2.0 min" in logs[0]
+    # a live lock on another host: its pid means nothing here (dead on this host), its heartbeat is fresh
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = _lock_record(lock, age_s=1, host="node-c", pid=int(dead.stdout))
+    took, logs = _acquire(lock, within_s=1.0, timeout_s=60)
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["since"]))
+    assert not took and json.loads(lock.read_text())["hold"] == record["hold"]
+    assert logs == [f"waiting for {lock}, held by host node-c pid {dead.stdout.strip()} since {since}, last heartbeat "
+                    f"1 s ago (a lock without a heartbeat for 1.0 min is taken over: "
+                    f"nnUNet_ARSEG_LOCK_TIMEOUT_MINUTES)"]
+
+
+def test_a_lock_of_a_dead_pid_or_an_earlier_incarnation_on_this_host_is_taken_over_at_once(tmp_path):
+    lock = tmp_path / ".lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _lock_record(lock, pid=int(dead.stdout))
+    took, logs = _acquire(lock, within_s=5)
+    assert took and f"process {dead.stdout.strip()} is gone" in logs[0]
+    _lock_record(lock, pid=os.getpid())  # this pid, another process: e.g. PID 1 of a restarted container
+    took, logs = _acquire(lock, within_s=5)
+    assert took and "earlier incarnation" in logs[0]
+
+
+def test_waiters_on_a_stale_lock_take_it_one_at_a_time_and_the_heartbeat_keeps_it(tmp_path):
+    """Four threads find one stale lock: one takes it over, the others wait for it; each holds it longer than the
+    timeout, which only the owner's heartbeat makes safe."""
+    lock = tmp_path / ".lock"
+    _lock_record(lock, age_s=10, host="node-b")
+    held, logs, start = [], [], threading.Barrier(4)
+
+    def run():
+        start.wait()
+        with exclusive(str(lock), poll_s=0.02, log=logs.append, timeout_s=0.5):
+            t0 = time.monotonic()
+            time.sleep(0.7)
+            held.append((t0, time.monotonic()))
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(held) == 4 and not lock.exists()
+    held.sort()
+    assert all(a[1] <= b[0] for a, b in zip(held, held[1:])), held  # never two at once
+    assert sum("took over" in m for m in logs) == 1, logs
+
+
+def test_release_leaves_a_lock_another_process_took_over(tmp_path):
+    lock = tmp_path / ".lock"
+    logs = []
+    with exclusive(str(lock), log=logs.append, timeout_s=60):
+        ours = json.loads(lock.read_text())
+        assert ours["pid"] == os.getpid() and ours["host"] == owner_record()["host"]
+        theirs = _lock_record(lock, host="node-b")  # judged stale elsewhere (e.g. this process was suspended)
+    assert json.loads(lock.read_text()) == theirs and "taken over" in logs[-1]
+
+
+# ---------------------------------------------------------------- a stored tokenizer is used only if it fits
+WIDTHS = {"ch": 8, "num_res_blocks": 1, "z_channels": 8, "codebook_size": 32, "code_dim": 8, "space_to_depth": 2,
+          "latent_stride": 8}
+
+
+class LidcMasks:
+    """Real rater masks of the bundled LIDC crops (32 x 32 centre crops), drawn as ``PreprocessedMasks.draw``."""
+
+    def __init__(self, lidc_demo, patients):
+        from test_tokenizer import lidc_masks
+        self.identifiers = sorted(patients)
+        self.masks = lidc_masks(lidc_demo, 32, patients=patients)
+
+    def draw(self, rng, batch_size):
+        return self.masks[rng.integers(len(self.masks), size=batch_size)]
+
+
+def _train(tmp_path, lidc_demo, cfg, device="cpu", log=None):
+    from nnunet_arseg.training.tokenizer_store import resolve_dataset_tokenizer, train_dataset_tokenizer
+    patients = sorted(p.name for p in lidc_demo.glob("LIDC-IDRI-*"))
+    tok = resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (32, 32), (1.0, 1.0), WIDTHS, None)
+    logs = []
+    stored = train_dataset_tokenizer(tok, (32, 32), LidcMasks(lidc_demo, patients[:6]),
+                                     LidcMasks(lidc_demo, patients[6:]), cfg, torch.device(device), num_heldout=16,
+                                     log=log or logs.append)
+    return tok, stored, logs
+
+
+def test_an_undertrained_tokenizer_is_trained_further_and_one_that_fits_is_reused(tmp_path, lidc_demo, monkeypatch):
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    short = TokenizerFitConfig(max_steps=4, batch_size=4, eval_every=2, warmup_steps=1, target_dice=1.01)
+    tok, stored, logs = _train(tmp_path, lidc_demo, short)
+    assert stored["summary"]["steps"] == 4 and not stored["summary"]["target_reached"]
+    assert "because there is none yet" in logs[0]
+    # a variant asking for more steps (as _tiny_demo over _tiny): trained further from the stored weights
+    longer = TokenizerFitConfig(**{**short.to_dict(), "max_steps": 6})
+    assert "falls short: it was trained 4 steps" in why_train(tok, longer)
+    tok2, stored2, logs = _train(tmp_path, lidc_demo, longer)
+    assert tok2.path == tok.path and "trained 4 steps" in logs[0] and "resuming at step 4" in logs[0]
+    assert stored2["summary"]["steps"] == 6 and [h["step"] for h in stored2["summary"]["history"]] == [2, 4, 6]
+    assert any(not torch.equal(v, stored["state_dict"][k]) for k, v in stored2["state_dict"].items())
+    # asking for less, or for a target it reached: reused as it is
+    for fits in (short, TokenizerFitConfig(**{**longer.to_dict(), "max_steps": 100, "target_dice": 0.0,
+                                              "target_empty": 0.0})):
+        assert why_train(tok2, fits) is None
+        assert _train(tmp_path, lidc_demo, fits)[2] == []
+    assert sorted(os.listdir(tok.folder)) == ["progress.png", "summary.json", "tokenizer.pth"]
+
+
+def test_a_replanned_configuration_gets_its_own_tokenizer_and_a_foreign_file_is_refused(tmp_path, monkeypatch):
+    from nnunet_arseg.tokenizer import MaskTokenizer
+    from nnunet_arseg.training.tokenizer_store import resolve_dataset_tokenizer
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+
+    def resolve(patch, spacing, widths=WIDTHS):
+        return resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", patch, spacing, widths, lambda: (8., 8.))
+
+    first = resolve((32, 32), (1.0, 1.0))
+    os.makedirs(first.folder)
+    torch.save({"arch_kwargs": first.arch_kwargs, "patch_size": [32, 32], "spacing": [1.0, 1.0],
+                "state_dict": MaskTokenizer(2, (32, 32), **first.arch_kwargs).state_dict()}, first.path)
+    assert resolve((32, 32), (1.0, 1.0)).exists()
+    # re-planned under the same plans name: another patch size or spacing is another tokenizer, none yet
+    for patch, spacing in (((64, 32), (1.0, 1.0)), ((32, 32), (0.7, 0.7))):
+        other = resolve(patch, spacing)
+        assert other.folder != first.folder and not other.exists()
+    # a file that was not written for its folder's settings (copied there by hand): a clear error, no silent reuse
+    other = resolve((64, 32), (1.0, 1.0))
+    os.makedirs(other.folder)
+    shutil.copy(first.path, other.path)
+    with pytest.raises(ValueError, match=r"not trained for this trainer's tokenizer settings: patch size \[32, 32\] "
+                                         r"\(asked: \[64, 32\]\). Move the folder"):
+        resolve((64, 32), (1.0, 1.0))
+    wider = resolve((32, 32), (1.0, 1.0), {**WIDTHS, "ch": 16})
+    os.makedirs(wider.folder)
+    shutil.copy(first.path, wider.path)
+    with pytest.raises(ValueError, match=r"settings: ch 8 \(asked: 16\)"):
+        resolve((32, 32), (1.0, 1.0), {**WIDTHS, "ch": 16})
+
+
+def test_resume_refuses_a_checkpoint_of_another_tokenizer_architecture(tmp_path, monkeypatch):
+    from nnunet_arseg.tokenizer import MaskTokenizer
+    from nnunet_arseg.training.tokenizer_store import DatasetTokenizer, check_checkpoint_tokenizer
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    old_kwargs, new_kwargs = WIDTHS, {**WIDTHS, "latent_stride": 4}
+    old, new = MaskTokenizer(2, (32, 32), **old_kwargs), MaskTokenizer(2, (32, 32), **new_kwargs)
+    old_path = str(tmp_path / "tok_old" / "tokenizer.pth")
+    os.makedirs(os.path.dirname(old_path))
+    torch.save({"arch_kwargs": old_kwargs, "patch_size": [32, 32], "state_dict": old.state_dict()}, old_path)
+    checkpoint = {"arseg_tokenizer": old_path,
+                  "network_weights": {"module.tokenizer." + k: v for k, v in old.state_dict().items()}}
+    check_checkpoint_tokenizer(checkpoint, DatasetTokenizer(old_path, old_kwargs, False), old)
+    new_tok = DatasetTokenizer(str(tmp_path / "tok_new" / "tokenizer.pth"), new_kwargs, False)
+    with pytest.raises(RuntimeError, match=f"continue it with that tokenizer \\(nnUNet_ARSEG_TOKENIZER={old_path} "):
+        check_checkpoint_tokenizer(checkpoint, new_tok, new)
+    os.remove(old_path)
+    with pytest.raises(RuntimeError, match=r"train the fold anew \(without --c\)$"):
+        check_checkpoint_tokenizer(checkpoint, new_tok, new)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_interrupted_tokenizer_resumes_on_its_device(tmp_path, lidc_demo, monkeypatch, device):
+    """Stopped right after a checkpoint (as a kill would), the same call resumes from ``tokenizer_latest.pth`` (on
+    CUDA the saved random generator states must come back as CPU tensors) and ends with the uninterrupted weights."""
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    cfg = TokenizerFitConfig(max_steps=4, batch_size=4, eval_every=2, warmup_steps=1, target_dice=1.01)
+    _, whole, _ = _train(tmp_path / "whole", lidc_demo, cfg, device)
+
+    def kill_at_step_2(message):
+        if message.startswith("tokenizer step 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "killed", lidc_demo, cfg, device, log=kill_at_step_2)
+    tok, resumed, logs = _train(tmp_path / "killed", lidc_demo, cfg, device)
+    assert "resuming at step 2" in logs[0] and resumed["summary"]["steps"] == 4
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k

@@ -97,8 +97,10 @@ def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generato
     evaluation after ``time_limit_s`` seconds of this call); returns the final state.
 
     ``draw_batch(rng, batch_size)`` returns binary masks (B, 1, *patch) on the CPU. ``state`` (from an earlier call's
-    ``checkpoint``) resumes exactly: model, optimizer, step, random generators and history. ``checkpoint(state)`` is
-    called after every evaluation, so an interrupted run loses at most ``eval_every`` steps.
+    ``checkpoint``, its tensors on any device) resumes exactly: model, optimizer, step, random generators and history;
+    a state of only ``model``, ``step`` and ``history`` (a stored tokenizer trained further) continues with a fresh
+    optimizer. A state that is done stays done unless ``cfg`` asks for more (a higher target, more steps).
+    ``checkpoint(state)`` is called after every evaluation, so an interrupted run loses at most ``eval_every`` steps.
     """
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
@@ -107,13 +109,18 @@ def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generato
     step, history = 0, []
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["numpy_rng"]
-        gen.set_state(state["torch_rng"])
-        torch.set_rng_state(state["global_torch_rng"])  # dead-code re-initialisation draws from it
         step, history = state["step"], state["history"]
-        if state.get("done"):
-            return state
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            rng.bit_generator.state = state["numpy_rng"]
+            gen.set_state(state["torch_rng"].cpu())  # CPU generators, whatever map_location the state was loaded with
+            torch.set_rng_state(state["global_torch_rng"].cpu())  # dead-code re-initialisation draws from it
+        else:
+            rng = np.random.default_rng([cfg.seed, step])
+            gen = torch.Generator().manual_seed(cfg.seed + step)
+        if history and (target_reached(history[-1], cfg) or step >= cfg.max_steps
+                        or (state.get("done") and state.get("fit_config") == cfg.to_dict())):
+            return {**state, "done": True}
     model.train()
     started = time.time()
     done = False

@@ -1,11 +1,16 @@
 """The dataset's mask tokenizer: trained once per dataset, plans and configuration, stored in the results folder, and
 reused by every fold and trainer variant whose tokenizer settings match.
 
-    $nnUNet_results/DatasetXXX_Name/ARSegTokenizer__<plans>__<configuration>/<tokenizer name>/
-        tokenizer.pth          the weights and the tokenizer's arch kwargs (what the segmentor loads)
-        tokenizer_latest.pth   the training state while it trains (``--c`` of an interrupted run resumes from it)
-        summary.json           held-out reconstruction scores, steps, data
-        training_log.txt, progress.png
+    $nnUNet_results/DatasetXXX_Name/ARSegTokenizer__<plans>__<configuration>/tok_<hash of tokenizer_key>/
+        tokenizer.pth          the weights, arch kwargs, patch size, spacing and summary (what the segmentor loads)
+        tokenizer_latest.pth   the training state while it trains (the same command resumes from it)
+        summary.json           held-out reconstruction scores, steps, fit settings, data
+        progress.png
+        .lock                  while one process trains it (``lease_lock``: folds on any host wait for it)
+
+A stored tokenizer is reused when it was trained for the same widths, patch size and spacing, and as far as the
+trainer's fit settings ask (their held-out target reached, or as many steps); one that falls short is trained further
+from its weights.
 
 Masks come from the preprocessed training cases (every rater where the dataset has raters), cropped to the patch
 size; 1 in 20 patients (cases) is held out to measure the reconstruction target. ``nnUNet_ARSEG_TOKENIZER`` names a
@@ -18,7 +23,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,8 +34,9 @@ from scipy import ndimage
 from nnunet_arseg import env
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.tokenizer import MaskTokenizer
-from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer, target_reached
 from nnunet_arseg.training import raters
+from nnunet_arseg.training.lease_lock import exclusive
 
 TOKENIZER_FOLDER_PREFIX = "ARSegTokenizer"
 MAX_LATENT_POSITIONS = 256  # the finest token map: AR-Seg's sequence length grows with it
@@ -176,53 +181,15 @@ def load_tokenizer_file(path: str) -> dict:
     return ckpt
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def exclusive(lock_file: str, poll_s: float = 5.0, log=print):
-    """One process at a time (folds started in parallel share one tokenizer): a lock file created atomically,
-    holding the owner's pid; a lock whose owner is gone (a killed run) is taken over."""
-    waited = False
-    while True:
-        try:
-            fd = os.open(lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                owner = int(open(lock_file).read().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and not _pid_alive(owner):
-                os.remove(lock_file)
-                continue
-            if not waited:
-                log(f"waiting for {lock_file}: process {owner} is training this tokenizer")
-                waited = True
-            time.sleep(poll_s)
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        if os.path.exists(lock_file):
-            os.remove(lock_file)
-
-
 @dataclass(frozen=True)
 class DatasetTokenizer:
-    """Where the tokenizer of a dataset/plans/configuration is (or will be) and the arch kwargs it has."""
+    """Where the tokenizer of a dataset/plans/configuration is (or will be), the arch kwargs it has, and what it was
+    resolved for (the variant's widths, the plans' patch size and spacing)."""
 
     path: str
     arch_kwargs: dict
     given: bool  # named by the user (nnUNet_ARSEG_TOKENIZER), never trained or written here
+    key: dict | None = None
 
     @property
     def folder(self) -> str:
@@ -232,16 +199,57 @@ class DatasetTokenizer:
         return isfile(self.path)
 
 
-def widths_name(widths: dict) -> str:
-    """A stable folder name for a set of tokenizer widths: variants with equal widths share the tokenizer."""
-    return "tok_" + hashlib.sha1(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:10]
+def tokenizer_key(widths: dict, patch_size, spacing) -> dict:
+    """What a stored tokenizer must have been trained for to be reused: the variant's widths on masks of the plans'
+    patch size and spacing (the latent stride follows from these masks)."""
+    return {"widths": dict(widths), "patch_size": [int(n) for n in patch_size],
+            "spacing": [float(s) for s in spacing]}
+
+
+def tokenizer_name(key: dict) -> str:
+    """A stable folder name for a ``tokenizer_key``: variants with equal widths share the tokenizer; re-planning
+    (another patch size or spacing under the same plans name) gets another one."""
+    return "tok_" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def key_mismatch(stored: dict, key: dict) -> str | None:
+    """How a stored tokenizer (``tokenizer.pth`` or ``tokenizer_latest.pth``, loaded) differs from ``key``, or None."""
+    arch = stored.get("arch_kwargs", {})
+    wrong = [f"{k} {arch.get(k)} (asked: {v})" for k, v in key["widths"].items()
+             if v is not None and json.dumps(arch.get(k)) != json.dumps(v)]
+    for field in ("patch_size", "spacing"):
+        if stored.get(field) is None or [float(n) for n in stored[field]] != [float(n) for n in key[field]]:
+            wrong.append(f"{field.replace('_', ' ')} {stored.get(field)} (asked: {key[field]})")
+    return "; ".join(wrong) or None
+
+
+def shortfall(summary: dict, fit_cfg: TokenizerFitConfig) -> str | None:
+    """Why a stored tokenizer falls short of ``fit_cfg`` (its training would not have stopped yet), or None."""
+    last = summary["history"][-1] if summary.get("history") else summary["heldout"]
+    if target_reached(last, fit_cfg) or summary["steps"] >= fit_cfg.max_steps:
+        return None
+    return (f"it was trained {summary['steps']} steps to held-out Dice {last['dice_nonempty']:.4f}, empty kept "
+            f"{last['empty_kept']:.3f}; this trainer asks for Dice {fit_cfg.target_dice}, empty kept "
+            f"{fit_cfg.target_empty} within {fit_cfg.max_steps} steps")
+
+
+def why_train(tok: DatasetTokenizer, fit_cfg: TokenizerFitConfig) -> str | None:
+    """Why ``tok`` must be trained (it does not exist, or falls short of ``fit_cfg``), or None when it is ready."""
+    if tok.given:
+        return None
+    if not tok.exists():
+        return "there is none yet"
+    summary = load_tokenizer_file(tok.path).get("summary")  # none: written by hand, taken as it is
+    reason = None if summary is None else shortfall(summary, fit_cfg)
+    return None if reason is None else f"the stored one falls short: {reason}"
 
 
 def resolve_dataset_tokenizer(results_dataset_folder: str, plans_identifier: str, configuration: str, patch_size,
-                              widths: dict, object_extent: Callable[[], tuple[float, ...]]) -> DatasetTokenizer:
-    """The tokenizer a trainer uses: the user's (``nnUNet_ARSEG_TOKENIZER``), else the stored one of the dataset,
-    else a new one whose latent stride follows the data (``choose_latent_stride`` of ``object_extent()``; only
-    called then, since it reads the preprocessed labels)."""
+                              spacing, widths: dict, object_extent: Callable[[], tuple[float, ...]]
+                              ) -> DatasetTokenizer:
+    """The tokenizer a trainer uses: the user's (``nnUNet_ARSEG_TOKENIZER``), else the stored one of the dataset for
+    these widths, patch size and spacing (checked against its file), else a new one whose latent stride follows the
+    data (``choose_latent_stride`` of ``object_extent()``; only called then, since it reads the preprocessed labels)."""
     given = env.tokenizer_file()
     if given is not None:
         ckpt = load_tokenizer_file(given)
@@ -250,61 +258,101 @@ def resolve_dataset_tokenizer(results_dataset_folder: str, plans_identifier: str
                              f"but this configuration's patch size is {list(patch_size)}; train one for it (unset "
                              f"{env.TOKENIZER}) or use a configuration with that patch size")
         return DatasetTokenizer(given, ckpt["arch_kwargs"], True)
-    path = join(tokenizer_folder(results_dataset_folder, plans_identifier, configuration, widths_name(widths)),
-                "tokenizer.pth")
-    if isfile(path):
-        return DatasetTokenizer(path, load_tokenizer_file(path)["arch_kwargs"], False)
+    key = tokenizer_key(widths, patch_size, spacing)
+    folder = tokenizer_folder(results_dataset_folder, plans_identifier, configuration, tokenizer_name(key))
+    for name in ("tokenizer.pth", "tokenizer_latest.pth"):  # a stored one, else the one that was training
+        if isfile(join(folder, name)):
+            stored = torch.load(join(folder, name), map_location="cpu", weights_only=False)
+            wrong = key_mismatch(stored, key)
+            if wrong is None:
+                return DatasetTokenizer(join(folder, "tokenizer.pth"), stored["arch_kwargs"], False, key)
+            if name == "tokenizer.pth":
+                raise ValueError(f"{join(folder, name)} was not trained for this trainer's tokenizer settings: "
+                                 f"{wrong}. Move the folder {folder} away (this trainer then trains its own) or name a "
+                                 f"fitting tokenizer with {env.TOKENIZER}")
     kwargs = dict(widths)
     if kwargs.get("latent_stride") is None:
         kwargs["latent_stride"] = list(choose_latent_stride(tuple(patch_size), object_extent()))
-    return DatasetTokenizer(path, kwargs, False)
+    return DatasetTokenizer(join(folder, "tokenizer.pth"), kwargs, False, key)
 
 
 def train_dataset_tokenizer(tok: DatasetTokenizer, patch_size, train_masks: PreprocessedMasks,
                             heldout_masks: PreprocessedMasks, fit_cfg: TokenizerFitConfig, device: torch.device,
                             num_heldout: int = 512, log=print) -> dict:
-    """Train the tokenizer of ``tok`` (resuming ``tokenizer_latest.pth``) and write ``tokenizer.pth``, its summary
-    and curve; returns the stored dict. A tokenizer that exists (trained meanwhile by another fold) is loaded."""
-    if tok.given or tok.exists():
+    """Train the tokenizer of ``tok`` and write ``tokenizer.pth``, its summary and curve; returns the stored dict.
+    Resumes ``tokenizer_latest.pth``; a stored tokenizer that falls short of ``fit_cfg`` is trained further from its
+    weights; one that exists and fits (trained meanwhile by another fold) is loaded."""
+    if why_train(tok, fit_cfg) is None:
         return load_tokenizer_file(tok.path)
     maybe_mkdir_p(tok.folder)
     with exclusive(join(tok.folder, ".lock"), log=log):
-        if tok.exists():
+        reason = why_train(tok, fit_cfg)
+        if reason is None:
             return load_tokenizer_file(tok.path)
         torch.manual_seed(fit_cfg.seed)
         model = MaskTokenizer(len(patch_size), patch_size, **tok.arch_kwargs).to(device)
         heldout = heldout_masks.draw(np.random.default_rng(fit_cfg.seed + 1), num_heldout)
         latest = join(tok.folder, "tokenizer_latest.pth")
-        state = torch.load(latest, map_location=device, weights_only=False) if isfile(latest) else None
+        # on the CPU whatever the device: the random generators' states must be CPU tensors
+        state = torch.load(latest, map_location="cpu", weights_only=False) if isfile(latest) else None
+        if state is not None and (state.get("arch_kwargs") != tok.arch_kwargs or key_mismatch(state, tok.key)):
+            log(f"{latest} was trained for other settings ({key_mismatch(state, tok.key) or 'other arch kwargs'}): "
+                f"not resumed")
+            state = None
+        if state is None and tok.exists():
+            stored = load_tokenizer_file(tok.path)
+            state = {"model": stored["state_dict"], "step": stored["summary"]["steps"],
+                     "history": stored["summary"]["history"], "seconds": stored["summary"]["seconds"]}
         log(f"Training the dataset's mask tokenizer ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
             f"parameters, latent {model.latent_shape}, scales {model.scales}) on {len(train_masks.identifiers)} cases "
-            f"until held-out Dice >= {fit_cfg.target_dice} or {fit_cfg.max_steps} steps"
+            f"until held-out Dice >= {fit_cfg.target_dice} or {fit_cfg.max_steps} steps, because {reason}"
             + (f"; resuming at step {state['step']}" if state else ""))
         started = time.time()
         seconds_before = state.get("seconds", 0.0) if state else 0.0
 
         def checkpoint(st: dict) -> None:
-            st["seconds"] = seconds_before + time.time() - started
+            st.update(seconds=seconds_before + time.time() - started, arch_kwargs=tok.arch_kwargs,
+                      patch_size=tok.key["patch_size"], spacing=tok.key["spacing"])
             write_atomic(latest, lambda t: torch.save(st, t))
 
         state = fit_tokenizer(model, train_masks.draw, heldout, fit_cfg, state, checkpoint, log)
         final = state["history"][-1]
-        summary = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "latent_shape":
-                   list(model.latent_shape), "scales": [list(pn) for pn in model.scales], "steps": state["step"],
+        summary = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "spacing": tok.key["spacing"],
+                   "latent_shape": list(model.latent_shape), "scales": [list(pn) for pn in model.scales],
+                   "steps": state["step"],
                    "seconds": round(state.get("seconds", seconds_before + time.time() - started), 1),
-                   "target_reached": final["dice_nonempty"] >= fit_cfg.target_dice, "heldout": final,
+                   "target_reached": target_reached(final, fit_cfg), "heldout": final,
                    "num_train_cases": len(train_masks.identifiers),
                    "num_heldout_cases": len(heldout_masks.identifiers), "fit_config": fit_cfg.to_dict(),
                    "history": state["history"]}
-        stored = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "state_dict": model.state_dict(),
-                  "summary": summary}
-        write_atomic(tok.path, lambda t: torch.save(stored, t))
+        stored = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "spacing": tok.key["spacing"],
+                  "state_dict": model.state_dict(), "summary": summary}
         save_json_atomic(summary, join(tok.folder, "summary.json"))
         plot_history(state["history"], join(tok.folder, "progress.png"))
-        os.remove(latest)
+        write_atomic(tok.path, lambda t: torch.save(stored, t))  # last: a kill before it resumes from latest
+        if isfile(latest):
+            os.remove(latest)
         log(f"Tokenizer stored at {tok.path}: held-out Dice {final['dice_nonempty']:.4f}, empty kept "
             f"{final['empty_kept']:.3f} after {state['step']} steps ({summary['seconds'] / 60:.1f} min)")
         return stored
+
+
+def check_checkpoint_tokenizer(checkpoint: dict, tok: DatasetTokenizer, network_tokenizer: torch.nn.Module) -> None:
+    """``--c``: refuse, with what to do instead, a checkpoint trained with a tokenizer of another architecture than
+    the one this run built its network for (the dataset's tokenizer was re-planned or retrained since)."""
+    trained_with = checkpoint.get("arseg_tokenizer")
+    ours = {k: tuple(v.shape) for k, v in network_tokenizer.state_dict().items()}
+    theirs = {k.removeprefix("module.").removeprefix("tokenizer."): tuple(v.shape)
+              for k, v in checkpoint["network_weights"].items() if k.removeprefix("module.").startswith("tokenizer.")}
+    differs = ours != theirs
+    if not differs and trained_with not in (None, tok.path) and isfile(trained_with):
+        differs = load_tokenizer_file(trained_with)["arch_kwargs"] != tok.arch_kwargs
+    if differs:
+        remedy = (f"continue it with that tokenizer ({env.TOKENIZER}={trained_with} nnUNetv2_train ... --c) or train "
+                  f"the fold anew (without --c)" if trained_with and isfile(trained_with)
+                  else "train the fold anew (without --c)")
+        raise RuntimeError(f"this fold's checkpoint was trained with the tokenizer {trained_with}, whose architecture "
+                           f"differs from that of {tok.path}, which this run uses: {remedy}")
 
 
 def plot_history(history: list[dict], path: str) -> None:

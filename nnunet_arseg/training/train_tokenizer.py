@@ -4,7 +4,8 @@ mask tokenizer ahead of the folds.
 ``nnUNetv2_train ... -tr nnUNetTrainerARSeg*`` trains it before its first epoch when it does not exist yet; this
 command does only that step, e.g. before five folds start in parallel, or to time it on its own. The tokenizer is the
 one the given trainer variant would use (its widths), stored where every fold and variant finds it; an existing one
-is left as it is. An interrupted run resumes where it stopped.
+is left as it is unless it falls short of the variant's fit settings (then it is trained further). An interrupted run
+resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     ensure_ext_trainer_env()
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    from nnunet_arseg.training import tokenizer_store
     from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
     trainer = get_trainer_from_args(args.dataset_name_or_id, args.configuration, "all", args.tr, args.p,
                                     device=torch.device(args.device))
     if not isinstance(trainer, nnUNetTrainerARSeg):
         p.error(f"-tr {args.tr} is not an AR-Seg trainer (nnUNetTrainerARSeg or one of its variants)")
-    if trainer.tokenizer.given or trainer.tokenizer.exists():
-        print(f"{trainer.tokenizer.path} exists: nothing to train")
+    if tokenizer_store.why_train(trainer.tokenizer, trainer.tokenizer_fit) is None:
+        print(f"{trainer.tokenizer.path} exists and fits {args.tr}: nothing to train")
         return
     trainer.initialize()
     trainer.load_tokenizer()
