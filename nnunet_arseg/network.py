@@ -78,6 +78,12 @@ def pool_to(x: torch.Tensor, shape) -> torch.Tensor:
     return (F.adaptive_avg_pool2d if len(shape) == 2 else F.adaptive_avg_pool3d)(x, tuple(shape))
 
 
+def tokenizer_precision(device: torch.device):
+    """Autocast off: the tokenizer encodes and decodes in fp32, the precision it was fitted in, also inside a
+    trainer's or predictor's autocast (bf16/fp16 would change the tokens of a mask and the pixels of a decode)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class ARSegNetwork(nn.Module):
     """AR-Seg (docs/method.md) for one nnU-Net configuration; every default is ``ARSegConfig``'s.
 
@@ -179,6 +185,19 @@ class ARSegNetwork(nn.Module):
         self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
                                          self.transformer.width)
         self.presence_head = PresenceHead(self.transformer.width, self.num_conditions) if presence else None
+        for module in self.unused_modules():
+            module.requires_grad_(False)
+
+    def unused_modules(self) -> list[nn.Module]:
+        """The U-Net parts whose output never reaches the loss (see ``encode_image``): the encoder stages deeper than
+        the prefix's without the aux head, else the decoder's stages, transposed convs and segmentation layers past the
+        stage it runs to. They stay (stock and earlier checkpoints load as before) but frozen, so that every parameter
+        that trains gets a gradient each step, as nnU-Net's DDP (``-num_gpus``) needs."""
+        if not self.aux_head:
+            return list(self.encoder.stages)[self.feature_stage + 1:]
+        last = self.feature_stage if self.prefix_source == "decoder" else len(self.decoder.stages) - 1
+        return ([m for s, m in enumerate(self.decoder.seg_layers) if s != last]
+                + list(self.decoder.stages)[last + 1:] + list(self.decoder.transpconvs)[last + 1:])
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -186,7 +205,9 @@ class ARSegNetwork(nn.Module):
         return self
 
     def trainable_parameters(self, freeze_encoder: bool = False) -> list[nn.Parameter]:
-        """What the segmentor trains: everything but the tokenizer (and the image encoder when frozen)."""
+        """What the segmentor trains: everything but the tokenizer (and the image encoder when frozen). The frozen
+        ``unused_modules`` stay in the list: they never get a gradient, and the optimizer's parameter groups stay
+        those of earlier checkpoints (``--c``)."""
         frozen = {id(p) for p in self.tokenizer.parameters()}
         if freeze_encoder:
             frozen |= {id(p) for p in self.encoder.parameters()}
@@ -238,8 +259,8 @@ class ARSegNetwork(nn.Module):
         (the tokens are then learned from the non-empty masks only). ``with_prediction`` adds ``prediction``: the
         mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling; empty where the presence head
         says absent)."""
-        with torch.no_grad():
-            idx_list = self.tokenizer.mask_to_idx(mask)
+        with torch.no_grad(), tokenizer_precision(mask.device):
+            idx_list = self.tokenizer.mask_to_idx(mask.float())
             x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
             target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
             present_B = mask.flatten(1).amax(1) > 0.5
@@ -266,7 +287,7 @@ class ARSegNetwork(nn.Module):
             loss = loss + presence_bce
         logs["loss"] = loss
         if with_prediction:
-            with torch.no_grad():
+            with torch.no_grad(), tokenizer_precision(x.device):
                 idx_BL = logits_BLV.argmax(-1)
                 pred = list(idx_BL.split(self.transformer.lengths, dim=1))
                 prediction = self.tokenizer.idx_to_logits([p.reshape(-1, *pn) for p, pn in
@@ -289,7 +310,8 @@ class ARSegNetwork(nn.Module):
                 first_U = torch.full((len(unique_UL),), len(tokens_BL), dtype=torch.long, device=tokens_BL.device)
                 first_U.scatter_reduce_(0, inverse_B, torch.arange(len(tokens_BL), device=tokens_BL.device), "amin")
                 return self._decode(f_hat_BCz[first_U])[inverse_B]
-        return torch.cat([self.tokenizer.decode_f_hat(f) > 0 for f in f_hat_BCz.split(chunk)])[:, 0]
+        with tokenizer_precision(f_hat_BCz.device):
+            return torch.cat([self.tokenizer.decode_f_hat(f.float()) > 0 for f in f_hat_BCz.split(chunk)])[:, 0]
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
@@ -330,7 +352,8 @@ class ARSegNetwork(nn.Module):
                 given = None
                 if anchor is not None and anchor_scales > 0:
                     mask_B1 = anchor[:, c:c + 1].float()
-                    idx_anchor = self.tokenizer.mask_to_idx(mask_B1)[:anchor_scales]
+                    with tokenizer_precision(x.device):
+                        idx_anchor = self.tokenizer.mask_to_idx(mask_B1)[:anchor_scales]
                     given = ([idx.repeat_interleave(n, dim=0) for idx in idx_anchor],
                              mask_B1.flatten(1).amax(1).gt(0).repeat_interleave(n))
                 present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None

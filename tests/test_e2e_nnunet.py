@@ -3,6 +3,7 @@ variant (both phases), kill and resume with ``--c``, ``--val``, predict with bot
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,21 +63,27 @@ def trained(lidc_demo, tmp_path_factory):
     train_env = _env(base, nnUNet_n_proc_DA="0")
     train_cmd = [str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"]
     fold = Path(paths["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    # run 1 is killed while the tokenizer trains, run 2 (--c) once the first epoch is checkpointed, run 3 finishes
+    # run 1 is killed while the tokenizer trains, run 2 (--c) in the middle of epoch 1 (a third of epoch 0's time
+    # into it, epoch 0 checkpointed), run 3 finishes
     logs = [_run_until_killed(train_cmd, train_env, root / "train1.log", "tokenizer step 20/"),
-            _run_until_killed(train_cmd + ["--c"], train_env, root / "train2.log", "Epoch 1\n")]
+            _run_until_killed(train_cmd + ["--c"], train_env, root / "train2.log", "Epoch 1\n",
+                              wait=lambda out: float(re.findall(r"Epoch time: ([\d.]+) s", out)[-1]) / 3)]
     assert (fold / "checkpoint_latest.pth").is_file() and not (fold / "checkpoint_final.pth").exists()
+    saved_epoch = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"]
     logs.append(_run(train_cmd + ["--c"], train_env))
-    return {"root": root, "base": base, "fold": fold, "logs": logs, "paths": paths}
+    return {"root": root, "base": base, "fold": fold, "logs": logs, "paths": paths, "saved_epoch": saved_epoch}
 
 
-def _run_until_killed(cmd: list[str], env: dict, log: Path, marker: str) -> str:
-    """Start ``cmd`` and SIGKILL it as soon as its output contains ``marker``; returns the output."""
+def _run_until_killed(cmd: list[str], env: dict, log: Path, marker: str, wait=lambda out: 0.0) -> str:
+    """Start ``cmd`` and SIGKILL it ``wait(output)`` seconds after its output contains ``marker``; returns the
+    output."""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None and marker not in log.read_text():
             time.sleep(0.1)
+        if proc.poll() is None:
+            time.sleep(wait(log.read_text()))
         assert proc.poll() is None, f"training ended before it could be interrupted:\n{log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -90,6 +97,9 @@ def test_tokenizer_once_then_segmentor_epochs_and_resume(trained):
     # the dataset's tokenizer: trained in run 1, resumed from its own checkpoint in run 2, never again in run 3
     assert "Training the dataset's mask tokenizer" in log1 and "resuming at step 20" in log2
     assert "Training the dataset's mask tokenizer" not in log3 and "Epoch 0\n" not in log3
+    # run 2 was killed inside epoch 1 (begun, never finished); run 3 continued from the epoch checkpointed before
+    assert "Epoch 1\n" in log2 and log2.count("Epoch time:") == 1 and trained["saved_epoch"] == 1
+    assert "checkpoint_latest.pth loaded, 1 of 3 epochs done" in log3 and "Epoch 1\n" in log3
     stored = torch.load(tok_dir / "tokenizer.pth", map_location="cpu", weights_only=False)
     assert 20 < stored["summary"]["steps"] <= 60 and (tok_dir / "progress.png").is_file()
     assert not (tok_dir / "tokenizer_latest.pth").exists() and not (tok_dir / ".lock").exists()
@@ -113,6 +123,77 @@ def test_tokenizer_once_then_segmentor_epochs_and_resume(trained):
     raters = np.load(pre / "nnUNetPlans_2d_raters" / f"{split['train'][0]}.npz")["raters"]
     # as nnU-Net's own preprocessed seg: -1 marks background outside the image's nonzero region
     assert raters.shape[0] == 4 and set(np.unique(raters)) <= {-1, 0, 1} and (raters == 1).any()
+
+
+@pytest.fixture(scope="module")
+def trainer(trained):
+    """The trained fold's trainer in this process on CPU, built and loaded from its final checkpoint as
+    ``nnUNetv2_train ... --c`` does, with its real data loaders (augmentation in this process)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**trained["base"], "nnUNet_n_proc_DA": "0"}.items():
+            mp.setenv(key, value)
+        t = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, continue_training=True,
+                                  device=torch.device("cpu"))
+        t.load_checkpoint(str(trained["fold"] / "checkpoint_final.pth"))
+        t.dataloader_train, t.dataloader_val = t.get_dataloaders()
+        yield t
+    torch.set_num_threads(threads)
+
+
+def test_train_steps_under_bf16_and_fp16_with_a_loss_scaler(trainer, tmp_path):
+    """The real ``train_step`` from the same weights on the same batches: without autocast (nnU-Net on CPU), under
+    bf16 and under fp16 with a GradScaler (nnU-Net's choice on GPUs without native bf16): the losses agree within 5 %,
+    the fp16 steps went through the scaler, and its state travels with the checkpoint."""
+    from nnunet_arseg.training import precision
+    assert trainer.autocast_dtype is None and trainer.grad_scaler is None  # nnU-Net's CPU default
+    batches = [next(trainer.dataloader_train) for _ in range(2)]
+    batches = [{"data": b["data"][:2], "target": b["target"][:2]} for b in batches]  # fp16 is slow on a CPU
+    weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    optimizer = trainer.optimizer.state_dict()
+    losses = {}
+    for dtype in (None, torch.bfloat16, torch.float16):
+        trainer.network.load_state_dict(weights)
+        trainer.optimizer.load_state_dict(optimizer)
+        trainer.autocast_dtype, trainer.grad_scaler = dtype, precision.grad_scaler(dtype, trainer.device)
+        torch.manual_seed(0)  # the classes drawn
+        losses[dtype] = [float(trainer.train_step(b)["loss"]) for b in batches]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert np.allclose(losses[dtype], losses[None], rtol=0.05), losses
+    scale = trainer.grad_scaler.state_dict()
+    assert scale["_growth_tracker"] == 2  # two scaled steps, none skipped for inf/NaN gradients
+    trainer.save_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    trainer.grad_scaler = precision.grad_scaler(torch.float16, trainer.device)
+    trainer.load_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    assert trainer.grad_scaler.state_dict() == scale
+    trainer.autocast_dtype = trainer.grad_scaler = None
+
+
+def test_an_epoch_with_nothing_to_score_keeps_the_ema_pseudo_dice(trainer):
+    """Validation epochs of the real ``validation_step``: one on a real slice with an empty mask, predicted empty (the
+    presence head says absent), scores Dice 1 instead of NaN, so nnU-Net's EMA pseudo Dice (and with it
+    checkpoint_best) keeps moving afterwards."""
+    from nnunet_arseg.network import unwrap_network
+    bias = unwrap_network(trainer.network).presence_head.fc.bias
+    trained_bias = bias.detach().clone()
+    batch = next(trainer.dataloader_val)
+    empty = {**batch, "target": torch.zeros_like(batch["target"])}
+    try:
+        logged = len(trainer.logger.get_value("mean_fg_dice", step=None))
+        for epoch, (b, presence) in enumerate(((batch, trained_bias), (empty, -30.0), (batch, trained_bias)),
+                                              start=logged):
+            trainer.current_epoch = epoch
+            with torch.no_grad():
+                bias.copy_(torch.as_tensor(presence).expand_as(bias))
+                trainer.on_validation_epoch_end([trainer.validation_step(b)])
+    finally:
+        with torch.no_grad():
+            bias.copy_(trained_bias)
+    assert trainer.logger.get_value("dice_per_class_or_region", step=-2) == [1.0]
+    ema = trainer.logger.get_value("ema_fg_dice", step=None)[-3:]
+    assert np.isfinite(ema).all() and ema[2] != ema[1], ema
 
 
 def test_final_validation_and_val_flag(trained):
@@ -192,3 +273,35 @@ def test_upgrade_starts_from_a_stock_nnunet_model(trained):
     losses = upgraded["logging"]["train_losses"]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert (fold / "validation" / "summary_arseg.json").is_file()
+
+
+def test_residual_encoder_plans_train_upgrade_and_sample(trained):
+    """nnU-Net's recommended plans (``-pl nnUNetPlannerResEncM``): a stock ResEnc model under a tiny budget, AR-Seg
+    upgraded from its checkpoint (``-p nnUNetResEncUNetMPlans``; its residual encoder loaded and frozen) and sampled
+    by ``nnUNetv2_arseg_predict -p nnUNetResEncUNetMPlans``."""
+    plans = "nnUNetResEncUNetMPlans"
+    env = _env(trained["base"], nnUNet_n_proc_DA="0")
+    _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-pl", "nnUNetPlannerResEncM",
+          "-np", "1", "-npfp", "1", "--no_pbar"], _env(trained["base"]))
+    results = Path(trained["paths"]["nnUNet_results"]) / DATASET
+    _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerBudget", "-p", plans,
+          "-device", "cpu"], {**env, "nnUNet_ARSEG_BUDGET_MINUTES": "0.01"})
+    stock_file = results / f"nnUNetTrainerBudget__{plans}__2d" / "fold_0" / "checkpoint_final.pth"
+    trainer = "nnUNetTrainerARSeg_upgrade_tiny"
+    out = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", trainer, "-p", plans, "-device", "cpu",
+                "-pretrained_weights", str(stock_file)], env)
+    assert "were loaded from the pretrained weights" in out
+    fold = results / f"{trainer}__{plans}__2d" / "fold_0"
+    assert "ResidualEncoderUNet" in (fold.parent / "plans.json").read_text()
+    stock = torch.load(stock_file, map_location="cpu", weights_only=False)["network_weights"]
+    weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    encoder = [k for k in stock if k.startswith("encoder.stages.")]
+    assert encoder and all(torch.equal(weights[k], stock[k]) for k in encoder)  # the residual blocks, frozen
+    raw = Path(trained["paths"]["nnUNet_raw"]) / DATASET
+    pred = trained["root"] / "pred_resenc"
+    _run([PY, "-m", "nnunet_arseg.inference.predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
+          str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "0", "-nps",
+          "0", "--num_samples", "2", "--save_samples", "--disable_progress_bar"], _env(trained["base"]))
+    cases = sorted(p.name.replace("_0000", "") for p in (raw / "imagesTs").glob("*_0000.png"))
+    assert cases and sorted(p.name for p in pred.glob("*.png")) == cases
+    assert len(list((pred / "samples").glob("*_sample*.png"))) == 2 * len(cases)

@@ -15,7 +15,7 @@ LAYERS = [
     ("foundation", ["nnunet_arseg.atomic", "nnunet_arseg.env", "nnunet_arseg.io_checks", "nnunet_arseg.config",
                     "nnunet_arseg.prediction_files", "nnunet_arseg.nnunet_ext"]),
     ("model parts", ["nnunet_arseg.tokenizer", "nnunet_arseg.segmentor", "nnunet_arseg.consensus"]),
-    ("network", ["nnunet_arseg.network"]),
+    ("network", ["nnunet_arseg.network", "nnunet_arseg.baselines"]),
     ("evaluation and tiling", ["nnunet_arseg.evaluation", "nnunet_arseg.sampling_window", "nnunet_arseg.figures"]),
     ("commands and trainers", ["nnunet_arseg.training", "nnunet_arseg.inference"]),
     ("entry points", ["nnunet_arseg.nnunet_ext.nnunet_arseg_trainers", "nnunet_arseg.demo"]),

@@ -92,7 +92,8 @@ def test_build_arseg_architecture_keeps_stock_kwargs_and_is_json():
     assert {k: kw[k] for k in stock["arch_kwargs"]} == stock["arch_kwargs"]
     assert kw["encoder_class_name"] == stock["network_class_name"] and kw["patch_size"] == [128, 128]
     assert kw["transformer"] == {"depth": 4}  # the reference preset keeps the module defaults (width 256, 8 heads)
-    assert kw["num_samples"] == 8 and kw["aux_head"] is True and kw["embedding"] == "svd"
+    assert kw["num_samples"] == 8 and kw["aux_head"] is True and kw["presence"] is True
+    assert kw["prefix_source"] == "decoder" and kw["embedding"] == "linear"  # the measured recipe is the default
     assert arch["_kw_requires_import"] == stock["_kw_requires_import"]
     with pytest.raises(ValueError, match="preset"):
         build_arseg_architecture(stock, (128, 128), preset_name="huge")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -148,11 +147,8 @@ class MultiScaleQuantizer(nn.Module):
         gradient, waste capacity and leave the few live codes to carry everything, which slows convergence. A code
         unused for ``dead_code_steps`` steps is moved onto a randomly chosen current residual vector (the vectors the
         codes are matched against), so it starts where the data is. Draws use the global torch RNG (seeded runs
-        repeat exactly); under torch.distributed, hit counts are summed over ranks and rank 0's choice is broadcast.
+        repeat exactly). Local to the process (no collectives): one process trains a tokenizer, also under DDP.
         """
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            dist.all_reduce(hit_SV)
         self.ema_hit_SV.mul_(self.usage_decay).add_(hit_SV, alpha=1 - self.usage_decay)
         self.steps_unused_V.add_(1)
         self.steps_unused_V[hit_SV.sum(0) > 0] = 0
@@ -165,8 +161,6 @@ class MultiScaleQuantizer(nn.Module):
         pick = torch.randint(0, rest_NC.shape[0], (num_dead,), device=rest_NC.device)
         weight = self.embedding.weight.data
         weight[dead_V] = rest_NC[pick].to(weight.dtype)
-        if distributed:
-            dist.broadcast(weight, src=0)
         self.steps_unused_V[dead_V] = 0
 
     def ema_usage(self) -> torch.Tensor:

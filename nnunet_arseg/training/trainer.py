@@ -9,22 +9,23 @@ Set-up once per shell: ``export nnUNet_extTrainer=$(nnUNetv2_arseg_ext_dir)``.
 """
 from __future__ import annotations
 
-import random
+import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
 from nnunet_arseg.network import unwrap_network
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
-from nnunet_arseg.training import raters, splits, tokenizer_store
+from nnunet_arseg.training import ddp, precision, raters, splits, tokenizer_store
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg, tokenizer_widths
 from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
 from nnunet_arseg.training.validation import final_validation
@@ -56,7 +57,9 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         self.batch_size_cap = None  # int: at most this many examples per step (small-machine variants)
         self.num_validation_samples = 8  # samples per case for summary_arseg.json
         self.enable_deep_supervision = False
-        self.grad_scaler = None  # bf16 autocast on CUDA needs no loss scaling
+        # nnU-Net's mixed precision (precision.py): none on CPU; on CUDA bf16, or fp16 with a GradScaler
+        self.autocast_dtype = precision.autocast_dtype(self.device)
+        self.grad_scaler = precision.grad_scaler(self.autocast_dtype, self.device)
         self._tokenizer_loaded = False
         self._rater_info = raters.rater_info(dataset_json)
         if self.use_raters and self._rater_info is None:
@@ -108,9 +111,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
 
     def _seed(self, offset: int = 0) -> None:
         if self.training_seed is not None:
-            random.seed(self.training_seed + offset)
-            np.random.seed(self.training_seed + offset)
-            torch.manual_seed(self.training_seed + offset)
+            ddp.seed_everything(self.training_seed + offset, self.local_rank)  # DDP ranks draw their own batches
 
     def initialize(self):
         self._seed()  # the weights
@@ -157,22 +158,23 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         folder = join(nnUNet_preprocessed, pm.dataset_name, cm.data_identifier)
 
         def object_extent():
+            # from the preprocessed label maps, never the raters: those may still be being written by another fold,
+            # and the stride must not depend on whether they are (a resumed run would build another tokenizer)
             lm = pm.get_label_manager(dataset_json)
             keys = infer_dataset_class(folder).get_identifiers(folder)
             keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))[:500]]
-            with_raters = raters.rater_info(dataset_json) is not None and self.use_raters is not False
             source = tokenizer_store.PreprocessedMasks(folder, keys, infer_dataset_class(folder), lm, cm.patch_size,
-                                                       with_raters and isfile(join(
-                                                           raters.raters_folder_of(folder), keys[0] + ".npz")))
+                                                       with_raters=False)
             classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
             return tokenizer_store.median_object_extent((m for k in keys for m in source.label_maps(k)[0]), classes)
 
         return tokenizer_store.resolve_dataset_tokenizer(join(nnUNet_results, pm.dataset_name), pm.plans_name,
-                                                         configuration, cm.patch_size,
+                                                         configuration, cm.patch_size, cm.spacing,
                                                          tokenizer_widths(self.arseg_arch_overrides), object_extent)
 
     def load_tokenizer(self) -> None:
-        """Train the dataset's tokenizer if it does not exist yet, then load it into the network (frozen)."""
+        """Train the dataset's tokenizer if it does not exist yet (under DDP rank 0 alone, while the other ranks wait),
+        then load it into the network (frozen)."""
         patient_of_case = (self._rater_info or self.dataset_json.get("arseg", {})).get("patient_of_case")
         keys = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
         train_keys, heldout_keys = tokenizer_store.split_heldout(keys, patient_of_case)
@@ -182,9 +184,9 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             return tokenizer_store.PreprocessedMasks(self.preprocessed_dataset_folder, k, self.dataset_class, lm, patch,
                                                      self._rater_info is not None)
 
-        stored = tokenizer_store.train_dataset_tokenizer(self.tokenizer, patch, source(train_keys),
-                                                         source(heldout_keys), self.tokenizer_fit, self.device,
-                                                         log=self.print_to_log_file)
+        stored = ddp.rank0_first(lambda: tokenizer_store.train_dataset_tokenizer(
+            self.tokenizer, patch, source(train_keys), source(heldout_keys), self.tokenizer_fit, self.device,
+            log=self.print_to_log_file))
         full = self._arseg_network if getattr(self, "_arseg_network", None) is not None else self.network
         unwrap_network(full).tokenizer.load_state_dict(stored["state_dict"])
         self.print_to_log_file(f"AR-Seg: tokenizer {self.tokenizer.path} loaded (held-out Dice "
@@ -203,14 +205,21 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
 
     # ---------------------------------------------------------------- data
     def do_split(self):
+        """nnU-Net's split, whose file is grouped by patient where dataset.json says whose each case is; under DDP rank
+        0 writes the file before the other ranks read it."""
         patient_of_case = (self._rater_info or self.dataset_json.get("arseg", {})).get("patient_of_case")
         splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        if self.fold != "all" and patient_of_case and not isfile(splits_file) and self.local_rank == 0:
-            keys = infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
-                self.preprocessed_dataset_folder)
-            self.print_to_log_file("Creating a 5-fold split grouped by patient (dataset.json['arseg'])")
-            save_json_atomic(splits.patient_grouped_splits(keys, patient_of_case), splits_file)
-        return super().do_split()
+        stock_split = super().do_split
+
+        def split():
+            if self.fold != "all" and patient_of_case and not isfile(splits_file):
+                keys = infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
+                    self.preprocessed_dataset_folder)
+                self.print_to_log_file("Creating a 5-fold split grouped by patient (dataset.json['arseg'])")
+                save_json_atomic(splits.patient_grouped_splits(keys, patient_of_case), splits_file)
+            return stock_split()
+
+        return ddp.rank0_first(split)
 
     # ---------------------------------------------------------------- steps
     def _class_masks(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,21 +236,27 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         return mask.float(), cls_B
 
     def _autocast(self):
-        if self.device.type == 'cuda':
-            return torch.autocast('cuda', dtype=torch.bfloat16)
-        return dummy_context()
+        return precision.autocast(self.device, self.autocast_dtype)
 
     def train_step(self, batch: dict) -> dict:
+        """One step of token cross-entropy (+ the aux and presence terms), loss-scaled where ``grad_scaler`` is set."""
         data = batch['data'].to(self.device, non_blocking=True)
         mask, cls_B = self._class_masks(batch['target'].to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.network(data, mask=mask, cls=cls_B)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.network.parameters() if p.requires_grad],
-                                       self.grad_clip_norm)
-        self.optimizer.step()
-        return {'loss': loss.detach().cpu().numpy()}
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.grad_scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            self.optimizer.step()
+        else:  # as nnU-Net: clip the unscaled gradients; the scaler skips steps with inf/NaN gradients
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        return {'loss': loss.detach().float().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
         """Teacher-forced loss and tp/fp/fn of the per-token argmax decode for the drawn class (never sampling)."""
@@ -253,11 +268,32 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         axes = tuple(range(1, pred.ndim))
         n_cls = len(self.label_manager.foreground_regions if self.label_manager.has_regions
                     else self.label_manager.foreground_labels)
-        tp, fp, fn = (np.zeros(n_cls) for _ in range(3))
+        tp, fp, fn, drawn = (np.zeros(n_cls) for _ in range(4))
         tp_B, fp_B, fn_B = ((a & b).sum(axes).cpu().numpy() for a, b in ((pred, ref), (pred, ~ref), (~pred, ref)))
-        for arr, per_b in ((tp, tp_B), (fp, fp_B), (fn, fn_B)):
+        for arr, per_b in ((tp, tp_B), (fp, fp_B), (fn, fn_B), (drawn, np.ones(len(cls_B)))):
             np.add.at(arr, cls_B.cpu().numpy(), per_b)
-        return {'loss': out["loss"].detach().float().cpu().numpy(), 'tp_hard': tp, 'fp_hard': fp, 'fn_hard': fn}
+        return {'loss': out["loss"].detach().float().cpu().numpy(), 'tp_hard': tp, 'fp_hard': fp, 'fn_hard': fn,
+                'drawn': drawn}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        """nnU-Net's pseudo Dice of the epoch, except that a class drawn only with empty masks and predicted empty
+        scores 1 (as nnU-Net's smoothed Dice) instead of NaN, which would make the EMA, and so checkpoint_best, NaN
+        for good. A class never drawn stays NaN, left out of the mean."""
+        outputs = collate_outputs(val_outputs)
+        sums = [outputs[k].sum(0) for k in ('tp_hard', 'fp_hard', 'fn_hard', 'drawn')]
+        losses = np.asarray(outputs['loss'], dtype=float).ravel()
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (sums, losses))
+            sums = [sum(g[0][i] for g in gathered) for i in range(4)]
+            losses = np.concatenate([g[1] for g in gathered])
+        tp, fp, fn, drawn = sums
+        scored = tp + fp + fn > 0
+        dice = np.where(scored, 2 * tp / np.where(scored, 2 * tp + fp + fn, 1), 1.0)
+        dice = np.where(drawn > 0, dice, np.nan)
+        self.logger.log('mean_fg_dice', float(np.nanmean(dice)), self.current_epoch)
+        self.logger.log('dice_per_class_or_region', dice.tolist(), self.current_epoch)
+        self.logger.log('val_losses', float(losses.mean()), self.current_epoch)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -270,7 +306,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         checkpoint = {
             'network_weights': unwrap_network(self.network).state_dict(),
             'optimizer_state': self.optimizer.state_dict(),
-            'grad_scaler_state': None,
+            'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             'logging': self.logger.get_checkpoint(),
             '_best_ema': self._best_ema,
             'current_epoch': self.current_epoch + 1,
@@ -282,13 +318,15 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         write_atomic(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's checkpoint loading, for paths and already loaded dicts; the tokenizer travels in the weights."""
+        """nnU-Net's checkpoint loading, for paths and already loaded dicts; the tokenizer travels in the weights.
+        The loss scale is restored where both the run and the checkpoint use fp16 (a bf16 run's has none)."""
         if not self.was_initialized:
             self.initialize()
         self._restore_network()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        tokenizer_store.check_checkpoint_tokenizer(checkpoint, self.tokenizer, unwrap_network(self.network).tokenizer)
         unwrap_network(self.network).load_state_dict({k[7:] if k.startswith('module.') else k: v
                                                       for k, v in checkpoint['network_weights'].items()})
         self.my_init_kwargs = checkpoint['init_args']
@@ -298,7 +336,12 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = checkpoint.get('inference_allowed_mirroring_axes',
                                                                self.inference_allowed_mirroring_axes)
         self.optimizer.load_state_dict(checkpoint['optimizer_state'])
+        if self.grad_scaler is not None and checkpoint.get('grad_scaler_state') is not None:
+            self.grad_scaler.load_state_dict(checkpoint['grad_scaler_state'])
         self._tokenizer_loaded = True
+        if isinstance(filename_or_checkpoint, str):
+            self.print_to_log_file(f"AR-Seg: {os.path.basename(filename_or_checkpoint)} loaded, {self.current_epoch} "
+                                   f"of {self.num_epochs} epochs done")
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False):
