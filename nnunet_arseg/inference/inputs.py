@@ -24,12 +24,13 @@ class InputError(ValueError):
 
 def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> str:
     """The trained model's folder ``nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION`` (with its plans.json,
-    dataset.json and an AR-Seg network in ``configuration``)."""
+    dataset.json and a network that samples, AR-Seg's or the Probabilistic U-Net's, in ``configuration``)."""
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunet_arseg.baselines.probunet import PROBUNET_CLASS_NAME
     from nnunet_arseg.network import NETWORK_CLASS_NAME
 
     if not nnUNet_results.is_set():
@@ -53,7 +54,7 @@ def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> 
         raise InputError(f"{join(folder, 'plans.json')} has no configuration {configuration!r} "
                          f"(it has {manager.available_configurations}); check -c")
     network = manager.get_configuration(configuration).network_arch_class_name
-    if network != NETWORK_CLASS_NAME:
+    if network not in (NETWORK_CLASS_NAME, PROBUNET_CLASS_NAME):
         raise InputError(f"{folder} holds a model of trainer {trainer} with network {network}, not an AR-Seg model "
                          f"({NETWORK_CLASS_NAME}); predict it with nnUNetv2_predict, or pass -tr nnUNetTrainerARSeg "
                          f"(or the AR-Seg variant you trained)")

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "nnUNetTrainerARSeg")
     nn.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
     nn.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
-                    help="folds to use; default 0 1 2 3 4 (each draws N samples; their logits are averaged)")
+                    help="folds to use; default 0 1 2 3 4 (each draws N samples; the consensus "
+                         "averages the folds' vote frequencies, as nnU-Net averages fold logits; "
+                         "OUT/samples holds every fold's)")
     nn.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (fraction of the patch, <= 1); "
                                                                 "default 0.5")
     nn.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (AR-Seg trainers "
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="preprocessing processes (0 with -nps 0: all in this process); default $nnUNet_npp or 3")
     nn.add_argument("-nps", type=int, default=nps,
                     help="export processes; default $nnUNet_nps or 3")
-    nn.add_argument("-prev_stage_predictions", default=None, help="predictions of the previous cascade stage")
+    nn.add_argument("-prev_stage_predictions", default=None,
+                    help="predictions of the previous cascade stage (configurations with a previous stage only; to "
+                         "sample around other masks use --anchor)")
     nn.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts; default 1")
     nn.add_argument("-part_id", type=int, default=0, help="which part this call predicts (0 .. num_parts - 1)")
     nn.add_argument("-device", default="cuda", help="cuda, cpu or mps; default cuda (choose the GPU with "
@@ -172,12 +176,16 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"{folder}: cannot load the model from {args.chk} of fold(s) {folds} "
                          f"({type(e).__name__}: {e})") from e
     num_samples, seed, temperature = predictor.eval_settings()
+    from nnunet_arseg.sampling_window import arseg_network
+    scale_flag = "--anchor" if args.anchor is not None else "--save_scales" if args.save_scales else None
+    if scale_flag and not hasattr(arseg_network(predictor.network), "tokenizer"):  # e.g. nnUNetTrainerProbUNet
+        raise InputError(f"{scale_flag}: the model of -tr {args.tr} draws each mask at once, without the "
+                         f"coarse-to-fine scales of AR-Seg's tokenizer that {scale_flag} needs; leave it out")
     if args.prev_stage_predictions is not None and predictor.configuration_manager.previous_stage_name is None:
         raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
                          "previous stage; to sample around these masks give them as --anchor")
     anchor_scales = None
     if args.anchor is not None:
-        from nnunet_arseg.sampling_window import arseg_network
         net = arseg_network(predictor.network)
         num_scales = len(net.tokenizer.scales)
         if args.anchor_scales is not None and args.anchor_scales > num_scales:

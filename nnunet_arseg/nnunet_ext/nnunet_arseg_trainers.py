@@ -9,4 +9,5 @@ from nnunet_arseg.training import (nnUNetTrainerARSeg, nnUNetTrainerARSeg_5epoch
                                    nnUNetTrainerARSeg_small_budget, nnUNetTrainerARSeg_tiny,
                                    nnUNetTrainerARSeg_tiny_demo, nnUNetTrainerARSeg_upgrade,
                                    nnUNetTrainerARSeg_upgrade_budget, nnUNetTrainerARSeg_upgrade_tiny,
-                                   nnUNetTrainerBudget)
+                                   nnUNetTrainerBudget, nnUNetTrainerProbUNet, nnUNetTrainerProbUNet_budget,
+                                   nnUNetTrainerProbUNet_tiny)
