@@ -20,9 +20,16 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
    predicts the two scratch models on the other core meanwhile), or beside AR-Seg's training on the stock model's
    core when the stock model was trained in an earlier sitting; predicted twice: on its own, and sampling around
    the stock model's test predictions (``--anchor``, method §3.3);
-5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction counted as N identical
-   samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every ``--curve-every``-th test case (the
-   curves end with the final checkpoint on those cases);
+5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction, which the evaluator
+   counts as N identical samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every
+   ``--curve-every``-th test case (the curves end with the final checkpoint on those cases);
+5b. the stock nnU-Net's own way to several masks, a fold ensemble: ``nnUNetTrainerBudget`` folds 0-4 of the
+   dataset's ``splits_final.json`` (nnU-Net's 5-fold split of the training cases, written by fold 0, which trains
+   first), each for a fifth of ``--budget-minutes``, two at a time on the ``--cores``; each fold predicts the test
+   patients into its own folder, and ``nnUNetv2_arseg_evaluate -i fold_0 ... fold_4`` scores them as one sample each;
+5c. the Probabilistic U-Net baseline (method §6): ``nnUNetTrainerProbUNet_budget`` from scratch for
+   ``--budget-minutes`` on one core (the same data, one rater per example), sampled and scored like AR-Seg (its
+   snapshots give a learning curve too);
 6. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
 """
 from __future__ import annotations
@@ -32,7 +39,6 @@ import json
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -41,16 +47,20 @@ from batchgenerators.utilities.file_and_folder_operations import (isfile, join, 
                                                                   subfiles)
 
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
-from nnunet_arseg.prediction_files import sample_file
 
 BIN = os.path.dirname(sys.executable)
 AR = "nnUNetTrainerARSeg_small_budget"
 STOCK = "nnUNetTrainerBudget"
 UPGRADE = "nnUNetTrainerARSeg_upgrade_budget"
+NUM_FOLDS = 5
+ENSEMBLE = f"{STOCK}_{NUM_FOLDS}folds"
+PROBUNET = "nnUNetTrainerProbUNet_budget"
 METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "presence_gap", "presence_correlation")
 ANCHORED = f"{UPGRADE}_anchored"
 LABELS = {AR: "AR-Seg from scratch", STOCK: "nnU-Net (stock)", UPGRADE: "AR-Seg upgrade of the nnU-Net model",
-          ANCHORED: "AR-Seg upgrade, sampled around the nnU-Net masks (--anchor)", "empty": "empty mask (reference)"}
+          ANCHORED: "AR-Seg upgrade, sampled around the nnU-Net masks (--anchor)",
+          ENSEMBLE: f"nnU-Net {NUM_FOLDS}-fold ensemble (1/{NUM_FOLDS} of the budget per fold), one sample per fold",
+          PROBUNET: "Probabilistic U-Net (Kohl et al. 2018) from scratch", "empty": "empty mask (reference)"}
 
 
 def log(msg: str) -> None:
@@ -131,25 +141,8 @@ def split_pool(pool: str, work: str, num_train: int, num_test: int, seed: int) -
     return join(work, "split", "train"), join(work, "split", "test")
 
 
-def link_single_prediction_as_samples(pred_dir: str, file_ending: str, num_samples: int) -> int:
-    """``PRED/samples/``: nnU-Net's one prediction per case as ``num_samples`` identical samples (hard links)."""
-    maybe_mkdir_p(join(pred_dir, "samples"))
-    cases = subfiles(pred_dir, suffix=file_ending, join=False)
-    for name in cases:
-        for k in range(num_samples):
-            dst = sample_file(pred_dir, name[:-len(file_ending)], k, file_ending)
-            if not isfile(dst):
-                tmp = f"{dst}.tmp{os.getpid()}"
-                try:
-                    os.link(join(pred_dir, name), tmp)
-                except OSError:
-                    shutil.copyfile(join(pred_dir, name), tmp)
-                os.replace(tmp, dst)
-    return len(cases)
-
-
-def write_empty_prediction(raw: str, pred_dir: str, cases: list[str], file_ending: str, num_samples: int) -> None:
-    """The all-empty prediction of ``cases`` (a reference row: what drawing nothing scores)."""
+def write_empty_prediction(raw: str, pred_dir: str, cases: list[str], file_ending: str) -> None:
+    """The all-empty prediction of ``cases``, one mask per case (a reference row: what drawing nothing scores)."""
     import numpy as np
     from PIL import Image
     maybe_mkdir_p(pred_dir)
@@ -158,7 +151,6 @@ def write_empty_prediction(raw: str, pred_dir: str, cases: list[str], file_endin
         path = join(pred_dir, case + file_ending)
         if not isfile(path):
             write_atomic(path, lambda t: Image.fromarray(np.zeros(shape, np.uint8)).save(t, format="png"))
-    link_single_prediction_as_samples(pred_dir, file_ending, num_samples)
 
 
 def training_facts(fold_dir: str) -> dict:
@@ -175,9 +167,14 @@ def training_facts(fold_dir: str) -> dict:
     return out
 
 
-def evaluate(work: str, env: dict, did: str, pred: str, name: str, cases_folder: str | None = None) -> dict:
+def evaluate(work: str, env: dict, did: str, pred: str, name: str, num_samples: int | None,
+             cases_folder: str | None = None, folders: list[str] | None = None) -> dict:
+    """``nnUNetv2_arseg_evaluate`` of ``pred`` (or of ``folders``, one sample each; the summary goes to ``pred``);
+    ``num_samples``: N of a folder of one prediction per case, checked against an AR-Seg folder's samples."""
     summary = join(pred, "summary_arseg.json")
-    cmd = [join(BIN, "nnUNetv2_arseg_evaluate"), "-i", pred, "-d", did, "-o", summary]
+    cmd = [join(BIN, "nnUNetv2_arseg_evaluate"), "-i", *(folders or [pred]), "-d", did, "-o", summary]
+    if num_samples is not None:
+        cmd += ["--num_samples", str(num_samples)]
     if cases_folder:
         cmd += ["-cases", cases_folder]
     run_steps([(f"evaluate_{name}", cmd, env)], work)
@@ -195,13 +192,12 @@ def mean_over(summary: str, cases: set[str]) -> dict:
 
 def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str, name: str, num_samples: int,
             checkpoint: str = "checkpoint_final.pth", device: str = "cpu", core: str | None = None,
-            extra: tuple[str, ...] = ()) -> None:
+            extra: tuple[str, ...] = (), fold: str = "all") -> None:
     pin = ["taskset", "-c", core] if core else []
-    common = ["-i", images, "-o", pred, "-d", did, "-c", "2d", "-f", "all", "-tr", trainer, "-chk", checkpoint,
+    common = ["-i", images, "-o", pred, "-d", did, "-c", "2d", "-f", fold, "-tr", trainer, "-chk", checkpoint,
               "-device", device, "-npp", "0", "-nps", "0", "--disable_progress_bar"]
-    if trainer == STOCK:
+    if trainer == STOCK:  # one mask per case, scored as num_samples identical samples by the evaluator
         run_steps([(f"predict_{name}", pin + [join(BIN, "nnUNetv2_predict")] + common, env)], work)
-        link_single_prediction_as_samples(pred, ".png", num_samples)
     else:
         run_steps([(f"predict_{name}", pin + [join(BIN, "nnUNetv2_arseg_predict")] + common +
                     ["--num_samples", str(num_samples), "--save_samples", *extra], env)], work)
@@ -239,7 +235,8 @@ def main() -> None:
     p.add_argument("--num-train", type=int, default=160)
     p.add_argument("--num-test", type=int, default=40)
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
-    p.add_argument("--budget-minutes", type=float, default=60.0, help="training wall time of each from-scratch model")
+    p.add_argument("--budget-minutes", type=float, default=60.0,
+                   help="training wall time of each from-scratch model (the fold ensemble: all its folds together)")
     p.add_argument("--upgrade-minutes", type=float, default=20.0, help="AR-Seg training on top of the stock model")
     p.add_argument("--snapshot-minutes", type=float, default=10.0, help="checkpoint interval of the learning curves")
     p.add_argument("--curve-every", type=int, default=3, help="learning curves on every n-th test case")
@@ -270,13 +267,13 @@ def main() -> None:
 
     results_dir = join(env["nnUNet_results"], name)
 
-    def fold_dir(trainer: str) -> str:
-        return join(results_dir, f"{trainer}__nnUNetPlans__2d", "fold_all")
+    def fold_dir(trainer: str, fold: str = "all") -> str:
+        return join(results_dir, f"{trainer}__nnUNetPlans__2d", f"fold_{fold}")
 
-    def train_cmd(trainer: str, core: str | None, extra: list[str]) -> list[str]:
-        resume = ["--c"] if isfile(join(fold_dir(trainer), "checkpoint_latest.pth")) else []
+    def train_cmd(trainer: str, core: str | None, extra: list[str], fold: str = "all") -> list[str]:
+        resume = ["--c"] if isfile(join(fold_dir(trainer, fold), "checkpoint_latest.pth")) else []
         pin = ["taskset", "-c", core] if core else []
-        return pin + [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", trainer, "-device", device] + \
+        return pin + [join(BIN, "nnUNetv2_train"), did, "2d", fold, "-tr", trainer, "-device", device] + \
             (resume or extra)
 
     run_steps([("tokenizer", [sys.executable, "-m", "nnunet_arseg.training.train_tokenizer", did, "2d", "-tr", AR,
@@ -315,8 +312,8 @@ def main() -> None:
     def predict_and_evaluate(trainer: str, core: str | None) -> None:
         pred = join(work, "predictions", trainer)
         predict(work, env, did, trainer, images, pred, trainer, args.num_samples, device=device, core=core)
-        rows[trainer] = {"metrics": evaluate(work, env, did, pred, trainer), "training": training_facts(
-            fold_dir(trainer))}
+        rows[trainer] = {"metrics": evaluate(work, env, did, pred, trainer, args.num_samples),
+                         "training": training_facts(fold_dir(trainer))}
         curves[trainer] = []
         for snap in sorted(subfiles(fold_dir(trainer), prefix="checkpoint_", suffix="min.pth", join=False)):
             minutes = int(snap[len("checkpoint_"):-len("min.pth")])
@@ -324,7 +321,8 @@ def main() -> None:
             pred = join(work, "curves", tag)
             predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
                     device=device, core=core)
-            curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, curve_images)})
+            curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, args.num_samples,
+                                                                   curve_images)})
         # the final checkpoint on the same cases, from the full test set's per-case metrics
         curves[trainer].append({"minutes": rows[trainer]["training"]["epoch_minutes"], "final": True, **mean_over(
             join(work, "predictions", trainer, "summary_arseg.json"), set(curve_cases))})
@@ -338,10 +336,31 @@ def main() -> None:
     pred = join(work, "predictions", ANCHORED)
     predict(work, env, did, UPGRADE, images, pred, ANCHORED, args.num_samples, device=device,
             extra=("--anchor", join(work, "predictions", STOCK)))
-    rows[ANCHORED] = {"metrics": evaluate(work, env, did, pred, ANCHORED), "training": rows[UPGRADE]["training"]}
+    rows[ANCHORED] = {"metrics": evaluate(work, env, did, pred, ANCHORED, args.num_samples),
+                      "training": rows[UPGRADE]["training"]}
+
+    # the stock fold ensemble: fold 0 first (it writes nnU-Net's splits_final.json), then two folds at a time
+    fold_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes / NUM_FOLDS))
+    for batch in ([0], [1, 2], [3, 4]):
+        run_steps([(f"train_{STOCK}_fold{k}", train_cmd(STOCK, cores[i % len(cores)], [], fold=str(k)), fold_env)
+                   for i, k in enumerate(batch)], work)
+    ensemble_dir = join(work, "predictions", ENSEMBLE)
+    fold_preds = [join(ensemble_dir, f"fold_{k}") for k in range(NUM_FOLDS)]
+    for k, fold_pred in enumerate(fold_preds):
+        predict(work, env, did, STOCK, images, fold_pred, f"{ENSEMBLE}_fold{k}", args.num_samples, device=device,
+                fold=str(k))
+    facts = [training_facts(fold_dir(STOCK, str(k))) for k in range(NUM_FOLDS)]
+    rows[ENSEMBLE] = {"metrics": evaluate(work, env, did, ensemble_dir, ENSEMBLE, None, folders=fold_preds),
+                      "training": {"epochs": [f["epochs"] for f in facts],
+                                   "epoch_minutes": round(sum(f["epoch_minutes"] for f in facts), 1)}}
+
+    # the Probabilistic U-Net baseline: AR-Seg's budget, data and sampling (method §6)
+    run_steps([(f"train_{PROBUNET}", train_cmd(PROBUNET, cores[0], []), scratch_env)], work)
+    predict_and_evaluate(PROBUNET, None)
+
     pred = join(work, "predictions", "empty")
-    write_empty_prediction(raw, pred, cases, ".png", args.num_samples)
-    rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty")}
+    write_empty_prediction(raw, pred, cases, ".png")
+    rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty", args.num_samples)}
 
     dataset_json = load_json(join(raw, "dataset.json"))
     tokenizer = load_json(next(join(dirpath, "summary.json") for dirpath, _, files in os.walk(results_dir)

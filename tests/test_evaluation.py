@@ -314,6 +314,7 @@ def test_cli_subprocess(tiny_dataset):
         assert summary["mean"]["1"][key] == pytest.approx(np.mean(per_case))
     conv = summary["conventions"]
     assert conv["N"] == [8] and conv["M"] == [4] and conv["empty_distance"] == 0.0
+    assert (conv["samples"]["kind"], conv["samples"]["N"]) == ("samples", 8)
     assert conv["Soft-Dice"]["thresholds"] == [0.1, 0.3, 0.5, 0.7, 0.9] and "lcm" in conv["HM-IoU"]
     assert "all 3 cases" in conv["images"] and "max Dice over the raters" in conv["D_max"]
     assert "GED" in proc.stdout
@@ -443,6 +444,117 @@ def test_cli_missing_cases(tiny_dataset, capsys):
         shutil.copy(pred / f"{case}.png", images / f"{case}_0000.png")
     main(["-i", str(pred), "-d", "901", "-cases", str(images), "-o", str(pred / "folder.json")])
     assert [c["case"] for c in load_json(str(pred / "folder.json"))["metric_per_case"]] == list(CASES[:2])
+
+
+def write_predictions(folder: Path, masks: dict[str, np.ndarray]) -> None:
+    """One mask ``<case>.png`` per case and no ``samples/``, as ``nnUNetv2_predict`` writes them."""
+    folder.mkdir(parents=True)
+    for case, mask in masks.items():
+        NaturalImage2DIO().write_seg(mask[None].astype(np.uint8), str(folder / f"{case}.png"), {})
+
+
+def assert_scores(summary: dict, samples_of: dict, raters_of: dict) -> None:
+    """Every case of ``summary`` scored as the metric functions score its samples against its raters."""
+    assert [c["case"] for c in summary["metric_per_case"]] == sorted(samples_of)
+    for entry in summary["metric_per_case"]:
+        ss, ys = samples_of[entry["case"]], raters_of[entry["case"]]
+        m = entry["metrics"]["1"]
+        assert (m["N"], m["M"]) == (len(ss), len(ys))
+        assert m["GED"] == pytest.approx(ged(ss, ys), abs=1e-12)
+        assert m["HM-IoU"] == pytest.approx(hm_iou(ss, ys), abs=1e-12)
+        assert m["Soft-Dice"] == pytest.approx(soft_dice(ss, ys), abs=1e-12)
+        assert m["D_max"] == pytest.approx(d_max(ss, ys), abs=1e-12)
+        assert m["D_consensus_per_rater"] == pytest.approx(consensus_dice(ss, ys)["per_rater"], abs=1e-12)
+    ged_mean = np.mean([ged(samples_of[c], raters_of[c]) for c in samples_of])
+    assert summary["mean"]["1"]["GED"] == pytest.approx(ged_mean, abs=1e-12)
+
+
+def test_cli_stock_prediction_as_identical_samples(tiny_dataset, capsys):
+    """A stock ``nnUNetv2_predict`` folder (one mask per case, no samples/) is scored as N identical samples."""
+    raw, pred, arrays = tiny_dataset
+    stock = pred.parent / "stock"
+    write_predictions(stock, {c: ss[1] for c, (ss, _) in arrays.items()})
+    main(["-i", str(stock), "-d", "901"])
+    assert "scored as N = 16 identical samples" in capsys.readouterr().out
+    summary = load_json(str(stock / "summary_arseg.json"))
+    raters = {c: ys for c, (_, ys) in arrays.items()}
+    assert_scores(summary, {c: np.stack([ss[1]] * 16) for c, (ss, _) in arrays.items()}, raters)
+    samples = summary["conventions"]["samples"]
+    assert (samples["kind"], samples["N"], samples["folders"]) == ("one_prediction", 16, [str(stock)])
+    assert "counted as N identical samples" in samples["source"] and summary["conventions"]["N"] == [16]
+    assert summary["metric_per_case"][0]["sample_files"] == [str(stock / f"{CASES[0]}.png")]
+    for entry in summary["metric_per_case"]:  # identical samples: GED has no sample-sample term
+        s, ys = arrays[entry["case"]][0][1:2], raters[entry["case"]]
+        expected = 2 * iou_distance_matrix(s, ys).mean() - iou_distance_matrix(ys).mean()
+        assert entry["metrics"]["1"]["GED"] == pytest.approx(expected, abs=1e-12)
+    assert max(c["metrics"]["1"]["GED"] for c in summary["metric_per_case"]) > 0.1
+
+    main(["-i", str(stock), "-d", "901", "--num_samples", "3", "-o", str(stock / "n3.json")])
+    n3 = load_json(str(stock / "n3.json"))
+    assert n3["conventions"]["samples"]["N"] == 3 and n3["metric_per_case"][0]["metrics"]["1"]["N"] == 3
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901", "--num_samples", "16"])
+    assert "--num_samples 16" in err and "N = 8" in err  # AR-Seg's samples: N comes from the files
+
+
+def test_cli_fold_ensemble_one_sample_per_folder(tiny_dataset, capsys):
+    """Several prediction folders (e.g. ``nnUNetv2_predict -f k -o P<k>``) are one sample each."""
+    raw, pred, arrays = tiny_dataset
+    folds = [pred.parent / "ensemble" / f"fold_{k}" for k in range(3)]
+    for k, folder in enumerate(folds):
+        write_predictions(folder, {c: ss[k] for c, (ss, _) in arrays.items()})
+    args = [str(f) for f in folds]
+    main(["-i", *args, "-d", "901"])
+    summary = load_json(str(pred.parent / "ensemble" / "summary_arseg.json"))
+    assert_scores(summary, {c: ss[:3] for c, (ss, _) in arrays.items()}, {c: ys for c, (_, ys) in arrays.items()})
+    samples = summary["conventions"]["samples"]
+    assert (samples["kind"], samples["N"], samples["folders"]) == ("one_per_folder", 3, args)
+    assert summary["metric_per_case"][0]["sample_files"] == [str(f / f"{CASES[0]}.png") for f in folds]
+
+    err = run_main_error(capsys, ["-i", *args[:2], "-d", "901", "--num_samples", "3"])
+    assert "--num_samples 3" in err and "N = 2" in err
+    err = run_main_error(capsys, ["-i", args[0], args[0], "-d", "901"])
+    assert "more than once" in err
+    err = run_main_error(capsys, ["-i", *args, "-d", "901", "--regions"])
+    assert "nnUNetv2_ensemble" in err
+    (folds[1] / f"{CASES[2]}.png").unlink()
+    err = run_main_error(capsys, ["-i", *args, "-d", "901"])
+    assert "hold different cases" in err and f"{folds[1]} lacks {CASES[2]}" in err and "-cases" in err
+    main(["-i", *args, "-d", "901", "-cases", *CASES[:2], "-o", str(pred.parent / "two.json")])
+    assert [c["case"] for c in load_json(str(pred.parent / "two.json"))["metric_per_case"]] == list(CASES[:2])
+
+
+def test_cli_case_with_fewer_raters(tiny_dataset, capsys):
+    """A case with 2 of the 4 raters is scored against those two when dataset.json's raters_of_case lists them."""
+    raw, pred, arrays = tiny_dataset
+    case, dj_file = CASES[0], raw / "dataset.json"
+    for k in (1, 3):
+        (raw / "labelsTs_raters" / f"{case}_r{k}.png").unlink()
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"case {case}" in err and f"{case}_r1.png" in err and f"{case}_r3.png" in err and "raters_of_case" in err
+
+    def declare(raters_of_case):
+        dj = load_json(str(dj_file))
+        dj["arseg"]["raters_of_case"] = raters_of_case
+        save_json(dj, str(dj_file))
+
+    declare({case: [0, 2]})
+    main(["-i", str(pred), "-d", "901"])
+    summary = load_json(str(pred / "summary_arseg.json"))
+    raters = {c: ys for c, (_, ys) in arrays.items()} | {case: arrays[case][1][[0, 2]]}
+    assert_scores(summary, {c: ss for c, (ss, _) in arrays.items()}, raters)
+    assert ged(arrays[case][0], raters[case]) != pytest.approx(ged(*arrays[case]))
+    assert summary["conventions"]["M"] == [2, 4]
+    assert summary["metric_per_case"][0]["rater_files"] == [str(raw / "labelsTs_raters" / f"{case}_r{k}.png")
+                                                            for k in (0, 2)]
+    declare({case: [0, 1, 2]})  # a listed rater must be there
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"['{case}_r1.png'] are missing" in err and "lists raters [0, 1, 2]" in err
+    declare({case: [0]})  # and a rater file must be listed
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"{case}_r2.png" in err and "not raters of the case" in err
+    declare({case: [0, 4]})
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"raters_of_case['{case}'] = [0, 4]" in err and "0..3" in err
 
 
 def test_cli_reference_nifti_truncated_or_missing(lidc, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_sample<k:02d><ext>`` samples (named by
 ``nnunet_arseg.prediction_files``),
-``RAW/labelsT{s,r}_raters/<case>_r<k><ext>`` raters, ``RAW/labelsT{s,r}/<case><ext>`` reference labels.
+``RAW/labelsT{s,r}_raters/<case>_r<k><ext>`` raters (the ones ``dataset.json["arseg"]`` says each case has),
+``RAW/labelsT{s,r}/<case><ext>`` reference labels.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
 
+from nnunet_arseg.config import DEFAULT_NUM_SAMPLES
 from nnunet_arseg.prediction_files import sample_files_by_case
 
 
@@ -89,13 +91,87 @@ def sample_files_per_case(samples_folder: str, file_ending: str) -> dict[str, li
     return {c: _ordered(c, f, "sample", samples_folder, file_ending, "sample", 2) for c, f in found.items()}
 
 
-def rater_files_per_case(folders: list[str], file_ending: str) -> dict[str, list[str]]:
-    """``{case: [rater file 0, ..., M-1]}`` from ``<case>_r<k><ext>``; earlier folders win."""
+def samples_per_case(pred_folders: Sequence[str], file_ending: str, num_samples: int | None = None,
+                     cases: Sequence[str] | None = None) -> tuple[dict[str, list[str]], dict]:
+    """What the N samples of each case are: ``({case: [sample file 0, ..., N-1]}, {"kind", "source", "folders"[,
+    "N"]})``.
+
+    One folder with ``samples/``: the samples of ``nnUNetv2_arseg_predict --save_samples``. One folder without: its
+    one prediction ``<case><ext>`` per case (``nnUNetv2_predict``), counted as ``num_samples`` (default 16) identical
+    samples. Several folders: sample k of a case is ``pred_folders[k]/<case><ext>`` (e.g. the folds of an nnU-Net
+    ensemble, each predicted into its own folder); they must hold the same cases (of ``cases``, if given).
+    """
+    folders = list(pred_folders)
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+        raise ValueError(f"-i {' '.join(twice)}: given more than once; each folder is one sample of every case")
+    if len(folders) == 1:
+        samples_folder = join(folders[0], "samples")
+        found = sample_files_per_case(samples_folder, file_ending)
+        if found:
+            return found, {"kind": "samples", "folders": folders,
+                           "source": f"the samples of nnUNetv2_arseg_predict --save_samples "
+                                     f"({samples_folder}/<case>_sampleNN{file_ending})"}
+        n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
+        return ({c: [join(folders[0], c + file_ending)] * n for c in consensus_cases(folders[0], file_ending)},
+                {"kind": "one_prediction", "folders": folders, "N": n,
+                 "source": f"one prediction per case ({folders[0]}/<case>{file_ending}, no samples/ folder), "
+                           f"counted as N identical samples"})
+    case_sets = {f: set(consensus_cases(f, file_ending)) for f in folders}
+    common, every = set.intersection(*case_sets.values()), set.union(*case_sets.values())
+    scope = every if cases is None else every & set(cases)
+    lacking = {f: sorted(scope - c) for f, c in case_sets.items() if scope - c}
+    if lacking:
+        raise FileNotFoundError(
+            f"the {len(folders)} prediction folders (one sample each) hold different cases: "
+            f"{'; '.join(f'{f} lacks {_names(m)}' for f, m in lacking.items())}. Every folder needs a prediction "
+            f"<case>{file_ending} of each scored case: predict the missing cases into those folders, or name the "
+            f"cases to score with -cases")
+    return ({c: [join(f, c + file_ending) for f in folders] for c in sorted(common)},
+            {"kind": "one_per_folder", "folders": folders, "N": len(folders),
+             "source": f"one sample per prediction folder (sample k of a case is FOLDER_k/<case>{file_ending}, "
+                       f"e.g. one nnU-Net fold each)"})
+
+
+def rater_files_per_case(folders: list[str], file_ending: str, dataset_json: dict | None = None
+                         ) -> dict[str, list[str]]:
+    """``{case: [its M rater files]}`` from ``<case>_r<k><ext>``; earlier folders win.
+
+    With a ``dataset_json`` declaring ``arseg.num_raters`` R, a case must have the raters 0..R-1, or exactly those
+    ``arseg.raters_of_case[case]`` lists (a case with fewer raters); without one, 0..M-1 without gaps.
+    """
+    arseg = (dataset_json or {}).get("arseg") or {}
     out: dict[str, list[str]] = {}
     for folder in folders:
         for c, f in _indexed_files(folder, file_ending, "r").items():
-            out.setdefault(c, _ordered(c, f, "rater", folder, file_ending, "r"))
+            if c not in out:
+                out[c] = (_declared_raters(c, f, arseg, folder, file_ending) if arseg.get("num_raters") else
+                          _ordered(c, f, "rater", folder, file_ending, "r"))
     return out
+
+
+def _declared_raters(case: str, files: dict[int, str], arseg: dict, folder: str, file_ending: str) -> list[str]:
+    """The rater files of ``case`` that ``dataset.json["arseg"]`` says it has, in rater order."""
+    num_raters = int(arseg["num_raters"])
+    listed = (arseg.get("raters_of_case") or {}).get(case)
+    if listed is not None and (not listed or len(set(listed)) != len(listed)
+                               or not set(listed) <= set(range(num_raters))):
+        raise ValueError(f"dataset.json: arseg.raters_of_case[{case!r}] = {listed}: list the raters the case has, "
+                         f"each once, as indices in 0..{num_raters - 1} (num_raters = {num_raters}), at least one")
+    expected = list(range(num_raters)) if listed is None else sorted(listed)
+    why = (f"dataset.json's arseg.raters_of_case lists raters {expected} for it" if listed is not None else
+           f"dataset.json['arseg']['num_raters'] is {num_raters} and arseg.raters_of_case does not list the case")
+    missing = [f"{case}_r{k}{file_ending}" for k in expected if k not in files]
+    if missing:
+        raise FileNotFoundError(f"case {case}: rater files {missing} are missing in {folder} ({why}). Restore them "
+                                f"(e.g. convert the dataset again), or list the raters the case has in "
+                                f"dataset.json['arseg']['raters_of_case']")
+    extra = [files[k] for k in sorted(set(files) - set(expected))]
+    if extra:
+        raise ValueError(f"case {case}: {extra} are not raters of the case ({why}). Remove them or add their "
+                         f"indices to dataset.json['arseg']['raters_of_case'] (num_raters: the most raters any "
+                         f"case has)")
+    return [files[k] for k in expected]
 
 
 def consensus_cases(pred_folder: str, file_ending: str) -> list[str]:

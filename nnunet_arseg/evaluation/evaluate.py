@@ -1,13 +1,17 @@
 """``nnUNetv2_arseg_evaluate``: multi-rater metrics of sampled predictions and Dice per label/region.
 
-Scores ``PRED/samples/<case>_sample<k:02d><ext>`` against the raters of a converted raw dataset (GED, HM-IoU,
-Soft-Dice, D_max, consensus Dice) and/or the consensus ``PRED/<case><ext>`` against reference labels (Dice per
-nnU-Net label or region, e.g. BraTS whole tumour / tumour core / enhancing tumour). Writes a ``summary.json``
-in nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``) plus a ``conventions`` block.
+Scores the samples of each case against the raters it has in a converted raw dataset (GED, HM-IoU, Soft-Dice,
+D_max, consensus Dice, presence calibration) and/or the consensus ``PRED/<case><ext>`` against reference labels (Dice
+per nnU-Net label or region, e.g. BraTS whole tumour / tumour core / enhancing tumour). The samples are
+``PRED/samples/<case>_sample<k:02d><ext>``; a folder without ``samples/`` (a stock ``nnUNetv2_predict`` output) gives
+its one prediction per case as N identical samples; several folders give one sample each (an nnU-Net fold ensemble).
+Writes ``PRED/summary_arseg.json`` (``-o``) in nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``)
+plus a ``conventions`` block that says among others what the samples were.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +21,7 @@ from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from
 from tqdm import tqdm
 
 from nnunet_arseg.atomic import save_json_atomic
+from nnunet_arseg.config import DEFAULT_NUM_SAMPLES
 from nnunet_arseg.evaluation import casefiles
 from nnunet_arseg.evaluation.multirater import (METRIC_NAMES, PRESENCE_NAMES, SOFT_DICE_THRESHOLDS,
                                                 multirater_metrics_batch, nan_mean, presence_calibration)
@@ -66,16 +71,16 @@ def _read_seg(rw, path: str, fix: str) -> np.ndarray:
 
 def _read_stack(rw, files: list[str], allowed_values: set, fix: str) -> list[np.ndarray]:
     """Label maps of ``files`` (each (1, *spatial) as nnU-Net reads them); rejects values outside the labels."""
-    out = []
-    for f in files:
+    read = {}
+    for f in dict.fromkeys(files):  # a stock prediction is every sample of its case: read it once
         seg = _read_seg(rw, f, fix)[0]
         bad = set(np.unique(seg).tolist()) - allowed_values
         if bad:
             raise ValueError(f"{f} holds values {sorted(bad)} that are not labels of dataset.json "
                              f"{sorted(allowed_values)}; rater and sample files must be label maps "
                              f"(binary raters: 0/1, not 0/255)")
-        out.append(seg)
-    return out
+        read[f] = seg
+    return [read[f] for f in files]
 
 
 def _check_shapes(case: str, sample_files, samples, rater_files, raters) -> None:
@@ -87,17 +92,20 @@ def _check_shapes(case: str, sample_files, samples, rater_files, raters) -> None
                          f"Samples and raters must be on the same grid (predict in the raw image geometry)")
 
 
-def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: Sequence[str] = (),
+def evaluate_multirater_folder(pred_folder: str | Sequence[str], dataset_json, raters_folders: Sequence[str] = (),
                                reference_folders: Sequence[str] = (), output_file: str | None = None,
                                verbose: bool = True, cases: Sequence[str] | None = None, allow_missing: bool = False,
-                               **conventions) -> dict:
-    """Score a prediction folder; returns (and with ``output_file`` writes atomically) the summary dict.
+                               num_samples: int | None = None, **conventions) -> dict:
+    """Score a prediction folder (or several, one sample each); returns (and with ``output_file`` writes atomically)
+    the summary dict.
 
-    ``raters_folders``: folders with ``<case>_r<k><ext>`` (multi-rater metrics of ``pred_folder/samples``);
-    ``reference_folders``: label folders (Dice per label/region of the consensus ``pred_folder/<case><ext>``).
-    At least one of them must be given. The prediction must cover ``cases`` (default: every case of each rater
-    or reference folder that holds a predicted case), each with the same number of samples; ``allow_missing``
-    scores the predicted ones only and says so in the summary.
+    ``raters_folders``: folders with ``<case>_r<k><ext>`` (multi-rater metrics of the samples, which
+    ``casefiles.samples_per_case`` finds: ``pred_folder/samples``, else ``pred_folder/<case><ext>`` counted as
+    ``num_samples`` identical samples, or one sample per folder of a list); ``reference_folders``: label folders
+    (Dice per label/region of the consensus ``pred_folder/<case><ext>``, one folder only). At least one of them must
+    be given. The prediction must cover ``cases`` (default: every case of each rater or reference folder that holds
+    a predicted case), each with the same number of samples; ``allow_missing`` scores the predicted ones only and
+    says so in the summary. ``num_samples``, if given, must be the N scored.
     """
     dj = casefiles.load_dataset_json(dataset_json)
     conv = {**DEFAULT_CONVENTIONS, **conventions}
@@ -107,10 +115,17 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
     if not raters_folders and not reference_folders:
         raise ValueError("nothing to evaluate: give rater folders (dataset.json 'arseg' block) and/or a reference "
                          "label folder (-ref FOLDER)")
-    samples_folder = join(pred_folder, "samples")
-    samples_of = casefiles.sample_files_per_case(samples_folder, ext) if raters_folders else {}
-    raters_of = casefiles.rater_files_per_case(raters_folders, ext) if raters_folders else {}
-    consensus = casefiles.consensus_cases(pred_folder, ext)
+    pred_folders = [pred_folder] if isinstance(pred_folder, str) else list(pred_folder)
+    if len(pred_folders) > 1 and reference_folders:
+        raise ValueError(f"Dice against reference labels scores one prediction per case, but {len(pred_folders)} "
+                         f"folders were given: ensemble them first (nnUNetv2_ensemble) and score that folder, or "
+                         f"score the folders as samples against the raters only (without -ref/--regions)")
+    pred_folder = pred_folders[0] if len(pred_folders) == 1 else ", ".join(pred_folders)
+    samples_folder = join(pred_folders[0], "samples") if len(pred_folders) == 1 else pred_folder
+    samples_of, sample_source = (casefiles.samples_per_case(pred_folders, ext, num_samples, cases) if raters_folders
+                                 else ({}, {}))
+    raters_of = casefiles.rater_files_per_case(raters_folders, ext, dj) if raters_folders else {}
+    consensus = casefiles.consensus_cases(pred_folders[0], ext) if len(pred_folders) == 1 else list(samples_of)
     predicted = set(consensus) | set(samples_of)
     if not predicted:
         raise FileNotFoundError(f"{pred_folder}: no predictions (*{ext}) and no samples in {samples_folder}")
@@ -124,11 +139,19 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
     if not cases:
         raise FileNotFoundError(f"{pred_folder}: none of the {len(expected)} cases of {source} is predicted")
     _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samples_folder, raters_folders,
-                      reference_folders, ext, dj)
+                      reference_folders, ext)
     if raters_folders:
         casefiles.check_equal_sample_counts({c: samples_of[c] for c in cases}, samples_folder)
+        sample_source["N"] = len(samples_of[cases[0]])
+        if num_samples is not None and num_samples != sample_source["N"]:
+            raise ValueError(f"--num_samples {num_samples}, but {pred_folder} gives N = {sample_source['N']} samples "
+                             f"per case ({sample_source['source']}); --num_samples sets N only for a folder with one "
+                             f"prediction per case and no samples/, elsewhere leave it out")
+        if verbose and sample_source["kind"] == "one_prediction":
+            print(f"{pred_folder} has no samples/: its one prediction per case is scored as N = "
+                  f"{sample_source['N']} identical samples")
     coverage = {"expected": len(expected), "scored": len(cases), "missing": missing, "source": source,
-                "allow_missing": bool(allow_missing)}
+                "allow_missing": bool(allow_missing), "samples": sample_source}
     if missing and verbose:
         print(f"WARNING: {len(missing)} of the {len(expected)} cases of {source} have no prediction and are left "
               f"out (--allow_missing): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
@@ -146,7 +169,7 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
             raters = _read_stack(rw, r_files, allowed, _FIX_REFERENCE)
             _check_shapes(case, s_files, samples, r_files, raters)
             samples, raters = np.stack(samples), np.stack(raters)
-            entry.update(sample_files=s_files, rater_files=r_files)
+            entry.update(sample_files=list(dict.fromkeys(s_files)), rater_files=r_files)
             for k, v in evaluate_case(samples, raters, keys, **conv).items():
                 entry["metrics"].setdefault(label_or_region_to_key(k), {}).update(v)
         if reference_folders:
@@ -168,7 +191,7 @@ def evaluate_multirater_folder(pred_folder: str, dataset_json, raters_folders: S
 
 
 def _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samples_folder, raters_folders,
-                      reference_folders, ext, dj) -> None:
+                      reference_folders, ext) -> None:
     for case in cases:
         if raters_folders and case not in samples_of:
             raise FileNotFoundError(
@@ -181,10 +204,6 @@ def _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samp
                 f"case {case}: {len(samples_of[case])} samples in {samples_folder} but no rater files "
                 f"{case}_r0{ext}... in {' or '.join(raters_folders)}. Is this the right dataset (-d/-raw)? "
                 f"Remove predictions of cases without raters or add their rater files")
-        num_raters = (dj.get("arseg") or {}).get("num_raters")
-        if raters_folders and num_raters and len(raters_of[case]) != num_raters:
-            raise FileNotFoundError(f"case {case}: found {len(raters_of[case])} rater files ({raters_of[case]}) but "
-                                    f"dataset.json['arseg']['num_raters'] is {num_raters}; restore the missing files")
         if reference_folders and case not in consensus:
             raise FileNotFoundError(f"case {case}: samples exist but the consensus {join(pred_folder, case + ext)} "
                                     f"is missing, so its Dice cannot be computed; re-run the prediction")
@@ -213,7 +232,8 @@ def _conventions(conv, str_keys, n_values, m_values, multirater, regions, covera
     images = (f"{n} of the {coverage['expected']} cases of {source}: {len(missing)} without a prediction left out "
               f"on purpose (--allow_missing)" if missing else
               f"all {n} cases of {source} (no first-180 subset as in BerDiff's script)")
-    c = {"images": images, "cases": {**coverage, "missing_count": len(missing)},
+    c = {"images": images, "cases": {k: v for k, v in coverage.items() if k != "samples"} | {
+        "missing_count": len(missing)},
          "labels_or_regions": str_keys,
          "binarisation": "per foreground label/region with nnU-Net's region_or_label_to_mask (labels, or regions "
                          "of dataset.json 'labels' with regions_class_order)",
@@ -221,7 +241,9 @@ def _conventions(conv, str_keys, n_values, m_values, multirater, regions, covera
                  "of those means (this is the single number to quote, e.g. BraTS 'Dice' = mean of WT, TC, ET)"}
     if multirater:
         c.update({
-            "N": n_values, "M": m_values,
+            "samples": coverage["samples"], "N": n_values, "M": m_values,
+            "raters": "each case against the raters it has: all of dataset.json arseg.num_raters, or those "
+                      "arseg.raters_of_case lists for it (M per case in metric_per_case)",
             "iou_distance": "d(a, b) = 1 - |a & b| / |a | b|; one empty and one non-empty mask gives d = 1",
             "empty_distance": conv["empty_distance"],
             "empty_rule": f"two empty masks: d = {conv['empty_distance']} (IoU = {1 - conv['empty_distance']})",
@@ -249,7 +271,16 @@ def _conventions(conv, str_keys, n_values, m_values, multirater, regions, covera
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_arseg_evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("-i", required=True, help="prediction folder of nnUNetv2_arseg_predict (with samples/)")
+    parser.add_argument("-i", nargs="+", required=True, metavar="PRED",
+                        help="prediction folder(s). One folder of nnUNetv2_arseg_predict --save_samples: its samples/ "
+                             "are the samples. One folder without samples/ (e.g. a stock nnUNetv2_predict output): "
+                             "its one prediction per case counts as --num_samples identical samples. Several folders "
+                             "(e.g. an nnU-Net fold ensemble: nnUNetv2_predict -f 0 -o P0, -f 1 -o P1, ...; then "
+                             "-i P0 P1 ...): each folder's <case><ext> is one sample of the case (their samples/ "
+                             "are not used)")
+    parser.add_argument("--num_samples", type=int, default=None,
+                        help=f"N for a folder with one prediction per case (default {DEFAULT_NUM_SAMPLES}); "
+                             f"elsewhere N comes from the files and, if given, must match it")
     parser.add_argument("-d", help="dataset ID or name (raw dataset under nnUNet_raw, raters per dataset.json)")
     parser.add_argument("-raw", help="raw dataset folder (instead of -d)")
     parser.add_argument("-ref", help="reference label folder: Dice per label/region of the consensus")
@@ -257,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="Dice per label/region of the consensus against RAW/labelsTs (or labelsTr)")
     parser.add_argument("--no_raters", action="store_true", help="skip the multi-rater metrics")
     parser.add_argument("-djfile", help="dataset.json to use (default: the raw dataset's, else PRED/dataset.json)")
-    parser.add_argument("-o", help="output json (default PRED/summary_arseg.json)")
+    parser.add_argument("-o", help="output json (default PRED/summary_arseg.json; with several -i folders, "
+                                   "summary_arseg.json in the folder holding them)")
     parser.add_argument("-cases", nargs="+", default=None,
                         help="the cases the prediction must cover and that are scored: case ids, or one folder whose "
                              "files name them (e.g. the -i folder of the prediction); default: every case of the "
@@ -271,33 +303,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--consensus_empty_dice", type=float, default=DEFAULT_CONVENTIONS["consensus_empty_dice"])
     parser.add_argument("--region_empty_dice", type=float, default=DEFAULT_CONVENTIONS["region_empty_dice"])
     args = parser.parse_args(argv)
-    if not isdir(args.i):
-        parser.error(f"-i {args.i}: no such folder")
+    for folder in args.i:
+        if not isdir(folder):
+            parser.error(f"-i {folder}: no such folder")
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error(f"--num_samples {args.num_samples}: give N >= 1")
     try:
         raw = casefiles.find_raw_dataset(args.d, args.raw) if (args.d or args.raw) else None
     except (FileNotFoundError, RuntimeError) as e:
         parser.exit(2, f"nnUNetv2_arseg_evaluate: error: {e}\n")
-    dj_source = args.djfile or raw or join(args.i, "dataset.json")
+    dj_source = args.djfile or raw or join(args.i[0], "dataset.json")
     if not (args.djfile or raw) and not isfile(dj_source):
-        parser.error(f"no dataset.json: give -d DATASET, -raw FOLDER or -djfile (none in {args.i})")
+        parser.error(f"no dataset.json: give -d DATASET, -raw FOLDER or -djfile (none in {args.i[0]})")
     dj = casefiles.load_dataset_json(dj_source)
     raters = [] if (args.no_raters or raw is None) else casefiles.rater_folders(raw, dj)
-    if raters and not isdir(join(args.i, "samples")) and (args.ref or args.regions):
-        print(f"No {join(args.i, 'samples')}: skipping the multi-rater metrics")
-        raters = []
     refs = [args.ref] if args.ref else []
-    if not refs and raw is not None and (args.regions or label_manager_from_dataset_json(dj).has_regions):
+    auto_regions = label_manager_from_dataset_json(dj).has_regions and len(args.i) == 1
+    if not refs and raw is not None and (args.regions or auto_regions):
         refs = [f for f in (join(raw, "labelsTs"), join(raw, "labelsTr")) if isdir(f)]
     if args.ref and not isdir(args.ref):
         parser.error(f"-ref {args.ref}: no such folder")
     if not raters and not refs:
         parser.error("nothing to evaluate: the dataset has no raters (dataset.json 'arseg' block with -d/-raw) "
                      "and no reference labels were given (-ref FOLDER or --regions with -d/-raw)")
-    out = args.o or join(args.i, "summary_arseg.json")
+    out = args.o or join(args.i[0] if len(args.i) == 1 else os.path.commonpath([os.path.abspath(f) for f in args.i]),
+                         "summary_arseg.json")
     try:
         cases = casefiles.named_cases(args.cases, dj["file_ending"]) if args.cases else None
         summary = evaluate_multirater_folder(args.i, dj, raters, refs, output_file=out, cases=cases,
-                                             allow_missing=args.allow_missing,
+                                             allow_missing=args.allow_missing, num_samples=args.num_samples,
                                              empty_distance=args.empty_distance, thresholds=tuple(args.thresholds),
                                              d_max_empty_dice=args.d_max_empty_dice,
                                              consensus_empty_dice=args.consensus_empty_dice,

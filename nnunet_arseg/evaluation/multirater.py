@@ -5,7 +5,8 @@ d(a, b) = 1 - |a & b| / |a | b|; two empty masks are at distance ``empty_distanc
 All pairwise intersections of one image come from one matrix product of the flattened masks (the Gram matrix
 of the stacked samples and raters), so a whole test set is scored in seconds. Each function takes
 ``samples`` (N, *spatial) and ``raters`` (M, *spatial), boolean (or 0/1), 2D or 3D, and returns a float;
-``multirater_metrics_batch`` scores (B, N, *spatial) against (B, M, *spatial) and returns per-image arrays.
+``multirater_metrics_batch`` scores (B, N, *spatial) against (B, M, *spatial) and returns per-image arrays; cases with
+different M (a case with fewer raters) go in separate calls, as the evaluator scores each case on its own.
 """
 from __future__ import annotations
 
