@@ -1,10 +1,11 @@
 """Multi-rater training data: rater masks preprocessed like nnU-Net labels, and datasets that draw one rater per case.
 
 Raw layout (docs/design.md, "Multi-rater datasets"): ``labelsTr_raters/<case>_r<k><ext>`` beside ``labelsTr/``, with
-``dataset.json["arseg"] = {"num_raters": R, "raters_folder": ..., "patient_of_case": {...}}``. Preprocessed raters go
-to ``<preprocessed dataset>/<data identifier>_raters/<case>.npz`` (key ``raters``: int8, shape ``(R, 1, *spatial)``,
-the geometry of the case's preprocessed ``seg``). The folder sits *beside* the data folder so that nnU-Net's
-``infer_dataset_class`` never sees it.
+``dataset.json["arseg"] = {"num_raters": R, "raters_folder": ..., "patient_of_case": {...}}``; every case has raters
+k = 0..R-1 unless ``"raters_of_case": {case: [k, ...]}`` lists the ones it has. Preprocessed raters go to
+``<preprocessed dataset>/<data identifier>_raters/<case>.npz`` (key ``raters``: int8, shape ``(R_case, 1, *spatial)``
+for the R_case raters the case has, the geometry of the case's preprocessed ``seg``). The folder sits *beside* the
+data folder so that nnU-Net's ``infer_dataset_class`` never sees it.
 """
 from __future__ import annotations
 
@@ -30,20 +31,39 @@ def raters_folder_of(preprocessed_data_folder: str) -> str:
     return preprocessed_data_folder.rstrip("/\\") + "_raters"
 
 
+def raters_of_case(dataset_json: dict, case: str) -> list[int]:
+    """The rater indices k of ``case``: ``arseg["raters_of_case"][case]`` where the dataset lists it, else 0..R-1."""
+    info = rater_info(dataset_json)
+    num_raters = int(info["num_raters"])
+    listed = (info.get("raters_of_case") or {}).get(case)
+    if listed is None:
+        return list(range(num_raters))
+    if not listed or any(not 0 <= int(k) < num_raters for k in listed) or len(set(listed)) != len(listed):
+        raise ValueError(f"dataset.json['arseg']['raters_of_case'][{case!r}] is {listed}: it must list the case's "
+                         f"raters, at least one, each once, from 0..{num_raters - 1} (num_raters = {num_raters}); "
+                         f"fix dataset.json or re-run the converter")
+    return sorted(int(k) for k in listed)
+
+
 def raw_rater_files(raw_dataset_folder: str, dataset_json: dict, case: str) -> list[str]:
-    """The R raw rater label files of ``case``; raises FileNotFoundError naming the first missing one."""
+    """The raw rater label files of ``case`` (those ``raters_of_case`` names); raises FileNotFoundError naming the
+    first missing one."""
     info = rater_info(dataset_json)
     folder = join(raw_dataset_folder, info.get("raters_folder", "labelsTr_raters"))
-    files = [join(folder, f"{case}_r{k}{dataset_json['file_ending']}") for k in range(int(info["num_raters"]))]
-    for f in files:
+    listed = case in (info.get("raters_of_case") or {})
+    files = []
+    for k in raters_of_case(dataset_json, case):
+        f = join(folder, f"{case}_r{k}{dataset_json['file_ending']}")
         if not isfile(f):
             raise FileNotFoundError(
-                f"rater file {f} is missing: dataset.json declares {info['num_raters']} raters per case. Re-run the "
-                f"converter (e.g. nnUNetv2_arseg_convert_lidc) or remove the 'arseg' block from dataset.json to train "
-                f"on the consensus labels only.")
+                f"rater file {f} is missing: dataset.json " +
+                (f"lists rater {k} for case {case} in 'raters_of_case'" if listed else
+                 f"declares {info['num_raters']} raters and no 'raters_of_case' entry for {case}, so it needs all") +
+                ". Restore the file, list the raters each case has in dataset.json['arseg']['raters_of_case'] "
+                "(nnUNetv2_arseg_convert_folders writes it), or remove the 'arseg' block to train on the consensus "
+                "labels only.")
+        files.append(f)
     return files
-
-
 
 
 def preprocess_raters(raw_dataset_folder: str, preprocessed_data_folder: str, identifiers: list[str],
@@ -75,12 +95,13 @@ def preprocess_raters(raw_dataset_folder: str, preprocessed_data_folder: str, id
 
 
 def load_raters(preprocessed_data_folder: str, identifier: str) -> np.ndarray:
-    """The preprocessed rater stack ``(R, 1, *spatial)`` (int8) of one case."""
+    """The preprocessed rater stack ``(R_case, 1, *spatial)`` (int8) of one case: the raters it has."""
     return np.load(join(raters_folder_of(preprocessed_data_folder), identifier + ".npz"))["raters"]
 
 
 class _RaterDrawingMixin:
-    """``load_case`` returns one uniformly drawn rater's segmentation instead of the consensus."""
+    """``load_case`` returns the segmentation of one rater, drawn uniformly among those the case has, instead of the
+    consensus."""
 
     def load_case(self, identifier):
         data, seg, seg_prev, properties = super().load_case(identifier)
