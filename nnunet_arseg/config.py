@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["ARSegConfig", "PRESETS", "DEFAULT_NUM_SAMPLES", "REFERENCE_TOP_K_SHARE", "preset"]
+__all__ = ["ARSegConfig", "PRESETS", "RECIPE", "SIZE_FIELDS", "DEFAULT_NUM_SAMPLES", "REFERENCE_TOP_K_SHARE", "preset"]
 
 DEFAULT_NUM_SAMPLES = 16  # samples per image (the paper's N for LIDC)
 REFERENCE_TOP_K_SHARE = 100 / 1024  # the reference samples from the 100 best of its 1,024 codes
@@ -72,18 +72,24 @@ class ARSegConfig:
         return cls(**{k: v for k, v in arch_kwargs.items() if k in names})
 
 
+# What the measurements favour (docs/results.md), shared by every preset: the prefix from the U-Net decoder at the
+# latent resolution, the U-Net decoder trained as a dense auxiliary head, the presence head, a linear prefix embedding.
+# The presets differ only in sizes (a test asserts it).
+RECIPE = {"embedding": "linear", "prefix_source": "decoder", "aux_head": True, "presence": True}
+SIZE_FIELDS = ("tokenizer", "transformer", "max_features_per_stage", "num_prefix_tokens")
+
 PRESETS = {
-    # the paper's sizes (tokenizer 4.4 M parameters, transformer width 256, depth 8), for GPUs
-    "reference": ARSegConfig(),
+    # the paper's sizes (tokenizer 4.4 M parameters, transformer width 256, depth 8, the plans' own U-Net), for GPUs
+    "reference": ARSegConfig(**RECIPE),
     # a CPU-sized model for budgets of minutes to hours
     "small": ARSegConfig(tokenizer={"ch": 32, "num_res_blocks": 1, "z_channels": 32, "space_to_depth": 4},
-                         transformer={"width": 128, "depth": 3, "heads": 4, "dropout": 0.0}, embedding="linear",
-                         prefix_source="decoder", aux_head=True, presence=True, max_features_per_stage=64),
+                         transformer={"width": 128, "depth": 3, "heads": 4, "dropout": 0.0},
+                         max_features_per_stage=64, **RECIPE),
     # smoke tests and the demo
     "tiny": ARSegConfig(tokenizer={"ch": 16, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 256,
                                    "code_dim": 16, "space_to_depth": 4},
-                        transformer={"width": 64, "depth": 2, "heads": 4, "dropout": 0.0}, embedding="linear",
-                        prefix_source="decoder", aux_head=True, presence=True, max_features_per_stage=32),
+                        transformer={"width": 64, "depth": 2, "heads": 4, "dropout": 0.0},
+                        max_features_per_stage=32, **RECIPE),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_arseg.config import PRESETS, ARSegConfig, preset
+from nnunet_arseg.config import PRESETS, RECIPE, SIZE_FIELDS, ARSegConfig, preset
 from nnunet_arseg.training import raters
 from nnunet_arseg.training.plans import rewrite_plans_for_arseg, tokenizer_widths
 from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
@@ -61,6 +61,15 @@ def test_presets_are_one_source_of_defaults():
         preset("small", widht=3)
     with pytest.raises(ValueError, match="preset must be one of"):
         preset("huge")
+
+
+def test_every_preset_is_the_measured_recipe_and_differs_only_in_sizes():
+    """nnUNetTrainerARSeg (``reference``) trains what docs/results.md measured (``small``), at the paper's sizes."""
+    for name, cfg in PRESETS.items():
+        assert {k: getattr(cfg, k) for k in RECIPE} == RECIPE, name
+    method = [{k: v for k, v in cfg.arch_kwargs().items() if k not in SIZE_FIELDS} for cfg in PRESETS.values()]
+    assert all(m == method[0] for m in method)
+    assert PRESETS["reference"].presence and PRESETS["reference"].aux_head
 
 
 def test_warmup_then_cosine_and_a_stretchable_horizon():
