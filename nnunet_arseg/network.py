@@ -461,26 +461,33 @@ def binary_dice_bce(logits_B1: torch.Tensor, mask_B1: torch.Tensor) -> torch.Ten
     return 1 - dice_B.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
-def build_arseg_architecture(stock_architecture: dict, patch_size, preset_name: str = "reference",
-                             **overrides) -> dict:
-    """Turn the plans' stock ``architecture`` entry into AR-Seg's: the U-Net kwargs at the top level (so
-    ``_kw_requires_import`` keeps working; widths capped by ``max_features_per_stage``) plus the network's own
-    (``config.preset(preset_name, **overrides).arch_kwargs()``)."""
-    config = preset(preset_name, **overrides)
+def wrap_stock_architecture(stock_architecture: dict, network_class_name: str, max_features_per_stage: int | None,
+                            **network_kwargs) -> dict:
+    """The plans' stock ``architecture`` entry turned into that of a network wrapping the plans' U-Net: the U-Net
+    kwargs at the top level (so ``_kw_requires_import`` keeps working; widths capped by ``max_features_per_stage``),
+    the U-Net class as ``encoder_class_name``, plus ``network_kwargs``."""
     for key in ("network_class_name", "arch_kwargs", "_kw_requires_import"):
         if key not in stock_architecture:
             raise ValueError(f"the stock architecture entry has no {key!r}; "
                              "pass plans['configurations'][c]['architecture']")
     arch_kwargs = copy.deepcopy(stock_architecture["arch_kwargs"])
     arch_kwargs.pop("deep_supervision", None)
-    if config.max_features_per_stage is not None:
-        arch_kwargs["features_per_stage"] = [min(int(f), config.max_features_per_stage)
+    if max_features_per_stage is not None:
+        arch_kwargs["features_per_stage"] = [min(int(f), int(max_features_per_stage))
                                              for f in arch_kwargs["features_per_stage"]]
-    arch_kwargs.update(encoder_class_name=stock_architecture["network_class_name"],
-                       patch_size=[int(n) for n in patch_size], **config.arch_kwargs())
+    arch_kwargs.update(encoder_class_name=stock_architecture["network_class_name"], **network_kwargs)
     try:
         json.dumps(arch_kwargs)
     except TypeError as e:
-        raise TypeError(f"AR-Seg arch_kwargs must be JSON-serialisable for the plans file: {e}") from None
-    return {"network_class_name": NETWORK_CLASS_NAME, "arch_kwargs": arch_kwargs,
+        raise TypeError(f"{network_class_name} arch_kwargs must be JSON-serialisable for the plans file: {e}") from None
+    return {"network_class_name": network_class_name, "arch_kwargs": arch_kwargs,
             "_kw_requires_import": list(stock_architecture["_kw_requires_import"])}
+
+
+def build_arseg_architecture(stock_architecture: dict, patch_size, preset_name: str = "reference",
+                             **overrides) -> dict:
+    """Turn the plans' stock ``architecture`` entry into AR-Seg's (``wrap_stock_architecture`` with the network's own
+    kwargs, ``config.preset(preset_name, **overrides).arch_kwargs()``)."""
+    config = preset(preset_name, **overrides)
+    return wrap_stock_architecture(stock_architecture, NETWORK_CLASS_NAME, config.max_features_per_stage,
+                                   patch_size=[int(n) for n in patch_size], **config.arch_kwargs())

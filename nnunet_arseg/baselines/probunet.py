@@ -8,8 +8,6 @@ the posterior + beta * KL(posterior || prior). Sampling: z from the prior, the i
 """
 from __future__ import annotations
 
-import copy
-import json
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +15,7 @@ from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
 from nnunet_arseg.consensus import consensus_logits
-from nnunet_arseg.network import ARSegNetwork, _locate, content_seed, decode_to_stage
+from nnunet_arseg.network import ARSegNetwork, _locate, content_seed, decode_to_stage, wrap_stock_architecture
 
 __all__ = ["ProbUNetNetwork", "LatentGaussian", "build_probunet_architecture", "PROBUNET_CLASS_NAME"]
 
@@ -198,22 +196,6 @@ class ProbUNetNetwork(nn.Module):
 
 def build_probunet_architecture(stock_architecture: dict, max_features_per_stage: int | None = None,
                                 **network_kwargs) -> dict:
-    """The plans' stock ``architecture`` entry turned into the Probabilistic U-Net's: the U-Net kwargs at the top
-    level (widths capped by ``max_features_per_stage``), the U-Net class as ``encoder_class_name``, plus
-    ``network_kwargs`` (latent_dim, beta, has_regions, num_samples, ...)."""
-    for key in ("network_class_name", "arch_kwargs", "_kw_requires_import"):
-        if key not in stock_architecture:
-            raise ValueError(f"the stock architecture entry has no {key!r}; "
-                             "pass plans['configurations'][c]['architecture']")
-    arch_kwargs = copy.deepcopy(stock_architecture["arch_kwargs"])
-    arch_kwargs.pop("deep_supervision", None)
-    if max_features_per_stage is not None:
-        arch_kwargs["features_per_stage"] = [min(int(f), int(max_features_per_stage))
-                                             for f in arch_kwargs["features_per_stage"]]
-    arch_kwargs.update(encoder_class_name=stock_architecture["network_class_name"], **network_kwargs)
-    try:
-        json.dumps(arch_kwargs)
-    except TypeError as e:
-        raise TypeError(f"ProbUNet arch_kwargs must be JSON-serialisable for the plans file: {e}") from None
-    return {"network_class_name": PROBUNET_CLASS_NAME, "arch_kwargs": arch_kwargs,
-            "_kw_requires_import": list(stock_architecture["_kw_requires_import"])}
+    """The plans' stock ``architecture`` entry turned into the Probabilistic U-Net's (``wrap_stock_architecture``
+    with ``network_kwargs``: latent_dim, beta, has_regions, num_samples, ...)."""
+    return wrap_stock_architecture(stock_architecture, PROBUNET_CLASS_NAME, max_features_per_stage, **network_kwargs)

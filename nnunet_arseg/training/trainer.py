@@ -13,35 +13,29 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from batchgenerators.utilities.file_and_folder_operations import isfile, join
-from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_arseg.atomic import save_json_atomic, write_atomic
+from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.network import unwrap_network
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
-from nnunet_arseg.training import ddp, precision, raters, splits, tokenizer_store
+from nnunet_arseg.training import ddp, tokenizer_store
+from nnunet_arseg.training.base import MultiRaterTrainerBase
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg, tokenizer_widths
 from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
 from nnunet_arseg.training.validation import final_validation
 
 
-class nnUNetTrainerARSeg(nnUNetTrainer):
-    """AR-Seg as an nnU-Net trainer. Variants override the class attributes below (see ``variants.py``)."""
+class nnUNetTrainerARSeg(MultiRaterTrainerBase):
+    """AR-Seg as an nnU-Net trainer. Variants override the class attributes below and of ``MultiRaterTrainerBase``
+    (see ``variants.py``)."""
 
     arseg_arch_overrides: dict = {}  # passed to ``build_arseg_architecture`` (tokenizer/transformer sizes, ...)
-    allow_mirroring_tta: bool = False  # True: nnU-Net's mirroring TTA at inference (costs 4x/8x the samples)
-    use_raters: bool | None = None  # None: raters when dataset.json declares them; True: require them
     freeze_encoder: bool = False  # True: the image encoder keeps its (pretrained) weights and runs without backward
     tokenizer_fit: TokenizerFitConfig = TokenizerFitConfig()
-    # seeds the weights, the batches and the augmentation (the same run twice gives the same model where nnU-Net's
-    # augmentation runs in the training process, nnUNet_n_proc_DA=0); None: unseeded, as the stock nnUNetTrainer
-    training_seed: int | None = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -54,20 +48,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         self.weight_decay = 0.01
         self.warmup_epochs = 5
         self.grad_clip_norm = 1.0
-        self.batch_size_cap = None  # int: at most this many examples per step (small-machine variants)
-        self.num_validation_samples = 8  # samples per case for summary_arseg.json
-        self.enable_deep_supervision = False
-        # nnU-Net's mixed precision (precision.py): none on CPU; on CUDA bf16, or fp16 with a GradScaler
-        self.autocast_dtype = precision.autocast_dtype(self.device)
-        self.grad_scaler = precision.grad_scaler(self.autocast_dtype, self.device)
         self._tokenizer_loaded = False
-        self._rater_info = raters.rater_info(dataset_json)
-        if self.use_raters and self._rater_info is None:
-            raise ValueError(f"{self.__class__.__name__} needs a multi-rater dataset, but dataset.json of "
-                             f"{self.plans_manager.dataset_name} has no 'arseg': {{'num_raters': R, ...}} block; "
-                             f"convert the data with nnUNetv2_arseg_convert_lidc or use nnUNetTrainerARSeg")
-        if self.use_raters is False:
-            self._rater_info = None
 
     # ---------------------------------------------------------------- network
     @classmethod
@@ -83,23 +64,6 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
                                       arch.get("_kw_requires_import", []), num_input_channels, num_output_channels,
                                       allow_init=True, deep_supervision=None)
 
-    def set_deep_supervision_enabled(self, enabled: bool):
-        pass
-
-    def _do_i_compile(self):
-        return False
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if not self.allow_mirroring_tta:
-            self.inference_allowed_mirroring_axes = None  # as nnUNetTrainerNoMirroring, but flips stay in the DA
-        return out
-
-    def _set_batch_size_and_oversample(self):
-        super()._set_batch_size_and_oversample()
-        if self.batch_size_cap is not None:
-            self.batch_size = min(self.batch_size, self.batch_size_cap)
-
     def configure_optimizers(self):
         """AdamW over what the segmentor trains, warm-up then cosine decay over ``num_epochs``."""
         net = unwrap_network(self.network)
@@ -109,19 +73,8 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         optimizer = build_optimizer(net, params, self.initial_lr, self.weight_decay)
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
 
-    def _seed(self, offset: int = 0) -> None:
-        if self.training_seed is not None:
-            ddp.seed_everything(self.training_seed + offset, self.local_rank)  # DDP ranks draw their own batches
-
     def initialize(self):
-        self._seed()  # the weights
         super().initialize()
-        if self._rater_info is not None:
-            keys = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-            raters.preprocess_raters(join(nnUNet_raw, self.plans_manager.dataset_name),
-                                     self.preprocessed_dataset_folder, keys, self.plans_manager,
-                                     self.configuration_manager, self.dataset_json, log=self.print_to_log_file)
-            self.dataset_class = raters.rater_dataset_class(self.dataset_class)
         # nnU-Net's -pretrained_weights loader, which runs right after initialize(), requires every key of
         # self.network to be in the file. Until training starts, self.network is therefore the U-Net part alone
         # (the same modules): a stock nnU-Net checkpoint of the same plans initialises it.
@@ -199,27 +152,7 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
         self._restore_network()
         if not self._tokenizer_loaded:
             self.load_tokenizer()
-        # batches and augmentation, whether or not the tokenizer was trained first; a resumed run draws new ones
-        self._seed(offset=self.current_epoch)
-        super().on_train_start()
-
-    # ---------------------------------------------------------------- data
-    def do_split(self):
-        """nnU-Net's split, whose file is grouped by patient where dataset.json says whose each case is; under DDP rank
-        0 writes the file before the other ranks read it."""
-        patient_of_case = (self._rater_info or self.dataset_json.get("arseg", {})).get("patient_of_case")
-        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        stock_split = super().do_split
-
-        def split():
-            if self.fold != "all" and patient_of_case and not isfile(splits_file):
-                keys = infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
-                    self.preprocessed_dataset_folder)
-                self.print_to_log_file("Creating a 5-fold split grouped by patient (dataset.json['arseg'])")
-                save_json_atomic(splits.patient_grouped_splits(keys, patient_of_case), splits_file)
-            return stock_split()
-
-        return ddp.rank0_first(split)
+        super().on_train_start()  # seeds the batches, whether or not the tokenizer was trained first
 
     # ---------------------------------------------------------------- steps
     def _class_masks(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,27 +168,14 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             mask = target[:, :1] == labels_B.view(-1, *[1] * (target.ndim - 1))
         return mask.float(), cls_B
 
-    def _autocast(self):
-        return precision.autocast(self.device, self.autocast_dtype)
-
     def train_step(self, batch: dict) -> dict:
-        """One step of token cross-entropy (+ the aux and presence terms), loss-scaled where ``grad_scaler`` is set."""
+        """One step of token cross-entropy (+ the aux and presence terms)."""
         data = batch['data'].to(self.device, non_blocking=True)
         mask, cls_B = self._class_masks(batch['target'].to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.network(data, mask=mask, cls=cls_B)["loss"]
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        if self.grad_scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-            self.optimizer.step()
-        else:  # as nnU-Net: clip the unscaled gradients; the scaler skips steps with inf/NaN gradients
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        self._backward_and_step(loss)
         return {'loss': loss.detach().float().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
@@ -274,26 +194,6 @@ class nnUNetTrainerARSeg(nnUNetTrainer):
             np.add.at(arr, cls_B.cpu().numpy(), per_b)
         return {'loss': out["loss"].detach().float().cpu().numpy(), 'tp_hard': tp, 'fp_hard': fp, 'fn_hard': fn,
                 'drawn': drawn}
-
-    def on_validation_epoch_end(self, val_outputs: list[dict]):
-        """nnU-Net's pseudo Dice of the epoch, except that a class drawn only with empty masks and predicted empty
-        scores 1 (as nnU-Net's smoothed Dice) instead of NaN, which would make the EMA, and so checkpoint_best, NaN
-        for good. A class never drawn stays NaN, left out of the mean."""
-        outputs = collate_outputs(val_outputs)
-        sums = [outputs[k].sum(0) for k in ('tp_hard', 'fp_hard', 'fn_hard', 'drawn')]
-        losses = np.asarray(outputs['loss'], dtype=float).ravel()
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (sums, losses))
-            sums = [sum(g[0][i] for g in gathered) for i in range(4)]
-            losses = np.concatenate([g[1] for g in gathered])
-        tp, fp, fn, drawn = sums
-        scored = tp + fp + fn > 0
-        dice = np.where(scored, 2 * tp / np.where(scored, 2 * tp + fp + fn, 1), 1.0)
-        dice = np.where(drawn > 0, dice, np.nan)
-        self.logger.log('mean_fg_dice', float(np.nanmean(dice)), self.current_epoch)
-        self.logger.log('dice_per_class_or_region', dice.tolist(), self.current_epoch)
-        self.logger.log('val_losses', float(losses.mean()), self.current_epoch)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
