@@ -15,7 +15,9 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 DATASET_ID = 502
 DATASET = f"Dataset{DATASET_ID}_LIDC"
-TRAINER = "nnUNetTrainerARSeg_tiny"
+TRAINER = "nnUNetTrainerARSeg_tinyOneEpoch"  # tests/ext_trainers
+EXT_TRAINERS = Path(__file__).parent / "ext_trainers"
+FOLDS = 5  # each on a host of its own
 
 
 def _small_sample(lidc_demo: Path, out: Path, patients: int = 6, slices: int = 3) -> Path:
@@ -35,7 +37,7 @@ def test_five_folds_on_five_hosts_train_one_tokenizer_once(lidc_demo, tmp_path):
     sample = _small_sample(lidc_demo, tmp_path / "lidc_in")
     paths = {k: str(tmp_path / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
-    env.update(paths, nnUNet_def_n_proc="1", nnUNet_extTrainer=str(EXT_DIR))
+    env.update(paths, nnUNet_def_n_proc="1", nnUNet_extTrainer=os.pathsep.join([str(EXT_DIR), str(EXT_TRAINERS)]))
     for cmd in ([sys.executable, "-m", "dataset_conversion.lidc", "-i", str(sample), "-d", str(DATASET_ID),
                  "--disable_progress_bar"],
                 [str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp",
@@ -44,7 +46,7 @@ def test_five_folds_on_five_hosts_train_one_tokenizer_once(lidc_demo, tmp_path):
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     procs = []
-    for fold in range(5):
+    for fold in range(FOLDS):
         log = open(tmp_path / f"fold{fold}.log", "w")
         procs.append((subprocess.Popen(
             [str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", str(fold), "-tr", TRAINER, "-device", "cpu"],
@@ -59,7 +61,7 @@ def test_five_folds_on_five_hosts_train_one_tokenizer_once(lidc_demo, tmp_path):
                 proc.kill()
                 proc.wait()
             log.close()
-    logs = [(tmp_path / f"fold{fold}.log").read_text() for fold in range(5)]
+    logs = [(tmp_path / f"fold{fold}.log").read_text() for fold in range(FOLDS)]
     for fold, (proc, _) in enumerate(procs):
         assert proc.returncode == 0, f"fold {fold}:\n{logs[fold][-3000:]}"
         assert "The split file contains 5 splits." in logs[fold]
@@ -71,9 +73,9 @@ def test_five_folds_on_five_hosts_train_one_tokenizer_once(lidc_demo, tmp_path):
     stored = torch.load(tok_dir / "tokenizer.pth", map_location="cpu", weights_only=False)
     assert stored["summary"]["steps"] == 60 and [h["step"] for h in stored["summary"]["history"]] == [20, 40, 60]
     assert sorted(os.listdir(tok_dir)) == ["progress.png", "summary.json", "tokenizer.pth"]
-    for fold in range(5):
+    for fold in range(FOLDS):
         ckpt = torch.load(results / f"{TRAINER}__nnUNetPlans__2d" / f"fold_{fold}" / "checkpoint_final.pth",
                           map_location="cpu", weights_only=False)
-        assert ckpt["current_epoch"] == 3 and ckpt["arseg_tokenizer"] == str(tok_dir / "tokenizer.pth")
+        assert ckpt["current_epoch"] == 1 and ckpt["arseg_tokenizer"] == str(tok_dir / "tokenizer.pth")
         for k, v in stored["state_dict"].items():
             assert torch.equal(ckpt["network_weights"]["tokenizer." + k], v), (fold, k)
