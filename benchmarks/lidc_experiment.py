@@ -13,8 +13,8 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
 2. the dataset's tokenizer (``nnUNetv2_arseg_train_tokenizer``, all cores): trained once per dataset and shared by
    every AR-Seg model of it, like the preprocessing; its minutes are reported beside the budgets, not in them;
 3. from scratch, at the same time, each pinned to its own CPU core (``--cores``): ``nnUNetTrainerARSeg_small_budget``
-   and the stock ``nnUNetTrainerBudget`` (batch 8 both), ``--budget-minutes`` each; both keep a checkpoint every
-   ``--snapshot-minutes`` for the learning curves;
+   and ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget; batch 8 both), ``--budget-minutes`` each;
+   both keep a checkpoint every ``--snapshot-minutes`` for the learning curves;
 4. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
    (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer; after step 3 (step 5 then
    predicts the two scratch models on the other core meanwhile), or beside AR-Seg's training on the stock model's

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="nnUNetv2_arseg_train_tokenizer", description=__doc__.split("\n\n")[0])
     p.add_argument("dataset_name_or_id")
     p.add_argument("configuration")
-    p.add_argument("-tr", default="nnUNetTrainerARSeg", help="the AR-Seg trainer variant whose tokenizer to train")
+    p.add_argument("-tr", default="nnUNetTrainerARSeg", help="the AR-Seg trainer variant whose tokenizer sizes and fit "
+                   "settings to use; default nnUNetTrainerARSeg (the paper's sizes)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda", "mps"))
     args = p.parse_args(argv)
