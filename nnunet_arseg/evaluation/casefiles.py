@@ -150,15 +150,25 @@ def rater_files_per_case(folders: list[str], file_ending: str, dataset_json: dic
     return out
 
 
+def declared_raters(arseg: dict, case: str) -> list[int]:
+    """The rater indices k of ``case`` by ``dataset.json["arseg"]``: those ``raters_of_case[case]`` lists, else
+    0..num_raters-1; a clear error for a malformed list."""
+    num_raters = int(arseg["num_raters"])
+    listed = (arseg.get("raters_of_case") or {}).get(case)
+    if listed is None:
+        return list(range(num_raters))
+    if not listed or len(set(listed)) != len(listed) or not {int(k) for k in listed} <= set(range(num_raters)):
+        raise ValueError(f"dataset.json: arseg.raters_of_case[{case!r}] = {listed}: list the raters the case has, "
+                         f"each once, as indices in 0..{num_raters - 1} (num_raters = {num_raters}), at least one; "
+                         f"fix dataset.json or re-run the converter")
+    return sorted(int(k) for k in listed)
+
+
 def _declared_raters(case: str, files: dict[int, str], arseg: dict, folder: str, file_ending: str) -> list[str]:
     """The rater files of ``case`` that ``dataset.json["arseg"]`` says it has, in rater order."""
     num_raters = int(arseg["num_raters"])
     listed = (arseg.get("raters_of_case") or {}).get(case)
-    if listed is not None and (not listed or len(set(listed)) != len(listed)
-                               or not set(listed) <= set(range(num_raters))):
-        raise ValueError(f"dataset.json: arseg.raters_of_case[{case!r}] = {listed}: list the raters the case has, "
-                         f"each once, as indices in 0..{num_raters - 1} (num_raters = {num_raters}), at least one")
-    expected = list(range(num_raters)) if listed is None else sorted(listed)
+    expected = declared_raters(arseg, case)
     why = (f"dataset.json's arseg.raters_of_case lists raters {expected} for it" if listed is not None else
            f"dataset.json['arseg']['num_raters'] is {num_raters} and arseg.raters_of_case does not list the case")
     missing = [f"{case}_r{k}{file_ending}" for k in expected if k not in files]

@@ -45,6 +45,17 @@ class MultiRaterTrainerBase(nnUNetTrainer):
         if self.use_raters is False:
             self._rater_info = None
 
+    def use_smoke_test_length(self) -> None:
+        """The length of the ``_tiny`` variants: 3 epochs of 5 iterations (1 for validation), batch <= 4, learning
+        rate 1e-3, 4 validation samples, a checkpoint after every epoch (so a killed run resumes)."""
+        self.num_epochs = 3
+        self.num_iterations_per_epoch = 5
+        self.num_val_iterations_per_epoch = 1
+        self.batch_size_cap = 4
+        self.save_every = 1
+        self.num_validation_samples = 4
+        self.initial_lr = 1e-3
+
     # ---------------------------------------------------------------- nnU-Net's knobs these models do not use
     def set_deep_supervision_enabled(self, enabled: bool):
         pass

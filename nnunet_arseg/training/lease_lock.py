@@ -20,6 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from nnunet_arseg import env
+from nnunet_arseg.atomic import save_json_atomic
 
 _PROCESS = uuid.uuid4().hex  # this incarnation of the process: a restarted one with the same pid has another
 
@@ -118,10 +119,7 @@ def _take_over(path: str, stale: Seen, owner: dict, timeout_s: float) -> bool:
         now = read_lock(path)
         if now is None or now.text != stale.text or stale_reason(now, timeout_s) is None:
             return False  # released, taken over or refreshed meanwhile
-        tmp = f"{path}.{owner['hold']}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(owner, f)
-        os.replace(tmp, path)
+        save_json_atomic(owner, path)
         return True
     finally:
         os.remove(takeover)

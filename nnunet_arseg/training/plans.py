@@ -4,10 +4,11 @@ the network from the plans alone)."""
 from __future__ import annotations
 
 from copy import deepcopy
+from typing import Callable
 
 import numpy as np
-
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_arseg.config import preset
 from nnunet_arseg.network import NETWORK_CLASS_NAME, build_arseg_architecture
@@ -43,8 +44,10 @@ def arseg_architecture(stock_architecture: dict, patch_size, overrides: dict, la
     return arch
 
 
-def rewrite_plans_for_arseg(plans: dict, configuration: str, dataset_json: dict, overrides: dict) -> dict:
-    """A copy of ``plans`` whose ``configuration`` (inherited fields resolved by nnU-Net) uses AR-Seg's network.
+def rewrite_plans_architecture(plans: dict, configuration: str, dataset_json: dict,
+                               architecture_of: Callable[[ConfigurationManager, LabelManager], dict]) -> dict:
+    """A copy of ``plans`` whose ``configuration`` (inherited fields resolved by nnU-Net) has the architecture
+    ``architecture_of(configuration manager, label manager of dataset.json)``.
 
     Only ``plans['configurations'][configuration]['architecture']`` changes; everything else (plans name, data
     identifier, other configurations, ``continue_training``) is kept, so preprocessing is shared with stock nnU-Net.
@@ -54,7 +57,12 @@ def rewrite_plans_for_arseg(plans: dict, configuration: str, dataset_json: dict,
         raise KeyError(f"configuration {configuration!r} is not in the plans {plans.get('plans_name')} "
                        f"(available: {sorted(plans['configurations'])})")
     manager = PlansManager(plans)
-    cfg = manager.get_configuration(configuration)
-    plans["configurations"][configuration]["architecture"] = arseg_architecture(
-        cfg.configuration["architecture"], cfg.patch_size, overrides, manager.get_label_manager(dataset_json))
+    plans["configurations"][configuration]["architecture"] = architecture_of(
+        manager.get_configuration(configuration), manager.get_label_manager(dataset_json))
     return plans
+
+
+def rewrite_plans_for_arseg(plans: dict, configuration: str, dataset_json: dict, overrides: dict) -> dict:
+    """A copy of ``plans`` whose ``configuration`` uses AR-Seg's network (``rewrite_plans_architecture``)."""
+    return rewrite_plans_architecture(plans, configuration, dataset_json, lambda cfg, lm: arseg_architecture(
+        cfg.configuration["architecture"], cfg.patch_size, overrides, lm))

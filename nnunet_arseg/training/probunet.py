@@ -18,6 +18,7 @@ from nnunet_arseg.baselines.probunet import PROBUNET_CLASS_NAME, build_probunet_
 from nnunet_arseg.network import unwrap_network
 from nnunet_arseg.training.base import MultiRaterTrainerBase
 from nnunet_arseg.training.budget import WallTimeBudgetMixin
+from nnunet_arseg.training.plans import rewrite_plans_architecture
 from nnunet_arseg.training.validation import final_validation
 
 
@@ -41,14 +42,8 @@ class nnUNetTrainerProbUNet(MultiRaterTrainerBase):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        plans = deepcopy(plans)
-        if configuration not in plans["configurations"]:
-            raise KeyError(f"configuration {configuration!r} is not in the plans {plans.get('plans_name')} "
-                           f"(available: {sorted(plans['configurations'])})")
-        manager = PlansManager(plans)
-        cfg = manager.get_configuration(configuration)
-        plans["configurations"][configuration]["architecture"] = probunet_architecture(
-            cfg.configuration["architecture"], self.probunet_arch_overrides, manager.get_label_manager(dataset_json))
+        plans = rewrite_plans_architecture(plans, configuration, dataset_json, lambda cfg, lm: probunet_architecture(
+            cfg.configuration["architecture"], self.probunet_arch_overrides, lm))
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_ignore_label:
             raise ValueError(f"{self.__class__.__name__}: dataset.json of {self.plans_manager.dataset_name} has an "
@@ -126,13 +121,7 @@ class nnUNetTrainerProbUNet_tiny(nnUNetTrainerProbUNet):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
-        self.num_iterations_per_epoch = 5
-        self.num_val_iterations_per_epoch = 1
-        self.batch_size_cap = 4
-        self.save_every = 1
-        self.num_validation_samples = 4
-        self.initial_lr = 1e-3
+        self.use_smoke_test_length()
 
 
 class nnUNetTrainerProbUNet_budget(WallTimeBudgetMixin, nnUNetTrainerProbUNet):

@@ -16,6 +16,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import (nnUNetBaseDataset, nnU
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunet_arseg.atomic import write_atomic
+from nnunet_arseg.evaluation.casefiles import declared_raters
 
 
 def rater_info(dataset_json: dict) -> dict | None:
@@ -31,28 +32,14 @@ def raters_folder_of(preprocessed_data_folder: str) -> str:
     return preprocessed_data_folder.rstrip("/\\") + "_raters"
 
 
-def raters_of_case(dataset_json: dict, case: str) -> list[int]:
-    """The rater indices k of ``case``: ``arseg["raters_of_case"][case]`` where the dataset lists it, else 0..R-1."""
-    info = rater_info(dataset_json)
-    num_raters = int(info["num_raters"])
-    listed = (info.get("raters_of_case") or {}).get(case)
-    if listed is None:
-        return list(range(num_raters))
-    if not listed or any(not 0 <= int(k) < num_raters for k in listed) or len(set(listed)) != len(listed):
-        raise ValueError(f"dataset.json['arseg']['raters_of_case'][{case!r}] is {listed}: it must list the case's "
-                         f"raters, at least one, each once, from 0..{num_raters - 1} (num_raters = {num_raters}); "
-                         f"fix dataset.json or re-run the converter")
-    return sorted(int(k) for k in listed)
-
-
 def raw_rater_files(raw_dataset_folder: str, dataset_json: dict, case: str) -> list[str]:
-    """The raw rater label files of ``case`` (those ``raters_of_case`` names); raises FileNotFoundError naming the
+    """The raw rater label files of ``case`` (those ``declared_raters`` names); raises FileNotFoundError naming the
     first missing one."""
     info = rater_info(dataset_json)
     folder = join(raw_dataset_folder, info.get("raters_folder", "labelsTr_raters"))
     listed = case in (info.get("raters_of_case") or {})
     files = []
-    for k in raters_of_case(dataset_json, case):
+    for k in declared_raters(info, case):
         f = join(folder, f"{case}_r{k}{dataset_json['file_ending']}")
         if not isfile(f):
             raise FileNotFoundError(

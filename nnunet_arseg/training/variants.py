@@ -83,14 +83,8 @@ class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
+        self.use_smoke_test_length()
         self.warmup_epochs = 0
-        self.num_iterations_per_epoch = 5
-        self.num_val_iterations_per_epoch = 1
-        self.batch_size_cap = 4
-        self.save_every = 1
-        self.num_validation_samples = 4
-        self.initial_lr = 1e-3
 
 
 class nnUNetTrainerARSeg_upgrade_tiny(nnUNetTrainerARSeg_tiny, nnUNetTrainerARSeg_upgrade):
