@@ -316,12 +316,14 @@ class ARSegNetwork(nn.Module):
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
                with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
-               anchor: torch.Tensor | None = None, anchor_scales: int | None = None) -> dict:
+               anchor: torch.Tensor | None = None, anchor_scales: int | None = None,
+               anchor_head: bool = False) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
         ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
         ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's masks: where a class's anchor is
         non-empty, its first ``anchor_scales`` token maps (None: all) are the anchor's own and the finer ones are
         drawn given them (method §3.3); presence is drawn as without it, and an empty anchor leaves the draws free.
+        ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed.
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of sample 0. Consensus, soft map,
@@ -336,6 +338,11 @@ class ARSegNetwork(nn.Module):
         if not 0 <= anchor_scales <= num_scales:
             raise ValueError(f"anchor_scales must be in 0 .. {num_scales} (the tokenizer's scales), got "
                              f"{anchor_scales}")
+        if anchor_head and anchor is not None:
+            raise ValueError("give anchor or anchor_head, not both")
+        if anchor_head and not self.aux_head:
+            raise ValueError("anchor_head samples around the model's U-Net head, which this model does not have "
+                             "(aux_head=False)")
         if anchor is not None and tuple(anchor.shape) != (x.shape[0], self.num_conditions, *self.patch_size):
             raise ValueError(f"anchor must have the shape (B, {self.num_conditions}, *{self.patch_size}) (one mask per "
                              f"condition class), got {tuple(anchor.shape)}")
@@ -343,7 +350,9 @@ class ARSegNetwork(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            prefix_BND, _ = self.encode_image(x)
+            prefix_BND, aux_logits = self.encode_image(x)
+            if anchor_head:
+                anchor = self.head_masks(aux_logits)
             presence_BK = self.presence_head(prefix_BND) if self.presence_head is not None else None
             B = x.shape[0]
             samples, scales = [], []
@@ -378,6 +387,12 @@ class ARSegNetwork(nn.Module):
         if with_scales:
             out["scales"] = torch.stack(scales, dim=1)
         return out
+
+    def head_masks(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        """The U-Net head's masks (B, num_conditions, *patch) bool: its logits, at the resolution its decoder ran to,
+        interpolated to the patch and thresholded at 0 (probability 0.5)."""
+        mode = "bilinear" if len(self.patch_size) == 2 else "trilinear"
+        return F.interpolate(aux_logits.float(), size=self.patch_size, mode=mode, align_corners=False) > 0
 
     # what the eval forward draws: set by a predictor around its sliding window (``nnunet_arseg.sampling_window``)
     eval_sampling = None
@@ -423,18 +438,20 @@ class ARSegNetwork(nn.Module):
 
         Channels beyond the image's are an anchor label map, one channel per foreground label: nnU-Net's predictor
         appends them from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``
-        and ``anchor_masks``.
+        and ``anchor_masks``. ``eval_sampling.anchor_head`` anchors on the model's own U-Net head instead
+        (``--anchor_head``).
         """
         n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
         anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
+        anchor_head = bool(getattr(self.eval_sampling, "anchor_head", False))
         anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
             with_scales = recorder is not None and recorder.wants_scales
             out = self.sample(x_1[:, :self.input_channels], n, content_seed(seed, x_1), with_scales=with_scales,
                               temperature=temperature, anchor=None if anchor is None else anchor[b:b + 1],
-                              anchor_scales=anchor_scales)
+                              anchor_scales=anchor_scales, anchor_head=anchor_head)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))

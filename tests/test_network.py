@@ -11,6 +11,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_arseg.consensus import fuse_labels, majority_vote, vote_frequency
 from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture, content_seed
+from nnunet_arseg.sampling_window import EvalSampling
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 
 TINY_TOKENIZER = {"ch": 8, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 64, "code_dim": 8,
@@ -252,6 +253,31 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
             net(torch.cat((x_anchor, x_anchor[:, 1:]), 1))
         with pytest.raises(ValueError, match="anchor_scales"):
             net.sample(x, num_samples=2, anchor=anchor, anchor_scales=len(net.tokenizer.scales) + 1)
+
+
+def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
+    """``anchor_head``: the anchor is the U-Net head's mask at patch size, in ``sample`` and in the eval forward."""
+    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    x = torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        net.presence_head.fc.bias.fill_(30.0)  # always present
+        seg_layer = net.decoder.seg_layers[net.feature_stage]
+        seg_layer.bias -= net.encode_image(x)[1].median()  # about half the head's cells foreground
+        head = net.head_masks(net.encode_image(x)[1])
+        assert head.shape == (2, 1, 128, 128) and 0.2 < head.float().mean() < 0.8
+        out = net.sample(x, num_samples=4, seed=3, anchor_head=True)["samples"]
+        assert torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor=head)["samples"])
+        assert not torch.equal(out, net.sample(x, num_samples=4, seed=3)["samples"])
+        assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor_head=True, anchor_scales=2)["samples"],
+                           net.sample(x, num_samples=4, seed=3, anchor=head, anchor_scales=2)["samples"])
+        net.eval_sampling = EvalSampling(num_samples=4, seed=0, anchor_head=True)
+        with torch.inference_mode():
+            logits = net(x[:1])
+        net.eval_sampling = None
+        drawn = net.sample(x[:1], num_samples=4, seed=content_seed(0, x[:1]), anchor=head[:1])["samples"]
+        assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(vote_frequency(drawn, dim=2), class_dim=1))
+        with pytest.raises(ValueError, match="not both"):
+            net.sample(x, num_samples=2, anchor=head, anchor_head=True)
 
 
 def test_region_anchors_are_unions_of_their_labels():

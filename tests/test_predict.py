@@ -244,6 +244,9 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     err = _refused(capsys, paths, tmp_path, "--temperature", "0")
     assert "--temperature must be > 0" in err
     assert "goes with --anchor" in _refused(capsys, paths, tmp_path, "--anchor_scales", "2")
+    assert "give one" in _refused(capsys, paths, tmp_path, "--anchor", tmp_path, "--anchor_head")
+    err = _refused(capsys, paths, tmp_path, "--anchor_head")  # this test model has no U-Net head
+    assert "--anchor_head" in err and "without its U-Net head" in err
     err = _refused(capsys, paths, tmp_path, "--anchor", tmp_path / "nothing")
     assert "--anchor" in err and "no such folder" in err
     anchors = tmp_path / "anchors"

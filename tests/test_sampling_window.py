@@ -95,6 +95,18 @@ def test_multi_tile_stitching_and_folds():
     torch.testing.assert_close(logits2, logits)
 
 
+def test_anchor_head_reaches_the_network_through_the_window():
+    net, (_, ours) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=True)
+    data = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(5))
+    tile = data[None, :, 0]
+    head = net.head_masks(net.encode_image(tile)[1])
+    assert head.any() and not head.all()  # random weights: a head mask of both values
+    drawn = ours.sample_case(data)[1].samples_KN[:, :, 0]
+    assert torch.equal(drawn, net.sample(tile, 4, content_seed(2, tile), anchor=head)["samples"][0])
+    _, (_, plain) = predictors(small_plans(), None, num_samples=4, seed=2)
+    assert not torch.equal(drawn, plain.sample_case(data)[1].samples_KN[:, :, 0])
+
+
 def test_3d_tiles(monkeypatch):
     monkeypatch.setenv("nnUNet_ARSEG_NUM_SAMPLES", "2")
     _, (stock, ours) = predictors(small_plans((8, 16, 16)), (0, 1, 2), num_samples=2)

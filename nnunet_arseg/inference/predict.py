@@ -22,8 +22,8 @@ from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_tempora
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
-RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "anchor", "anchor_scales",
-            "step_size", "mirroring")
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "anchor", "anchor_head",
+            "anchor_scales", "step_size", "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample around these masks (FOLDER/<case><ext>, e.g. a stock nnU-Net's predictions of the "
                            "same images): each non-empty sample keeps the anchor's coarse scales and draws the finer "
                            "ones; presence is still drawn by the model")
+    ours.add_argument("--anchor_head", action="store_true",
+                      help="sample around the model's own U-Net head's mask (AR-Seg models train it beside the "
+                           "transformer), as --anchor does around outside masks; no folder needed")
     ours.add_argument("--anchor_scales", type=int, default=None, metavar="S",
-                      help="with --anchor: how many coarse scales come from the anchor (0: none, the model's own "
-                           "draws; default: all, i.e. the anchor's mask wherever a sample is present)")
+                      help="with --anchor or --anchor_head: how many coarse scales come from the anchor (0: none, "
+                           "the model's own draws; default: all, i.e. the anchor's mask wherever a sample is "
+                           "present)")
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
     ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
@@ -103,9 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.temperature is not None and not args.temperature > 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.anchor_scales is not None and (args.anchor is None or args.anchor_scales < 0):
-        parser.error("--anchor_scales S (S >= 0) goes with --anchor FOLDER" if args.anchor is None else
+    anchored = args.anchor is not None or args.anchor_head
+    if args.anchor_scales is not None and (not anchored or args.anchor_scales < 0):
+        parser.error("--anchor_scales S (S >= 0) goes with --anchor FOLDER or --anchor_head" if not anchored else
                      f"--anchor_scales must be >= 0, got {args.anchor_scales}")
+    if args.anchor is not None and args.anchor_head:
+        parser.error("--anchor FOLDER and --anchor_head: give one (an outside anchor or the model's own head)")
     if args.anchor is not None and args.prev_stage_predictions is not None:
         parser.error("--anchor and -prev_stage_predictions: give one (an AR-Seg model of a cascade stage cannot be "
                      "anchored)")
@@ -169,7 +176,8 @@ def run(args: argparse.Namespace) -> None:
                                perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
-                               temperature=args.temperature, anchor_scales=args.anchor_scales, extras=extras)
+                               temperature=args.temperature, anchor_scales=args.anchor_scales,
+                               anchor_head=args.anchor_head, extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
     except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
@@ -177,7 +185,8 @@ def run(args: argparse.Namespace) -> None:
                          f"({type(e).__name__}: {e})") from e
     num_samples, seed, temperature = predictor.eval_settings()
     from nnunet_arseg.sampling_window import arseg_network
-    scale_flag = "--anchor" if args.anchor is not None else "--save_scales" if args.save_scales else None
+    scale_flag = ("--anchor" if args.anchor is not None else "--anchor_head" if args.anchor_head else
+                  "--save_scales" if args.save_scales else None)
     if scale_flag and not hasattr(arseg_network(predictor.network), "tokenizer"):  # e.g. nnUNetTrainerProbUNet
         raise InputError(f"{scale_flag}: the model of -tr {args.tr} draws each mask at once, without the "
                          f"coarse-to-fine scales of AR-Seg's tokenizer that {scale_flag} needs; leave it out")
@@ -185,23 +194,28 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
                          "previous stage; to sample around these masks give them as --anchor")
     anchor_scales = None
-    if args.anchor is not None:
+    if args.anchor is not None or args.anchor_head:
         net = arseg_network(predictor.network)
         num_scales = len(net.tokenizer.scales)
         if args.anchor_scales is not None and args.anchor_scales > num_scales:
             raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has {num_scales} scales; "
                              f"give 0 .. {num_scales}")
+        anchor_scales = num_scales if args.anchor_scales is None else args.anchor_scales
+    if args.anchor_head and not net.aux_head:
+        raise InputError(f"--anchor_head: the model in {folder} was trained without its U-Net head (aux_head "
+                         "False), so it has no mask of its own to sample around; give --anchor FOLDER instead")
+    if args.anchor is not None:
         if net.has_regions and net.regions is None:
             raise InputError(f"--anchor: {folder} does not record the labels of its regions (trained with an earlier "
                              "nnunet_arseg), so the anchor label maps cannot be turned into region masks; retrain it")
         if predictor.configuration_manager.previous_stage_name is not None:
             raise InputError(f"--anchor: configuration {args.c} is a cascade stage (it takes the previous stage's "
                              "predictions as input); anchor a configuration without a previous stage")
-        anchor_scales = num_scales if args.anchor_scales is None else args.anchor_scales
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
                 "num_samples": num_samples, "seed": seed, "temperature": temperature,
-                "anchor": None if args.anchor is None else os.path.abspath(args.anchor), "anchor_scales": anchor_scales,
+                "anchor": None if args.anchor is None else os.path.abspath(args.anchor),
+                "anchor_head": args.anchor_head, "anchor_scales": anchor_scales,
                 "step_size": args.step_size,
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
@@ -217,7 +231,8 @@ def run(args: argparse.Namespace) -> None:
     save_json_atomic(settings, join(args.o, ARGS_FILE))
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
           f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}"
-          + (f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))" if args.anchor is not None else ""))
+          + (f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))" if args.anchor is not None else "")
+          + (f", anchored on its U-Net head ({anchor_scales} coarse scale(s))" if args.anchor_head else ""))
     prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,
