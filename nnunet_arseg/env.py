@@ -4,6 +4,8 @@
   default: the model's stored N (16).
 - ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
 - ``nnUNet_ARSEG_TEMPERATURE``: the factor on that sampling's per-scale temperatures; default 1 (the reference's).
+- ``nnUNet_ARSEG_TRAINING_SEED``: the seed of an AR-Seg or ProbUNet training (weights, batches, augmentation);
+  default: the trainer's ``training_seed`` (0).
 - ``nnUNet_ARSEG_BUDGET_MINUTES``: the wall-time budget of the ``*_budget`` trainers, in minutes.
 - ``nnUNet_ARSEG_SNAPSHOT_MINUTES``: the ``*_budget`` trainers also keep ``checkpoint_<m>min.pth`` every this many
   minutes of the budget (learning curves).
@@ -25,6 +27,7 @@ import socket
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
 TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
+TRAINING_SEED = "nnUNet_ARSEG_TRAINING_SEED"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
 SNAPSHOT_MINUTES = "nnUNet_ARSEG_SNAPSHOT_MINUTES"
 TOKENIZER = "nnUNet_ARSEG_TOKENIZER"
@@ -76,6 +79,10 @@ def num_samples(default: int) -> int:
 
 def sampling_seed() -> int:
     return env_int(SEED, 0)
+
+
+def training_seed(default: int | None) -> int | None:
+    return env_int(TRAINING_SEED, default)
 
 
 def sampling_temperature() -> float:

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from nnunet_arseg.prediction_files import ARGS_FILE
+
 pytestmark = pytest.mark.e2e
 
 PY = sys.executable
@@ -228,23 +230,31 @@ def test_both_predict_commands_on_the_trained_model(trained):
         name = case.replace("_0000", "")
         np.testing.assert_array_equal(_read_png(ours / name), _read_png(stock / name))
         assert len(list((ours / "samples").glob(f"{name[:-4]}_sample*.png"))) == 2
+    # --anchor_head reaches the predictor (what it draws: test_network.py and test_sampling_window.py)
+    log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_head"), *common,
+                "--num_samples", "2", "--anchor_head", "--anchor_scales", "3"], _env(trained["base"]))
+    assert "anchored on its U-Net head (3 coarse scale(s))" in log
+    args = json.loads((trained["root"] / "pred_head" / ARGS_FILE).read_text())
+    assert args["anchor_head"] is True and args["anchor_scales"] == 3
 
 
 def test_same_training_twice_gives_the_same_model(trained):
     """``training_seed``: two trainings of fold 1 (one epoch, nnUNet_n_proc_DA=0, the dataset's tokenizer reused)
-    give the same weights, losses and validation metrics."""
+    give the same weights, losses and validation metrics; ``nnUNet_ARSEG_TRAINING_SEED`` trains another model."""
     one_epoch = "nnUNetTrainerARSeg_tinyOneEpoch"  # tests/ext_trainers
     fold1 = trained["fold"].parent.parent / f"{one_epoch}__nnUNetPlans__2d" / "fold_1"
     cmd = [str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "1", "-tr", one_epoch, "-device", "cpu"]
     ext = os.pathsep.join([trained["base"]["nnUNet_extTrainer"], str(Path(__file__).parent / "ext_trainers")])
     runs = []
-    for k in range(2):
-        _run(cmd, _env(trained["base"], nnUNet_n_proc_DA="0", nnUNet_extTrainer=ext))
+    for k, seed in enumerate(("", "", "1")):  # "": the trainer's own seed
+        _run(cmd, _env(trained["base"], nnUNet_n_proc_DA="0", nnUNet_extTrainer=ext, nnUNet_ARSEG_TRAINING_SEED=seed))
         runs.append(fold1.rename(fold1.parent / f"fold_1_run{k}"))
-    a, b = (torch.load(r / "checkpoint_final.pth", map_location="cpu", weights_only=False) for r in runs)
+    a, b, c = (torch.load(r / "checkpoint_final.pth", map_location="cpu", weights_only=False) for r in runs)
     assert a["network_weights"].keys() == b["network_weights"].keys()
     for k, v in a["network_weights"].items():
         assert torch.equal(v, b["network_weights"][k]), k
+    key = "transformer.head.weight"
+    assert not torch.equal(a["network_weights"][key], c["network_weights"][key])  # another seed, another model
     assert len(a["logging"]["train_losses"]) == 1 and a["logging"]["train_losses"] == b["logging"]["train_losses"]
     assert (runs[0] / "validation" / "summary_arseg.json").read_text() == \
         (runs[1] / "validation" / "summary_arseg.json").read_text()

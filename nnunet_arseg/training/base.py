@@ -12,6 +12,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
+from nnunet_arseg import env
 from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.training import ddp, precision, raters, splits
 
@@ -24,7 +25,8 @@ class MultiRaterTrainerBase(nnUNetTrainer):
     allow_mirroring_tta: bool = False  # True: nnU-Net's mirroring TTA at inference (each flip costs N more samples)
     use_raters: bool | None = None  # None: raters when dataset.json declares them; True: require them
     # seeds the weights, the batches and the augmentation (the same run twice gives the same model where nnU-Net's
-    # augmentation runs in the training process, nnUNet_n_proc_DA=0); None: unseeded, as the stock nnUNetTrainer
+    # augmentation runs in the training process, nnUNet_n_proc_DA=0); None: unseeded, as the stock nnUNetTrainer;
+    # nnUNet_ARSEG_TRAINING_SEED overrides it
     training_seed: int | None = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -76,8 +78,9 @@ class MultiRaterTrainerBase(nnUNetTrainer):
 
     # ---------------------------------------------------------------- data: one rater per example, grouped folds
     def _seed(self, offset: int = 0) -> None:
-        if self.training_seed is not None:
-            ddp.seed_everything(self.training_seed + offset, self.local_rank)  # DDP ranks draw their own batches
+        seed = env.training_seed(self.training_seed)
+        if seed is not None:
+            ddp.seed_everything(seed + offset, self.local_rank)  # DDP ranks draw their own batches
 
     def initialize(self):
         self._seed()  # the weights
