@@ -12,35 +12,39 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
 1. convert (training patients -> imagesTr, test patients -> imagesTs) and ``nnUNetv2_plan_and_preprocess -c 2d``;
 2. the dataset's tokenizer (``nnUNetv2_arseg_train_tokenizer``, all cores): trained once per dataset and shared by
    every AR-Seg model of it, like the preprocessing; its minutes are reported beside the budgets, not in them;
-3. from scratch, at the same time, each pinned to its own CPU core (``--cores``): ``nnUNetTrainerARSeg_small_budget``
-   and ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget; batch 8 both), ``--budget-minutes`` each;
-   both keep a checkpoint every ``--snapshot-minutes`` for the learning curves;
-4. upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint
-   (its U-Net, encoder frozen) for ``--upgrade-minutes``, reusing the dataset's tokenizer; after step 3 (step 5 then
-   predicts the two scratch models on the other core meanwhile), or beside AR-Seg's training on the stock model's
-   core when the stock model was trained in an earlier sitting; predicted twice: on its own, and sampling around
-   the stock model's test predictions (``--anchor``, method §3.3);
-5. predict the test patients (AR-Seg: ``--num_samples`` samples; nnU-Net: its one prediction, which the evaluator
-   counts as N identical samples) and evaluate with ``nnUNetv2_arseg_evaluate``; the snapshots on every
-   ``--curve-every``-th test case (the curves end with the final checkpoint on those cases);
-5b. the stock nnU-Net's own way to several masks, a fold ensemble: ``nnUNetTrainerBudget`` folds 0-4 of the
-   dataset's ``splits_final.json`` (nnU-Net's 5-fold split of the training cases, written by fold 0, which trains
-   first), each for a fifth of ``--budget-minutes``, two at a time on the ``--cores``; each fold predicts the test
-   patients into its own folder, and ``nnUNetv2_arseg_evaluate -i fold_0 ... fold_4`` scores them as one sample each;
-5c. the Probabilistic U-Net baseline (method §6): ``nnUNetTrainerProbUNet_budget`` from scratch for
-   ``--budget-minutes`` on one core (the same data, one rater per example), sampled and scored like AR-Seg (its
-   snapshots give a learning curve too);
-6. write ``WORK/results.json``, ``WORK/results.md`` (tables) and ``WORK/learning_curves.png``.
+3. then two lanes, each pinned to its own CPU core (``--cores``), each running its steps one after another (every
+   training has its core to itself, so equal budgets buy equal compute):
+
+   - lane A: ``nnUNetTrainerARSeg_small_budget`` from scratch for ``--budget-minutes``; its samples, and its samples
+     around its own U-Net head's mask (``--anchor_head``, all scales and the coarsest five); then nnU-Net's own way
+     to several masks, a fold ensemble: ``nnUNetTrainerBudget`` folds 0-4 of the dataset's ``splits_final.json``
+     (written by fold 0, which trains first), each for a fifth of ``--budget-minutes``, each predicting the test
+     patients into its own folder;
+   - lane B: ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget) from scratch for ``--budget-minutes``;
+     the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the same data, one rater per
+     example, sampled like AR-Seg) for ``--budget-minutes``; then the upgrade: ``nnUNetTrainerARSeg_upgrade_budget``
+     with ``-pretrained_weights`` of the stock model's final checkpoint (its U-Net, encoder frozen) for
+     ``--upgrade-minutes``, sampled on its own and around the stock model's test predictions (``--anchor``, method
+     §3.3).
+
+   Batch 8 for every model. The from-scratch models keep a checkpoint every ``--snapshot-minutes`` for the learning
+   curves. Each trained model predicts the test patients (AR-Seg and ProbUNet: ``--num_samples`` samples; nnU-Net:
+   its one prediction, which the evaluator counts as N identical samples), is scored with
+   ``nnUNetv2_arseg_evaluate``, and its snapshots are scored on every ``--curve-every``-th test case (the curves end
+   with the final checkpoint on those cases); the fold ensemble is scored as five samples per case
+   (``nnUNetv2_arseg_evaluate -i fold_0 ... fold_4``);
+4. ``WORK/results.json``, ``WORK/results.md`` (the table) and ``WORK/learning_curves.png``, rewritten after every row
+   (a long run can be read while it goes on).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 from batchgenerators.utilities.file_and_folder_operations import (isfile, join, load_json, maybe_mkdir_p, subdirs,
@@ -57,8 +61,12 @@ ENSEMBLE = f"{STOCK}_{NUM_FOLDS}folds"
 PROBUNET = "nnUNetTrainerProbUNet_budget"
 METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "presence_gap", "presence_correlation")
 ANCHORED = f"{UPGRADE}_anchored"
+HEAD_ANCHORED = f"{AR}_head_anchored"
+HEAD_ANCHORED_COARSE = f"{AR}_head_anchored_5scales"
 LABELS = {AR: "AR-Seg from scratch", STOCK: "nnU-Net (stock)", UPGRADE: "AR-Seg upgrade of the nnU-Net model",
           ANCHORED: "AR-Seg upgrade, sampled around the nnU-Net masks (--anchor)",
+          HEAD_ANCHORED: "AR-Seg from scratch, sampled around its own U-Net head's mask (--anchor_head)",
+          HEAD_ANCHORED_COARSE: "the same, the coarsest 5 scales from the head (--anchor_head --anchor_scales 5)",
           ENSEMBLE: f"nnU-Net {NUM_FOLDS}-fold ensemble (1/{NUM_FOLDS} of the budget per fold), one sample per fold",
           PROBUNET: "Probabilistic U-Net (Kohl et al. 2018) from scratch", "empty": "empty mask (reference)"}
 
@@ -111,6 +119,33 @@ def wait_steps(procs: list, work: str) -> None:
 def run_steps(steps: list[tuple[str, list[str], dict]], work: str) -> None:
     """Run the not yet finished ``(name, cmd, env)`` steps at the same time and wait for them."""
     wait_steps(start_steps(steps, work), work)
+
+
+def run_lanes(lanes: list, cores: list) -> None:
+    """Run each lane (a function of its core that runs its steps one after another) in its own thread; any lane's
+    failure fails the run once every lane has stopped."""
+    errors = []
+
+    def run(lane, core):
+        try:
+            lane(core)
+        except BaseException as e:  # SystemExit of a failed step included
+            errors.append(f"{lane.__name__}: {e}")
+            log(f"{lane.__name__} stopped: {e}")
+
+    threads = [threading.Thread(target=run, args=(lane, core)) for lane, core in zip(lanes, cores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("failed: " + "; ".join(errors))
+
+
+def step_seconds(work: str, step: str) -> float:
+    """The wall time a finished step took (its marker's content)."""
+    with open(marker(work, step)) as f:
+        return float(f.read())
 
 
 def patients_in(folder: str) -> list[str]:
@@ -203,7 +238,9 @@ def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str
                     ["--num_samples", str(num_samples), "--save_samples", *extra], env)], work)
 
 
-def plot_curves(curves: dict, path: str) -> None:
+def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
+    """The learning curves; ``ensemble`` (its row) adds the fold ensemble as one point at its folds' total minutes
+    (it has no snapshots: each fold trains a fifth of the budget)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,21 +249,47 @@ def plot_curves(curves: dict, path: str) -> None:
         for trainer, points in curves.items():
             if points:
                 ax.plot([p["minutes"] for p in points], [p[metric] for p in points], "o-", label=LABELS[trainer])
+        if ensemble is not None:
+            ax.plot([ensemble["training"]["epoch_minutes"]], [ensemble["metrics"][metric]], "k*", markersize=11,
+                    label=LABELS[ENSEMBLE] + " (all test cases)")
         ax.set_title(metric + (" (lower is better)" if metric == "GED" else " (higher is better)"))
         ax.set_xlabel("training minutes"), ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda t: fig.savefig(t, dpi=110, format="png"))
     plt.close(fig)
 
 
 def results_table(rows: dict) -> str:
-    head = "| model | " + " | ".join(METRICS) + " | training |\n|---|" + "---|" * (len(METRICS) + 1) + "\n"
+    """The rows as a markdown table; the last column: the prediction command's wall time per test case (N samples,
+    start-up included) on its lane's core while the other lane ran."""
+    head = ("| model | " + " | ".join(METRICS) + " | training | s / case |\n|---|" + "---|" * (len(METRICS) + 2)
+            + "\n")
     body = ""
     for name, res in rows.items():
         cells = [f"{res['metrics'][m]:.3f}" if m in res["metrics"] else "" for m in METRICS]
-        body += f"| {LABELS[name]} | " + " | ".join(cells) + f" | {res.get('training', '')} |\n"
+        seconds = f"{res['seconds_per_case']:.2f}" if "seconds_per_case" in res else ""
+        body += f"| {LABELS[name]} | " + " | ".join(cells) + f" | {res.get('training', '')} | {seconds} |\n"
     return head + body
+
+
+def write_results(work: str, args, dataset_json: dict, num_test_cases: int, results_dir: str, rows: dict,
+                  curves: dict) -> None:
+    """``WORK/results.json``, ``results.md`` (the table) and ``learning_curves.png`` of the rows so far."""
+    tokenizer = load_json(next(join(dirpath, "summary.json") for dirpath, _, files in os.walk(results_dir)
+                               if "summary.json" in files and "ARSegTokenizer" in dirpath))
+    import torch
+    out = {"tokenizer": {k: tokenizer[k] for k in ("seconds", "steps", "heldout", "latent_shape", "scales")},
+           "device": "cuda" if torch.cuda.is_available() else "cpu", "budget_minutes": args.budget_minutes,
+           "upgrade_minutes": args.upgrade_minutes,
+           "num_samples": args.num_samples, "cores": args.cores, "seed": args.seed,
+           "training_seed": args.training_seed, "num_train_patients": args.num_train,
+           "num_test_patients": args.num_test, "num_train_cases": dataset_json["numTraining"],
+           "num_test_cases": num_test_cases, "results": rows, "learning_curves": curves}
+    save_json_atomic(out, join(work, "results.json"))
+    plot_curves(curves, join(work, "learning_curves.png"), rows.get(ENSEMBLE))
+    write_text(join(work, "results.md"), results_table(rows))
 
 
 def main() -> None:
@@ -240,6 +303,9 @@ def main() -> None:
     p.add_argument("--upgrade-minutes", type=float, default=20.0, help="AR-Seg training on top of the stock model")
     p.add_argument("--snapshot-minutes", type=float, default=10.0, help="checkpoint interval of the learning curves")
     p.add_argument("--curve-every", type=int, default=3, help="learning curves on every n-th test case")
+    p.add_argument("--training-seed", type=int, default=None,
+                   help="seed of the AR-Seg and ProbUNet trainings (nnUNet_ARSEG_TRAINING_SEED; default: the "
+                        "trainers' own, 0); the stock trainer is unseeded")
     p.add_argument("--cores", default="0,1", help="CPU cores of the two simultaneous trainings (taskset); '' off")
     p.add_argument("--work", default="lidc_experiment", help="work folder (nnU-Net folders, predictions, results)")
     p.add_argument("--num_samples", type=int, default=16)
@@ -280,21 +346,11 @@ def main() -> None:
                               "-device", device], env)], work)
     cores = args.cores.split(",") if args.cores else [None, None]
     train_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
+    if args.training_seed is not None:
+        train_env["nnUNet_ARSEG_TRAINING_SEED"] = str(args.training_seed)
     scratch_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes))
-    scratch = [(f"train_{AR}", train_cmd(AR, cores[0], []), scratch_env),
-               (f"train_{STOCK}", train_cmd(STOCK, cores[1], []), scratch_env)]
-    stock_trained = isfile(marker(work, f"train_{STOCK}"))
-    stock_final = join(fold_dir(STOCK), "checkpoint_final.pth")
-    # a stock model trained in an earlier sitting frees its core: the upgrade then runs beside AR-Seg from scratch
-    upgrade = (f"train_{UPGRADE}", train_cmd(UPGRADE, cores[1] if stock_trained else cores[0],
-                                             ["-pretrained_weights", stock_final]),
-               dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes)))
-    upgrading = []
-    if stock_trained:
-        run_steps(scratch + [upgrade], work)
-    else:
-        run_steps(scratch, work)
-        upgrading = start_steps([upgrade], work)  # the scratch models are predicted on the other core meanwhile
+    fold_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes / NUM_FOLDS))
+    upgrade_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes))
 
     # every curve_every-th test case for the learning curves
     images = join(raw, "imagesTs")
@@ -308,75 +364,111 @@ def main() -> None:
             os.symlink(join(images, f"{case}_0000.png"), link)
 
     rows, curves = {}, {}
+    results_file = join(work, "results.json")
+    if isfile(results_file):  # rows of an earlier sitting (their steps are skipped)
+        earlier = load_json(results_file)
+        rows, curves = earlier.get("results", {}), earlier.get("learning_curves", {})
+    dataset_json = load_json(join(raw, "dataset.json"))
+    lock = threading.Lock()
+
+    def record(name: str, row: dict, curve: list | None = None) -> None:
+        """Add a row and write the results so far (the tables grow while the lanes run)."""
+        with lock:
+            rows[name] = row
+            if curve is not None:
+                curves[name] = curve
+            write_results(work, args, dataset_json, len(cases), results_dir, rows, curves)
+
+    def train(trainer: str, core: str | None, step_env: dict, extra: list[str] = (), fold: str = "all") -> None:
+        run_steps([(f"train_{trainer}" + ("" if fold == "all" else f"_fold{fold}"),
+                    train_cmd(trainer, core, list(extra), fold=fold), step_env)], work)
 
     def predict_and_evaluate(trainer: str, core: str | None) -> None:
         pred = join(work, "predictions", trainer)
         predict(work, env, did, trainer, images, pred, trainer, args.num_samples, device=device, core=core)
-        rows[trainer] = {"metrics": evaluate(work, env, did, pred, trainer, args.num_samples),
-                         "training": training_facts(fold_dir(trainer))}
-        curves[trainer] = []
+        row = {"metrics": evaluate(work, env, did, pred, trainer, args.num_samples),
+               "training": training_facts(fold_dir(trainer)),
+               "seconds_per_case": step_seconds(work, f"predict_{trainer}") / len(cases)}
+        curve = []
         for snap in sorted(subfiles(fold_dir(trainer), prefix="checkpoint_", suffix="min.pth", join=False)):
             minutes = int(snap[len("checkpoint_"):-len("min.pth")])
             tag = f"{trainer}_{minutes:03d}min"
             pred = join(work, "curves", tag)
             predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
                     device=device, core=core)
-            curves[trainer].append({"minutes": minutes, **evaluate(work, env, did, pred, tag, args.num_samples,
-                                                                   curve_images)})
+            curve.append({"minutes": minutes, **evaluate(work, env, did, pred, tag, args.num_samples, curve_images)})
         # the final checkpoint on the same cases, from the full test set's per-case metrics
-        curves[trainer].append({"minutes": rows[trainer]["training"]["epoch_minutes"], "final": True, **mean_over(
+        curve.append({"minutes": row["training"]["epoch_minutes"], "final": True, **mean_over(
             join(work, "predictions", trainer, "summary_arseg.json"), set(curve_cases))})
+        record(trainer, row, curve)
 
-    free_core = cores[1] if upgrading else None
-    for trainer in (AR, STOCK):
-        predict_and_evaluate(trainer, free_core)
-    wait_steps(upgrading, work)
-    predict_and_evaluate(UPGRADE, None)
-    # the upgrade sampled around the stock model's own test predictions (method §3.3, all scales from them)
-    pred = join(work, "predictions", ANCHORED)
-    predict(work, env, did, UPGRADE, images, pred, ANCHORED, args.num_samples, device=device,
-            extra=("--anchor", join(work, "predictions", STOCK)))
-    rows[ANCHORED] = {"metrics": evaluate(work, env, did, pred, ANCHORED, args.num_samples),
-                      "training": rows[UPGRADE]["training"]}
+    def predict_variant(name: str, trainer: str, core: str | None, extra: tuple[str, ...]) -> None:
+        """Another way to sample a trained model: its row shares the model's training facts."""
+        pred = join(work, "predictions", name)
+        predict(work, env, did, trainer, images, pred, name, args.num_samples, device=device, core=core, extra=extra)
+        record(name, {"metrics": evaluate(work, env, did, pred, name, args.num_samples),
+                      "training": training_facts(fold_dir(trainer)),
+                      "seconds_per_case": step_seconds(work, f"predict_{name}") / len(cases)})
 
-    # the stock fold ensemble: fold 0 first (it writes nnU-Net's splits_final.json), then two folds at a time
-    fold_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes / NUM_FOLDS))
-    for batch in ([0], [1, 2], [3, 4]):
-        run_steps([(f"train_{STOCK}_fold{k}", train_cmd(STOCK, cores[i % len(cores)], [], fold=str(k)), fold_env)
-                   for i, k in enumerate(batch)], work)
-    ensemble_dir = join(work, "predictions", ENSEMBLE)
-    fold_preds = [join(ensemble_dir, f"fold_{k}") for k in range(NUM_FOLDS)]
-    for k, fold_pred in enumerate(fold_preds):
-        predict(work, env, did, STOCK, images, fold_pred, f"{ENSEMBLE}_fold{k}", args.num_samples, device=device,
-                fold=str(k))
-    facts = [training_facts(fold_dir(STOCK, str(k))) for k in range(NUM_FOLDS)]
-    rows[ENSEMBLE] = {"metrics": evaluate(work, env, did, ensemble_dir, ENSEMBLE, None, folders=fold_preds),
-                      "training": {"epochs": [f["epochs"] for f in facts],
-                                   "epoch_minutes": round(sum(f["epoch_minutes"] for f in facts), 1)}}
+    def ensemble_fold(k: int, core: str | None) -> None:
+        train(STOCK, core, fold_env, fold=str(k))
+        predict(work, env, did, STOCK, images, join(work, "predictions", ENSEMBLE, f"fold_{k}"), f"{ENSEMBLE}_fold{k}",
+                args.num_samples, device=device, core=core, fold=str(k))
 
-    # the Probabilistic U-Net baseline: AR-Seg's budget, data and sampling (method §6)
-    run_steps([(f"train_{PROBUNET}", train_cmd(PROBUNET, cores[0], []), scratch_env)], work)
-    predict_and_evaluate(PROBUNET, None)
+    def evaluate_ensemble() -> None:
+        fold_preds = [join(work, "predictions", ENSEMBLE, f"fold_{k}") for k in range(NUM_FOLDS)]
+        facts = [training_facts(fold_dir(STOCK, str(k))) for k in range(NUM_FOLDS)]
+        record(ENSEMBLE, {"metrics": evaluate(work, env, did, join(work, "predictions", ENSEMBLE), ENSEMBLE, None,
+                                              folders=fold_preds),
+                          "training": {"epochs": [f["epochs"] for f in facts],
+                                       "epoch_minutes": round(sum(f["epoch_minutes"] for f in facts), 1)},
+                          "seconds_per_case": sum(step_seconds(work, f"predict_{ENSEMBLE}_fold{k}")
+                                                  for k in range(NUM_FOLDS)) / len(cases)})
 
-    pred = join(work, "predictions", "empty")
+    # two lanes, one per core, each a queue of steps: the scratch models, then the fold ensemble's folds shared
+    # between the lanes, then the Probabilistic U-Net (lane A) and the upgrade (lane B)
+    folds_a_done = threading.Event()
+
+    def lane_a(core: str | None) -> None:
+        try:
+            train(AR, core, scratch_env)
+            predict_and_evaluate(AR, core)
+            predict_variant(HEAD_ANCHORED, AR, core, ("--anchor_head",))
+            predict_variant(HEAD_ANCHORED_COARSE, AR, core, ("--anchor_head", "--anchor_scales", "5"))
+            for k in (1, 2):
+                ensemble_fold(k, core)
+        finally:
+            folds_a_done.set()  # lane B scores the ensemble then (or says which fold is missing)
+        train(PROBUNET, core, scratch_env)
+        predict_and_evaluate(PROBUNET, core)
+
+    def lane_b(core: str | None) -> None:
+        train(STOCK, core, scratch_env)
+        predict_and_evaluate(STOCK, core)
+        for k in (0, 3, 4):
+            ensemble_fold(k, core)
+        folds_a_done.wait()
+        evaluate_ensemble()
+        train(UPGRADE, core, upgrade_env, ["-pretrained_weights", join(fold_dir(STOCK), "checkpoint_final.pth")])
+        predict_and_evaluate(UPGRADE, core)
+        # the upgrade sampled around the stock model's own test predictions (method §3.3, all scales from them)
+        predict_variant(ANCHORED, UPGRADE, core, ("--anchor", join(work, "predictions", STOCK)))
+
+    # the 5-fold split of the training cases, grouped by patient as AR-Seg's trainers group it, written before the
+    # lanes start folds of the ensemble on both cores (nnU-Net's trainer uses the file it finds)
+    splits_file = join(env["nnUNet_preprocessed"], name, "splits_final.json")
+    if not isfile(splits_file):
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        from nnunet_arseg.training.splits import patient_grouped_splits
+        folder = join(env["nnUNet_preprocessed"], name, "nnUNetPlans_2d")
+        keys = infer_dataset_class(folder).get_identifiers(folder)
+        save_json_atomic(patient_grouped_splits(keys, dataset_json["arseg"]["patient_of_case"]), splits_file)
+    pred = join(work, "predictions", "empty")  # the reference row, before the lanes
     write_empty_prediction(raw, pred, cases, ".png")
-    rows["empty"] = {"metrics": evaluate(work, env, did, pred, "empty", args.num_samples)}
-
-    dataset_json = load_json(join(raw, "dataset.json"))
-    tokenizer = load_json(next(join(dirpath, "summary.json") for dirpath, _, files in os.walk(results_dir)
-                               if "summary.json" in files and "ARSegTokenizer" in dirpath))
-    out = {"tokenizer": {k: tokenizer[k] for k in ("seconds", "steps", "heldout", "latent_shape", "scales")},
-           "budget_minutes": args.budget_minutes, "upgrade_minutes": args.upgrade_minutes,
-           "num_samples": args.num_samples, "device": device, "cores": args.cores, "seed": args.seed,
-           "num_train_patients": args.num_train, "num_test_patients": args.num_test,
-           "num_train_cases": dataset_json["numTraining"], "num_test_cases": len(cases),
-           "results": rows, "learning_curves": curves}
-    save_json_atomic(out, join(work, "results.json"))
-    plot_curves(curves, join(work, "learning_curves.png"))
-    table = results_table(rows)
-    write_text(join(work, "results.md"), table)
-    print(table)
-    print(json.dumps(out))
+    record("empty", {"metrics": evaluate(work, env, did, pred, "empty", args.num_samples)})
+    run_lanes([lane_a, lane_b], cores)
+    print(results_table(rows))
 
 
 if __name__ == "__main__":
