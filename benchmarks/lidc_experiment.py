@@ -1,5 +1,6 @@
-"""AR-Seg against the stock nnU-Net on real LIDC-IDRI crops, on test patients neither model saw, at the same
-wall-time budget; and AR-Seg trained on top of that stock model (the upgrade path).
+"""AR-Seg against what a lab would pick instead (the stock nnU-Net, its 5-fold ensemble, the Probabilistic U-Net) on
+real LIDC-IDRI crops, on test patients no model saw, at the same wall-time budget; and AR-Seg trained on top of the
+stock model (the upgrade path).
 
     python benchmarks/lidc_experiment.py --pool LIDC_DEV --num-train 160 --num-test 40 --budget-minutes 60 \\
         --upgrade-minutes 20 --work lidc_experiment
@@ -16,16 +17,18 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
    training has its core to itself, so equal budgets buy equal compute):
 
    - lane A: ``nnUNetTrainerARSeg_small_budget`` from scratch for ``--budget-minutes``; its samples, and its samples
-     around its own U-Net head's mask (``--anchor_head``, all scales and the coarsest five); then nnU-Net's own way
-     to several masks, a fold ensemble: ``nnUNetTrainerBudget`` folds 0-4 of the dataset's ``splits_final.json``
-     (written by fold 0, which trains first), each for a fifth of ``--budget-minutes``, each predicting the test
-     patients into its own folder;
+     around its own U-Net head's mask (``--anchor_head``, all scales and the coarsest five); folds 1 and 2 of the
+     fold ensemble (below); then the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the
+     same data, one rater per example, sampled like AR-Seg) for ``--budget-minutes``;
    - lane B: ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget) from scratch for ``--budget-minutes``;
-     the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the same data, one rater per
-     example, sampled like AR-Seg) for ``--budget-minutes``; then the upgrade: ``nnUNetTrainerARSeg_upgrade_budget``
-     with ``-pretrained_weights`` of the stock model's final checkpoint (its U-Net, encoder frozen) for
-     ``--upgrade-minutes``, sampled on its own and around the stock model's test predictions (``--anchor``, method
-     §3.3).
+     folds 0, 3 and 4 of the fold ensemble, which it scores once lane A's folds are done; then the upgrade:
+     ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint (its
+     U-Net, encoder frozen) for ``--upgrade-minutes``, sampled on its own and around the stock model's test
+     predictions (``--anchor``, method §3.3).
+
+   The fold ensemble is nnU-Net's own way to several masks: ``nnUNetTrainerBudget`` on folds 0-4 of the 5-fold split
+   of the training cases (grouped by patient, written to ``splits_final.json`` before the lanes start), each for a
+   fifth of ``--budget-minutes``, each predicting the test patients into its own folder.
 
    Batch 8 for every model. The from-scratch models keep a checkpoint every ``--snapshot-minutes`` for the learning
    curves. Each trained model predicts the test patients (AR-Seg and ProbUNet: ``--num_samples`` samples; nnU-Net:
