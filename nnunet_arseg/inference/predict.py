@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> None:
             raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has {num_scales} scales; "
                              f"give 0 .. {num_scales}")
         anchor_scales = num_scales if args.anchor_scales is None else args.anchor_scales
-    if args.anchor_head and not net.aux_head:
-        raise InputError(f"--anchor_head: the model in {folder} was trained without its U-Net head (aux_head "
-                         "False), so it has no mask of its own to sample around; give --anchor FOLDER instead")
+        if args.anchor_head and not net.aux_head:
+            raise InputError(f"--anchor_head: the model in {folder} was trained without its U-Net head (aux_head "
+                             "False), so it has no mask of its own to sample around; give --anchor FOLDER instead")
     if args.anchor is not None:
         if net.has_regions and net.regions is None:
             raise InputError(f"--anchor: {folder} does not record the labels of its regions (trained with an earlier "
