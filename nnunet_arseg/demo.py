@@ -84,13 +84,14 @@ def write_case_figures(raw_dataset: str, pred_dir: str, fig_dir: str, max_sample
             (f"samples ({len(sample_files)})", [(f"sample {k}", s) for k, s in enumerate(samples)]),
         ]
         scales_png = join(pred_dir, "scales", f"{case}.png")
-        if isfile(scales_png):  # a strip of the S coarse-to-fine masks of sample 0, side by side
+        if isfile(scales_png):  # a strip of the S coarse-to-fine masks of the first drawn sample, side by side
             import matplotlib.image as mpimg
             strip = mpimg.imread(scales_png)
             strip = (strip[..., :3].mean(-1) if strip.ndim == 3 else strip) > 0.5
             width = image.shape[1]
-            rows.append(("coarse to fine (sample 0)", [(f"scale {si + 1}", strip[:, si * width:(si + 1) * width])
-                                                       for si in range(strip.shape[1] // width)]))
+            rows.append(("coarse to fine (first drawn sample)",
+                         [(f"scale {si + 1}", strip[:, si * width:(si + 1) * width])
+                          for si in range(strip.shape[1] // width)]))
         path = join(fig_dir, f"{case}.png")
         save_panel_figure(path, rows, image=image)
         written.append(path)

@@ -326,7 +326,8 @@ class ARSegNetwork(nn.Module):
         ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed.
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
-        ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of sample 0. Consensus, soft map,
+        ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of the first sample that draws a
+        mask (``first_drawn``; empty at every scale when none does). Consensus, soft map,
         uncertainty and logits are derived from the samples in ``nnunet_arseg.consensus``.
         """
         n = self.num_samples if num_samples is None else int(num_samples)
@@ -368,19 +369,20 @@ class ARSegNetwork(nn.Module):
                 present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None
                               else torch.ones(B, n, dtype=torch.bool, device=x.device))
                 keep_N = present_BN.flatten()
+                shown_B = torch.arange(B, device=x.device) * n + first_drawn(present_BN)
                 # the transformer runs for the present samples only (their draws: those of a run for all)
                 idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
                                                              cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
                                                              temperatures=temperatures, use_cache=use_cache,
-                                                             keep_every=n if with_scales else None, anchor=given,
+                                                             keep_rows=shown_B if with_scales else None, anchor=given,
                                                              active=keep_N if presence_BK is not None else None)
                 masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
                 if keep_N.any():  # an absent sample is the empty mask: its token draw is never decoded
                     masks_N[keep_N] = self._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
                 samples.append(masks_N.view(B, n, *self.patch_size))
-                if with_scales:  # sample 0's coarse-to-fine masks, empty at every scale when it is absent
+                if with_scales:  # the shown sample's coarse-to-fine masks, empty at every scale when it is absent
                     scales_BS = torch.stack([self._decode(f) for f in partial], dim=1)
-                    scales.append(scales_BS & present_BN[:, :1].view(B, 1, *[1] * len(self.patch_size)))
+                    scales.append(scales_BS & keep_N[shown_B].view(B, 1, *[1] * len(self.patch_size)))
         finally:
             self.train(was_training)
         out = {"classes": classes, "samples": torch.stack(samples, dim=1)}
@@ -456,6 +458,12 @@ class ARSegNetwork(nn.Module):
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))
         return torch.cat(logits)
+
+
+def first_drawn(present_BN: torch.Tensor) -> torch.Tensor:
+    """Per image, the index of its first sample that draws a mask (0 when none does): the sample whose
+    coarse-to-fine masks ``sample(with_scales=True)`` shows."""
+    return present_BN.to(torch.uint8).argmax(1)
 
 
 def class_seed(seed: int, cls: int) -> int:

@@ -4,7 +4,7 @@ kind of file, for the predictor (writing, ``--continue_prediction``) and for who
     OUT/<case><ext>                          the consensus (nnU-Net's own export)
     OUT/samples/<case>_sample<k:02d><ext>    sample k = 0..N-1 (--save_samples)
     OUT/uncertainty/<case>.npz, .png         per-pixel uncertainty (--save_uncertainty)
-    OUT/scales/<case>.png                    coarse-to-fine masks of sample 0 (--save_scales)
+    OUT/scales/<case>.png                    coarse-to-fine masks of the first drawn sample (--save_scales)
     OUT/arseg_predict_args.json              the settings of the run
 """
 from __future__ import annotations

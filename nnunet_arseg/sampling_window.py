@@ -43,8 +43,8 @@ class EvalSampling:
 @dataclass
 class CaseSamples:
     """The samples of one case in the preprocessed geometry: ``samples_KN`` (K, N, *spatial) bool, N for each fold
-    model one after the other, and ``scales_KS`` (K, S, *patch) the coarse-to-fine masks of sample 0 of the first
-    tile (None when not asked for)."""
+    model one after the other, and ``scales_KS`` (K, S, *patch) the coarse-to-fine masks of the first drawn sample
+    of the first tile (None when not asked for)."""
 
     samples_KN: torch.Tensor
     scales_KS: torch.Tensor | None = None

@@ -49,7 +49,7 @@ def _prediction(folder: Path, case: str, samples_NHW: np.ndarray, scales: bool) 
         Image.fromarray(mask.astype(np.uint8)).save(sample_file(str(folder), case, k, ".png"))
     np.savez_compressed(folder / "uncertainty" / f"{case}.npz",
                         uncertainty=binary_entropy_bits(vote_frequency(s)).numpy().astype(np.float32))
-    if scales:  # sample 0 at 1/4, 1/2 and full resolution, side by side, saved as the predictor saves it
+    if scales:  # one sample at 1/4, 1/2 and full resolution, side by side, saved as the predictor saves it
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

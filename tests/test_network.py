@@ -10,7 +10,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_arseg.consensus import fuse_labels, majority_vote, vote_frequency
-from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture, content_seed
+from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture, class_seed, content_seed, first_drawn
+from nnunet_arseg.segmentor.presence import draw_presence
 from nnunet_arseg.sampling_window import EvalSampling
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 
@@ -160,7 +161,10 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     assert out["classes"] == list(range(K))
     assert out["samples"].shape == (2, K, 4, *patch) and out["samples"].dtype == torch.bool
     assert out["scales"].shape == (2, K, S, *patch)
-    assert torch.equal(out["scales"][:, :, -1], out["samples"][:, :, 0])  # the last scale is sample 0
+    drawing = out["samples"].flatten(3).any(-1)  # the last scale is the first sample that draws a mask
+    shown = out["samples"].gather(2, first_drawn(drawing.flatten(0, 1)).view(2, K, 1, *[1] * len(patch)).expand(
+        2, K, 1, *patch))[:, :, 0]
+    assert drawing.any() and torch.equal(out["scales"][:, :, -1], shown)
     again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False)
     assert torch.equal(again["samples"][:, 0], out["samples"][:, K - 1])  # uncached, one class: same draws
     monkeypatch.setenv("nnUNet_ARSEG_NUM_SAMPLES", "5")
@@ -202,10 +206,17 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         absent = net.sample(x, num_samples=6, seed=3, with_scales=True)
         assert not absent["samples"].any() and not absent["scales"].any()
         bias.zero_()  # p = 1/2: some samples of the same draws are kept, the others emptied
-        half = net.sample(x, num_samples=6, seed=3)["samples"]
+        drawn = net.sample(x, num_samples=6, seed=3, with_scales=True)
+        half = drawn["samples"]
         kept = half.flatten(3).any(-1)
         assert torch.equal(half, without["samples"] & kept[..., None, None])
         assert 0 < kept.sum() < without["samples"].flatten(3).any(-1).sum()
+        # the coarse-to-fine masks shown are those of each image's first present sample
+        present_BN = draw_presence(net.presence_head(net.encode_image(x)[0])[:, 0], 6, class_seed(3, 0))
+        shown_B = first_drawn(present_BN)
+        assert (shown_B > 0).any() and present_BN[torch.arange(2), shown_B].all()  # sample 0 absent somewhere
+        for b in range(2):
+            assert torch.equal(drawn["scales"][b, 0, -1], half[b, 0, shown_B[b]])
         # the validation prediction is empty where the head says absent
         bias.fill_(-30.0)
         net.train()

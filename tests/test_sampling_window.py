@@ -85,9 +85,10 @@ def test_multi_tile_stitching_and_folds():
     S = len(net.tokenizer.scales)
     assert drawn.scales_KS.shape == (1, S, 32, 32)
     # every tile's draws, blended per sample: where one tile alone covers a pixel, its draws are kept as they are
-    corner = net.sample(data[None, :, 0, :32, :32], 3, content_seed(0, data[None, :, 0, :32, :32]))["samples"][0]
-    assert torch.equal(drawn.samples_KN[:, :, 0, :8, :8], corner[:, :, :8, :8])
-    assert torch.equal(drawn.scales_KS[:, -1], corner[:, 0])  # the last scale of the first tile is its sample 0
+    tile = data[None, :, 0, :32, :32]
+    corner = net.sample(tile, 3, content_seed(0, tile), with_scales=True)
+    assert torch.equal(drawn.samples_KN[:, :, 0, :8, :8], corner["samples"][0, :, :, :8, :8])
+    assert torch.equal(drawn.scales_KS, corner["scales"][0])  # the first tile's coarse-to-fine masks
     # two fold models: N samples each, logits averaged by nnU-Net
     ours.list_of_parameters = [net.state_dict(), net.state_dict()]
     logits2, drawn2 = ours.sample_case(data)

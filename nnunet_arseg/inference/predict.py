@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
     ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
-                                                                 "of sample 0)")
+                                                                 "of the first sample that draws a mask)")
     return p
 
 

@@ -42,7 +42,7 @@ def sample_top_k(logits_BlV: torch.Tensor, temperature: float, top_k: int | None
 @torch.no_grad()
 def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND: torch.Tensor, cls_B: torch.Tensor,
                       num_samples: int, seed: int, top_k: int | None = 100, temperatures=None,
-                      use_cache: bool = True, keep_every: int | None = None,
+                      use_cache: bool = True, keep_rows: torch.Tensor | None = None,
                       anchor: tuple[list[torch.Tensor], torch.Tensor] | None = None,
                       active: torch.Tensor | None = None):
     """Sample N token maps per image, scale by scale.
@@ -54,7 +54,7 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
         num_samples: N; the rows of the outputs are b * N + n.
         seed: seeds the one generator of all draws.
         use_cache: KV cache on (fast) or recompute the whole sequence at every scale (same samples).
-        keep_every: also return the partial f_hat of every ``keep_every``-th row after each scale (e.g. N: sample 0).
+        keep_rows: also return the partial f_hat of these rows (indices into the B * N rows) after each scale.
         anchor: ``(idx_list, anchored_B)``: token maps (B * N, *pn) of the first ``len(idx_list)`` scales that replace
             the draws of the rows where ``anchored_B`` (B * N,) is set (VAR's teacher-forced editing: the finer
             scales are then drawn given them). The draws are made for every row, so the other rows' samples do not
@@ -65,7 +65,7 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
             to floating-point rounding: a smaller batch may round the logits differently).
 
     Returns ``(idx_list, f_hat_BCz, partial_f_hats)``: token maps (B * N, *pn) per scale, the final f_hat
-    (B * N, Cvae, *z), and a list (one per scale) of partial f_hats of the kept rows (empty without keep_every).
+    (B * N, Cvae, *z), and a list (one per scale) of partial f_hats of the kept rows (empty without keep_rows).
     """
     scales = transformer.scales
     temps = temperature_schedule(len(scales)) if temperatures is None else list(temperatures)
@@ -114,8 +114,8 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
                 idx_Bpn = torch.where(anchored, anchor[0][si].to(idx_Bpn), idx_Bpn)
             idx_list.append(idx_Bpn)
             f_hat, next_x = quantizer.embed_idx_and_next_input(si, f_hat, idx_Bpn)
-            if keep_every:
-                partial.append(f_hat[::keep_every])
+            if keep_rows is not None:
+                partial.append(f_hat[keep_rows])
             if next_x is not None:
                 xs.append(next_x)
     finally:
