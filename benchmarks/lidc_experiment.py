@@ -56,6 +56,7 @@ from batchgenerators.utilities.file_and_folder_operations import (isfile, join, 
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
 
 BIN = os.path.dirname(sys.executable)
+CANDIDATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")  # --candidates
 AR = "nnUNetTrainerARSeg_small_budget"
 STOCK = "nnUNetTrainerBudget"
 UPGRADE = "nnUNetTrainerARSeg_upgrade_budget"
@@ -251,7 +252,8 @@ def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
     for ax, metric in zip(axes, ("GED", "HM-IoU", "Soft-Dice")):
         for trainer, points in curves.items():
             if points:
-                ax.plot([p["minutes"] for p in points], [p[metric] for p in points], "o-", label=LABELS[trainer])
+                ax.plot([p["minutes"] for p in points], [p[metric] for p in points], "o-",
+                        label=LABELS.get(trainer, trainer))
         if ensemble is not None:
             ax.plot([ensemble["training"]["epoch_minutes"]], [ensemble["metrics"][metric]], "k*", markersize=11,
                     label=LABELS[ENSEMBLE] + " (all test cases)")
@@ -273,7 +275,7 @@ def results_table(rows: dict) -> str:
     for name, res in rows.items():
         cells = [f"{res['metrics'][m]:.3f}" if m in res["metrics"] else "" for m in METRICS]
         seconds = f"{res['seconds_per_case']:.2f}" if "seconds_per_case" in res else ""
-        body += f"| {LABELS[name]} | " + " | ".join(cells) + f" | {res.get('training', '')} | {seconds} |\n"
+        body += f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {res.get('training', '')} | {seconds} |\n"
     return head + body
 
 
@@ -309,6 +311,9 @@ def main() -> None:
     p.add_argument("--training-seed", type=int, default=None,
                    help="seed of the AR-Seg and ProbUNet trainings (nnUNet_ARSEG_TRAINING_SEED; default: the "
                         "trainers' own, 0); the stock trainer is unseeded")
+    p.add_argument("--candidates", nargs="*", default=[],
+                   help="candidate AR-Seg trainers (benchmarks/ext_trainers) trained from scratch for --budget-minutes "
+                        "in lane A after the ensemble's folds, each sampled on its own and around its U-Net head")
     p.add_argument("--cores", default="0,1", help="CPU cores of the two simultaneous trainings (taskset); '' off")
     p.add_argument("--work", default="lidc_experiment", help="work folder (nnU-Net folders, predictions, results)")
     p.add_argument("--num_samples", type=int, default=16)
@@ -323,7 +328,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from nnunet_arseg.nnunet_ext import EXT_DIR
     env = dict(os.environ, nnUNet_raw=join(work, "nnUNet_raw"), nnUNet_preprocessed=join(work, "nnUNet_preprocessed"),
-               nnUNet_results=join(work, "nnUNet_results"), nnUNet_extTrainer=EXT_DIR, nnUNet_def_n_proc="1")
+               nnUNet_results=join(work, "nnUNet_results"), nnUNet_def_n_proc="1",
+               nnUNet_extTrainer=os.pathsep.join([EXT_DIR, CANDIDATES_DIR]))
     env.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning breaks with 0; set for training only
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         maybe_mkdir_p(env[key])
@@ -442,6 +448,10 @@ def main() -> None:
                 ensemble_fold(k, core)
         finally:
             folds_a_done.set()  # lane B scores the ensemble then (or says which fold is missing)
+        for trainer in args.candidates:
+            train(trainer, core, scratch_env)
+            predict_and_evaluate(trainer, core)
+            predict_variant(f"{trainer}_head_anchored", trainer, core, ("--anchor_head",))
         train(PROBUNET, core, scratch_env)
         predict_and_evaluate(PROBUNET, core)
 

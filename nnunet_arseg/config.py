@@ -25,6 +25,8 @@ class ARSegConfig:
     prefix_source: ``"encoder"`` (stage ``feature_stage``, None: the deepest with >= N_f positions) or ``"decoder"``
         (the U-Net decoder stage at the tokenizer's latent resolution; needs ``aux_head``).
     aux_head, aux_weight: train the plans' U-Net decoder on the same mask (Dice + BCE), a dense signal.
+    aux_full_resolution: with the decoder prefix, run the decoder past the prefix's stage to full resolution for the
+        head (a full-resolution mask to sample around, ``--anchor_head``); else the head stops at the prefix's stage.
     presence: each sample first draws whether its mask is non-empty, from a presence head on the image prefix; the
         transformer then learns the non-empty masks only (``segmentor/presence.py``).
     max_features_per_stage: cap on the plans' U-Net widths (None: the plans' own, as a stock model of them).
@@ -42,6 +44,7 @@ class ARSegConfig:
     feature_stage: int | None = None
     aux_head: bool = False
     aux_weight: float = 1.0
+    aux_full_resolution: bool = False
     presence: bool = False
     max_features_per_stage: int | None = None
     num_samples: int = DEFAULT_NUM_SAMPLES

@@ -61,14 +61,18 @@ def unwrap_network(network: nn.Module) -> nn.Module:
     return getattr(network, "_orig_mod", network)
 
 
-def decode_to_stage(decoder: nn.Module, skips: list[torch.Tensor], last_stage: int) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
-    """nnU-Net's ``UNetDecoder`` run up to stage ``last_stage`` only: that stage's features and the logits of its
-    segmentation layer (the deep-supervision head of that resolution)."""
-    x = skips[-1]
+def decode_to_stage(decoder: nn.Module, skips: list[torch.Tensor], last_stage: int,
+                    feature_stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """nnU-Net's ``UNetDecoder`` run up to stage ``last_stage`` only: the features of stage ``feature_stage`` (None:
+    ``last_stage``) and the logits of ``last_stage``'s segmentation layer (the deep-supervision head of that
+    resolution)."""
+    feature_stage = last_stage if feature_stage is None else feature_stage
+    x = features = skips[-1]
     for s in range(last_stage + 1):
         x = decoder.stages[s](torch.cat((decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
-    return x, decoder.seg_layers[last_stage](x)
+        if s == feature_stage:
+            features = x
+    return features, decoder.seg_layers[last_stage](x)
 
 
 def pool_to(x: torch.Tensor, shape) -> torch.Tensor:
@@ -104,6 +108,8 @@ class ARSegNetwork(nn.Module):
             codebook, 100 of 1,024; 0: all codes).
         aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
             (Dice + BCE): a dense signal for the image model.
+        aux_full_resolution: with the decoder prefix, the head runs the decoder to full resolution (else it stops at
+            the prefix's stage).
         presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
             non-empty; the transformer is trained on non-empty masks only.
         deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
@@ -119,6 +125,7 @@ class ARSegNetwork(nn.Module):
                  regions: list | None = ARSegConfig.regions,
                  num_samples: int = ARSegConfig.num_samples, top_k: int | None = ARSegConfig.top_k,
                  aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
+                 aux_full_resolution: bool = ARSegConfig.aux_full_resolution,
                  presence: bool = ARSegConfig.presence, deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
@@ -146,6 +153,7 @@ class ARSegNetwork(nn.Module):
         self.encoder = unet.encoder
         self.decoder = unet.decoder if aux_head else _DeepSupervisionFlag()
         self.aux_head = bool(aux_head)
+        self.aux_full_resolution = bool(aux_full_resolution) and self.aux_head
         self.tokenizer = MaskTokenizer(len(self.patch_size), self.patch_size, **(tokenizer or {}))
         self.tokenizer.requires_grad_(False)
         codebook = self.tokenizer.quantizer.V
@@ -195,9 +203,16 @@ class ARSegNetwork(nn.Module):
         that trains gets a gradient each step, as nnU-Net's DDP (``-num_gpus``) needs."""
         if not self.aux_head:
             return list(self.encoder.stages)[self.feature_stage + 1:]
-        last = self.feature_stage if self.prefix_source == "decoder" else len(self.decoder.stages) - 1
+        last = self.head_stage()
         return ([m for s, m in enumerate(self.decoder.seg_layers) if s != last]
                 + list(self.decoder.stages)[last + 1:] + list(self.decoder.transpconvs)[last + 1:])
+
+    def head_stage(self) -> int:
+        """The decoder stage whose segmentation layer is the aux head: the last one, or the prefix's stage where the
+        decoder prefix stops the decoder there."""
+        if self.prefix_source == "decoder" and not self.aux_full_resolution:
+            return self.feature_stage
+        return len(self.decoder.stages) - 1
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -225,7 +240,8 @@ class ARSegNetwork(nn.Module):
 
     def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image prefix (B, N_f, D) and, with the aux head, its logits (B, num_conditions, *s): the U-Net decoder
-        runs only as far as needed, to the prefix's stage (decoder prefix) or to full resolution (encoder prefix)."""
+        runs only as far as needed, to the prefix's stage (decoder prefix) or to full resolution (encoder prefix, or
+        ``aux_full_resolution``)."""
         self._check_input(x)
         skips = self.encoder(x)
         if not self.aux_head:
@@ -233,7 +249,7 @@ class ARSegNetwork(nn.Module):
         if self.prefix_source == "encoder":
             return self.embedding(skips[self.feature_stage]), decode_to_stage(self.decoder, skips,
                                                                               len(self.decoder.stages) - 1)[1]
-        features, aux_logits = decode_to_stage(self.decoder, skips, self.feature_stage)
+        features, aux_logits = decode_to_stage(self.decoder, skips, self.head_stage(), self.feature_stage)
         return self.embedding(pool_to(features, self.tokenizer.latent_shape)), aux_logits
 
     def _cls(self, cls: torch.Tensor | None, batch: int, device) -> torch.Tensor:

@@ -150,6 +150,23 @@ def test_training_losses_2d_labels_with_aux_head():
         net(torch.randn(1, 1, 64, 64), mask=mask[:1], cls=0)
 
 
+def test_a_full_resolution_head_beside_the_decoder_prefix():
+    """``aux_full_resolution``: the prefix is the same decoder stage's (same weights, same prefix), the head's logits
+    come from the decoder's last stage at the patch size, the mask ``--anchor_head`` samples around."""
+    torch.manual_seed(0)
+    latent = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    full = build(plans_with_arseg(aux_full_resolution=True), "arseg_2d", 2).eval()
+    full.load_state_dict(latent.state_dict())
+    x = torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        prefix_latent, logits_latent = latent.encode_image(x)
+        prefix_full, logits_full = full.encode_image(x)
+        assert torch.equal(prefix_full, prefix_latent)
+        assert logits_latent.shape[2:] == full.tokenizer.latent_shape and logits_full.shape == (2, 1, 128, 128)
+        assert full.head_stage() == len(full.decoder.stages) - 1 and latent.head_stage() == latent.feature_stage
+        assert torch.equal(full.head_masks(logits_full), logits_full > 0)
+
+
 @pytest.mark.parametrize("configuration,num_outputs,regions", [("arseg_2d", 3, False), ("arseg_3d", 2, True)])
 def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch):
     plans = plans_with_arseg(has_regions=regions, num_samples=3)
