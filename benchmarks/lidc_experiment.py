@@ -248,7 +248,7 @@ def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
     for ax, metric in zip(axes, ("GED", "HM-IoU", "Soft-Dice")):
         for trainer, points in curves.items():
             if points:
@@ -259,9 +259,11 @@ def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
                     label=LABELS[ENSEMBLE] + " (all test cases)")
         ax.set_title(metric + (" (lower is better)" if metric == "GED" else " (higher is better)"))
         ax.set_xlabel("training minutes"), ax.grid(alpha=0.3)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_rows = -(-len(labels) // 3)
+    if handles:  # below the panels, where it hides no curve
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
     write_atomic(path, lambda t: fig.savefig(t, dpi=110, format="png"))
     plt.close(fig)
 
