@@ -328,10 +328,10 @@ def main() -> None:
 
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from nnunet_arseg.nnunet_ext import EXT_DIR
+    from nnunet_arseg.nnunet_ext import ext_trainer_value
     env = dict(os.environ, nnUNet_raw=join(work, "nnUNet_raw"), nnUNet_preprocessed=join(work, "nnUNet_preprocessed"),
                nnUNet_results=join(work, "nnUNet_results"), nnUNet_def_n_proc="1",
-               nnUNet_extTrainer=os.pathsep.join([EXT_DIR, CANDIDATES_DIR]))
+               nnUNet_extTrainer=ext_trainer_value(CANDIDATES_DIR))
     env.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning breaks with 0; set for training only
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         maybe_mkdir_p(env[key])

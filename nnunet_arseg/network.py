@@ -247,8 +247,7 @@ class ARSegNetwork(nn.Module):
         if not self.aux_head:
             return self.embedding(skips[self.feature_stage]), None
         if self.prefix_source == "encoder":
-            return self.embedding(skips[self.feature_stage]), decode_to_stage(self.decoder, skips,
-                                                                              len(self.decoder.stages) - 1)[1]
+            return self.embedding(skips[self.feature_stage]), decode_to_stage(self.decoder, skips, self.head_stage())[1]
         features, aux_logits = decode_to_stage(self.decoder, skips, self.head_stage(), self.feature_stage)
         return self.embedding(pool_to(features, self.tokenizer.latent_shape)), aux_logits
 
