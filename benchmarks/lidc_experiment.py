@@ -16,16 +16,19 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
 3. then two lanes, each pinned to its own CPU core (``--cores``), each running its steps one after another (every
    training has its core to itself, so equal budgets buy equal compute):
 
-   - lane A: ``nnUNetTrainerARSeg_small_budget`` from scratch for ``--budget-minutes``; its samples, and its samples
-     around its own U-Net head's mask (``--anchor_head``, all scales and the coarsest five); folds 1 and 2 of the
-     fold ensemble (below); then the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the
-     same data, one rater per example, sampled like AR-Seg) for ``--budget-minutes``;
+   - lane A: the ``--candidates`` (each from scratch for ``--budget-minutes``, sampled on its own and around its
+     U-Net head); ``nnUNetTrainerARSeg_small_budget`` from scratch for ``--budget-minutes``; its samples, and its
+     samples around its own U-Net head's mask (``--anchor_head``, all scales and the coarsest five); folds 1 and 2 of
+     the fold ensemble (below);
    - lane B: ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget) from scratch for ``--budget-minutes``;
-     folds 0, 3 and 4 of the fold ensemble, which it scores once lane A's folds are done; then the upgrade:
-     ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint (its
-     U-Net, encoder frozen) for ``--upgrade-minutes``, sampled on its own and around the stock model's test
-     predictions (``--anchor``, method §3.3).
+     the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the same data, one rater per
+     example, sampled like AR-Seg) for ``--budget-minutes``; folds 0, 3 and 4 of the fold ensemble, which it scores
+     once lane A's folds are done; then the upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with
+     ``-pretrained_weights`` of the stock model's final checkpoint (its U-Net, encoder frozen) for
+     ``--upgrade-minutes``, sampled on its own and around the stock model's test predictions (``--anchor``, method
+     §3.3).
 
+   The from-scratch models come first in both lanes, so a run that spans several sittings has them earliest.
    The fold ensemble is nnU-Net's own way to several masks: ``nnUNetTrainerBudget`` on folds 0-4 of the 5-fold split
    of the training cases (grouped by patient, written to ``splits_final.json`` before the lanes start), each for a
    fifth of ``--budget-minutes``, each predicting the test patients into its own folder.
@@ -315,7 +318,7 @@ def main() -> None:
                         "trainers' own, 0); the stock trainer is unseeded")
     p.add_argument("--candidates", nargs="*", default=[],
                    help="candidate AR-Seg trainers (benchmarks/ext_trainers) trained from scratch for --budget-minutes "
-                        "in lane A after the ensemble's folds, each sampled on its own and around its U-Net head")
+                        "first in lane A, each sampled on its own and around its U-Net head")
     p.add_argument("--cores", default="0,1", help="CPU cores of the two simultaneous trainings (taskset); '' off")
     p.add_argument("--work", default="lidc_experiment", help="work folder (nnU-Net folders, predictions, results)")
     p.add_argument("--num_samples", type=int, default=16)
@@ -436,12 +439,17 @@ def main() -> None:
                           "seconds_per_case": sum(step_seconds(work, f"predict_{ENSEMBLE}_fold{k}")
                                                   for k in range(NUM_FOLDS)) / len(cases)})
 
-    # two lanes, one per core, each a queue of steps: the scratch models, then the fold ensemble's folds shared
-    # between the lanes, then the Probabilistic U-Net (lane A) and the upgrade (lane B)
+    # two lanes, one per core, each a queue of steps: the candidates (if any) and the scratch models first, so that a
+    # run spanning several sittings has the rows under test earliest; then the fold ensemble's folds shared between
+    # the lanes; then the upgrade (lane B)
     folds_a_done = threading.Event()
 
     def lane_a(core: str | None) -> None:
         try:
+            for trainer in args.candidates:
+                train(trainer, core, scratch_env)
+                predict_and_evaluate(trainer, core)
+                predict_variant(f"{trainer}_head_anchored", trainer, core, ("--anchor_head",))
             train(AR, core, scratch_env)
             predict_and_evaluate(AR, core)
             predict_variant(HEAD_ANCHORED, AR, core, ("--anchor_head",))
@@ -450,16 +458,12 @@ def main() -> None:
                 ensemble_fold(k, core)
         finally:
             folds_a_done.set()  # lane B scores the ensemble then (or says which fold is missing)
-        for trainer in args.candidates:
-            train(trainer, core, scratch_env)
-            predict_and_evaluate(trainer, core)
-            predict_variant(f"{trainer}_head_anchored", trainer, core, ("--anchor_head",))
-        train(PROBUNET, core, scratch_env)
-        predict_and_evaluate(PROBUNET, core)
 
     def lane_b(core: str | None) -> None:
         train(STOCK, core, scratch_env)
         predict_and_evaluate(STOCK, core)
+        train(PROBUNET, core, scratch_env)
+        predict_and_evaluate(PROBUNET, core)
         for k in (0, 3, 4):
             ensemble_fold(k, core)
         folds_a_done.wait()
