@@ -10,3 +10,10 @@ class nnUNetTrainerARSeg_small_budget_fullHead(nnUNetTrainerARSeg_small_budget):
     (``aux_full_resolution``): a full-resolution mask of its own for ``--anchor_head``."""
 
     arseg_arch_overrides = {"preset": "small", "aux_full_resolution": True}
+
+
+class nnUNetTrainerARSeg_small_budget_fullHead_wideUNet(nnUNetTrainerARSeg_small_budget_fullHead):
+    """The full-resolution-head candidate on the plans' U-Net at its own widths (the ``small`` preset caps them at 64
+    features per stage): whether the head's shapes reach the stock model's (D_max) at the epochs the budget leaves."""
+
+    arseg_arch_overrides = {"preset": "small", "aux_full_resolution": True, "max_features_per_stage": None}
