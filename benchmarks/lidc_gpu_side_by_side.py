@@ -70,14 +70,14 @@ def main() -> None:
                 env)], work)
 
     rows, lock = {}, threading.Lock()
+    facts = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+             "minutes": args.minutes, "da_workers": args.da_workers, "training_seed": args.training_seed,
+             "num_samples": args.num_samples, "num_test_cases": len(cases)}
 
     def record(row_name: str, row: dict) -> None:
         with lock:
             rows[row_name] = row
-            save_json_atomic({"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                              "minutes": args.minutes, "da_workers": args.da_workers,
-                              "training_seed": args.training_seed, "num_samples": args.num_samples,
-                              "num_test_cases": len(cases), "results": rows}, join(work, "results.json"))
+            save_json_atomic({**facts, "results": rows}, join(work, "results.json"))
             write_text(join(work, "results.md"), results_table(rows))
 
     def lane_of(trainer: str):
