@@ -22,11 +22,10 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
      the fold ensemble (below);
    - lane B: ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget) from scratch for ``--budget-minutes``;
      the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the same data, one rater per
-     example, sampled like AR-Seg) for ``--budget-minutes``; folds 0, 3 and 4 of the fold ensemble, which it scores
-     once lane A's folds are done; then the upgrade: ``nnUNetTrainerARSeg_upgrade_budget`` with
-     ``-pretrained_weights`` of the stock model's final checkpoint (its U-Net, encoder frozen) for
-     ``--upgrade-minutes``, sampled on its own and around the stock model's test predictions (``--anchor``, method
-     §3.3).
+     example, sampled like AR-Seg) for ``--budget-minutes``; folds 0, 3 and 4 of the fold ensemble; the upgrade:
+     ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint (its
+     U-Net, encoder frozen) for ``--upgrade-minutes``, sampled on its own and around the stock model's test
+     predictions (``--anchor``, method §3.3); then, once lane A's folds are done, it scores the fold ensemble.
 
    The from-scratch models come first in both lanes, so a run that spans several sittings has them earliest.
    The fold ensemble is nnU-Net's own way to several masks: ``nnUNetTrainerBudget`` on folds 0-4 of the 5-fold split
@@ -245,6 +244,18 @@ def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str
                     ["--num_samples", str(num_samples), "--save_samples", *extra], env)], work)
 
 
+def predict_row(work: str, env: dict, did: str, trainer: str, model_dir: str, images: str, name: str,
+                num_samples: int, device: str = "cpu", core: str | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """One table row: the trained ``trainer`` (its fold folder ``model_dir``) predicts ``images`` into
+    ``WORK/predictions/NAME`` (``extra``: more predictor flags), scored by the evaluator, with its training facts and
+    the prediction's wall time per case."""
+    pred = join(work, "predictions", name)
+    predict(work, env, did, trainer, images, pred, name, num_samples, device=device, core=core, extra=extra)
+    num_cases = len(subfiles(images, suffix="_0000.png", join=False))
+    return {"metrics": evaluate(work, env, did, pred, name, num_samples), "training": training_facts(model_dir),
+            "seconds_per_case": step_seconds(work, f"predict_{name}") / num_cases}
+
+
 def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
     """The learning curves; ``ensemble`` (its row) adds the fold ensemble as one point at its folds' total minutes
     (it has no snapshots: each fold trains a fifth of the budget)."""
@@ -398,11 +409,7 @@ def main() -> None:
                     train_cmd(trainer, core, list(extra), fold=fold), step_env)], work)
 
     def predict_and_evaluate(trainer: str, core: str | None) -> None:
-        pred = join(work, "predictions", trainer)
-        predict(work, env, did, trainer, images, pred, trainer, args.num_samples, device=device, core=core)
-        row = {"metrics": evaluate(work, env, did, pred, trainer, args.num_samples),
-               "training": training_facts(fold_dir(trainer)),
-               "seconds_per_case": step_seconds(work, f"predict_{trainer}") / len(cases)}
+        row = predict_row(work, env, did, trainer, fold_dir(trainer), images, trainer, args.num_samples, device, core)
         curve = []
         for snap in sorted(subfiles(fold_dir(trainer), prefix="checkpoint_", suffix="min.pth", join=False)):
             minutes = int(snap[len("checkpoint_"):-len("min.pth")])
@@ -418,11 +425,8 @@ def main() -> None:
 
     def predict_variant(name: str, trainer: str, core: str | None, extra: tuple[str, ...]) -> None:
         """Another way to sample a trained model: its row shares the model's training facts."""
-        pred = join(work, "predictions", name)
-        predict(work, env, did, trainer, images, pred, name, args.num_samples, device=device, core=core, extra=extra)
-        record(name, {"metrics": evaluate(work, env, did, pred, name, args.num_samples),
-                      "training": training_facts(fold_dir(trainer)),
-                      "seconds_per_case": step_seconds(work, f"predict_{name}") / len(cases)})
+        record(name, predict_row(work, env, did, trainer, fold_dir(trainer), images, name, args.num_samples, device,
+                                 core, extra))
 
     def ensemble_fold(k: int, core: str | None) -> None:
         train(STOCK, core, fold_env, fold=str(k))
@@ -441,7 +445,7 @@ def main() -> None:
 
     # two lanes, one per core, each a queue of steps: the candidates (if any) and the scratch models first, so that a
     # run spanning several sittings has the rows under test earliest; then the fold ensemble's folds shared between
-    # the lanes; then the upgrade (lane B)
+    # the lanes and the upgrade (lane B, before it waits for lane A's folds, so no core idles)
     folds_a_done = threading.Event()
 
     def lane_a(core: str | None) -> None:
@@ -466,12 +470,12 @@ def main() -> None:
         predict_and_evaluate(PROBUNET, core)
         for k in (0, 3, 4):
             ensemble_fold(k, core)
-        folds_a_done.wait()
-        evaluate_ensemble()
         train(UPGRADE, core, upgrade_env, ["-pretrained_weights", join(fold_dir(STOCK), "checkpoint_final.pth")])
         predict_and_evaluate(UPGRADE, core)
         # the upgrade sampled around the stock model's own test predictions (method §3.3, all scales from them)
         predict_variant(ANCHORED, UPGRADE, core, ("--anchor", join(work, "predictions", STOCK)))
+        folds_a_done.wait()
+        evaluate_ensemble()
 
     # the 5-fold split of the training cases, grouped by patient as AR-Seg's trainers group it, written before the
     # lanes start folds of the ensemble on both cores (nnU-Net's trainer uses the file it finds)

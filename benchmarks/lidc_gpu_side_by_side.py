@@ -26,8 +26,8 @@ import threading
 
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, subfiles
 
-from lidc_experiment import (AR, BIN, CANDIDATES_DIR, PROBUNET, STOCK, evaluate, marker, predict, results_table,
-                             run_lanes, run_steps, step_seconds, training_facts, write_text)
+from lidc_experiment import (AR, BIN, CANDIDATES_DIR, PROBUNET, STOCK, marker, predict_row, results_table, run_lanes,
+                             run_steps, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 
 CANDIDATE = "nnUNetTrainerARSeg_small_budget_fullHead"
@@ -94,11 +94,8 @@ def main() -> None:
             variants = [(trainer, ())] + ([(f"{trainer}_head_anchored", ("--anchor_head",))]
                                           if "ARSeg" in trainer else [])
             for row_name, extra in variants:
-                pred = join(work, "predictions", row_name)
-                predict(work, env, did, trainer, images, pred, row_name, args.num_samples, device=device, extra=extra)
-                record(row_name, {"metrics": evaluate(work, env, did, pred, row_name, args.num_samples),
-                                  "training": training_facts(fold),
-                                  "seconds_per_case": step_seconds(work, f"predict_{row_name}") / len(cases)})
+                record(row_name, predict_row(work, env, did, trainer, fold, images, row_name, args.num_samples, device,
+                                             extra=extra))
         lane.__name__ = f"lane_{trainer}"
         return lane
 
