@@ -636,6 +636,17 @@ def test_presence_floor_bounds_an_oracle_sampler():
     assert 0.05 < lo <= hi < 0.25
 
 
+def test_anchor_scales_choice_keeps_the_most_sampling_within_a_tie(monkeypatch):
+    """``benchmarks/lidc_anchor_scales.py``: the lowest GED wins unless fewer scales from the head come within the
+    tie; ``all`` (every scale from the head) counts as the most."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    choice = _benchmark_module("lidc_anchor_scales")
+    rows = {"5": {"GED": 0.330}, "6": {"GED": 0.305}, "7": {"GED": 0.301}, "all": {"GED": 0.296}}
+    assert choice.choose(rows, tie=0.01) == "6"
+    assert choice.choose(rows, tie=0.0) == "all"
+    assert choice.choose({"all": {"GED": 0.30}, "0": {"GED": 0.30}}, tie=0.0) == "0"
+
+
 def test_presence_from_masks_parts(lidc_demo):
     """``benchmarks/presence_from_masks.py``: the systematic sampler's expected gap, and what the object features
     say of a real nodule."""
