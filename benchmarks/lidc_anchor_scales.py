@@ -52,14 +52,17 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--tie", type=float, default=0.01, help="GED difference treated as a tie")
     p.add_argument("--core", default="", help="CPU core to pin the predictions to (taskset); '' off")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cuda (default where present) or cpu")
     p.add_argument("--work", default="lidc_anchor_scales")
     args = p.parse_args()
     for s in args.scales:
         if s != "all" and not s.isdigit():
             raise SystemExit(f"--scales: {s!r} is neither a number of scales nor 'all'")
 
+    import torch
+
     from nnunet_arseg.nnunet_ext import ext_trainer_value
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     experiment, work = os.path.abspath(args.experiment), os.path.abspath(args.work)
     split_file = join(experiment, "split", "split.json")
     if not isfile(split_file):
@@ -68,8 +71,8 @@ def main() -> None:
     for sub in ("done", "logs", "val"):
         maybe_mkdir_p(join(work, sub))
 
-    used = {p for part in load_json(split_file)["patients"].values() for p in part}
-    rest = [p for p in patients_in(args.pool) if p not in used]
+    used = {name for part in load_json(split_file)["patients"].values() for name in part}
+    rest = [name for name in patients_in(args.pool) if name not in used]
     if len(rest) < args.num_val:
         raise SystemExit(f"--pool {args.pool} has {len(rest)} patients outside the experiment's split, fewer than "
                          f"--num-val {args.num_val}")
@@ -102,7 +105,7 @@ def main() -> None:
         name = f"{args.trainer}_anchor_scales_{s}"
         extra = ("--anchor_head",) + (() if s == "all" else ("--anchor_scales", s))
         pred = join(work, "predictions", name)
-        predict(work, env, model_id, args.trainer, images, pred, name, args.num_samples, device=args.device,
+        predict(work, env, model_id, args.trainer, images, pred, name, args.num_samples, device=device,
                 core=args.core or None, extra=extra)
         rows[s] = evaluate(work, val_env, str(args.val_id), pred, name, args.num_samples)
         log(f"{scales_label(s)}: " + " / ".join(f"{m} {rows[s][m]:.3f}" for m in ("GED", "HM-IoU", "Soft-Dice")))
