@@ -23,8 +23,8 @@ import random
 
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, subfiles
 
-from lidc_experiment import (BIN, CANDIDATES_DIR, METRICS, evaluate, log, patients_in, predict, run_steps,
-                             write_text)
+from lidc_experiment import (BIN, CANDIDATES_DIR, evaluate, log, patients_in, predict, results_table, run_steps,
+                             step_seconds, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 
 
@@ -107,16 +107,16 @@ def main() -> None:
         pred = join(work, "predictions", name)
         predict(work, env, model_id, args.trainer, images, pred, name, args.num_samples, device=device,
                 core=args.core or None, extra=extra)
-        rows[s] = evaluate(work, val_env, str(args.val_id), pred, name, args.num_samples)
-        log(f"{scales_label(s)}: " + " / ".join(f"{m} {rows[s][m]:.3f}" for m in ("GED", "HM-IoU", "Soft-Dice")))
-    chosen = choose(rows, args.tie)
+        rows[s] = {"metrics": evaluate(work, val_env, str(args.val_id), pred, name, args.num_samples),
+                   "seconds_per_case": step_seconds(work, f"predict_{name}") / len(cases)}
+        log(f"{scales_label(s)}: " + " / ".join(f"{m} {rows[s]['metrics'][m]:.3f}"
+                                                for m in ("GED", "HM-IoU", "Soft-Dice")))
+    chosen = choose({s: row["metrics"] for s, row in rows.items()}, args.tie)
     save_json_atomic({"training_seed": training_seed, "trainer": args.trainer,
                       "val_seed": args.val_seed, "num_val_patients": len(val), "num_val_cases": len(cases),
                       "num_samples": args.num_samples, "tie": args.tie, "results": rows, "chosen": chosen},
                      join(work, "results.json"))
-    table = ("| --anchor_head | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-             + "".join(f"| {scales_label(s)} | " + " | ".join(f"{r[m]:.3f}" if m in r else "" for m in METRICS)
-                       + " |\n" for s, r in rows.items()))
+    table = results_table({f"--anchor_head, {scales_label(s)}": row for s, row in rows.items()})
     write_text(join(work, "results.md"), table + f"\nchosen: {scales_label(chosen)}\n")
     print(table + f"\nchosen: {scales_label(chosen)}")
 
