@@ -1,12 +1,11 @@
 """How many coarse scales a model with a full-resolution U-Net head should take from its head (``--anchor_head
 --anchor_scales S``), chosen on validation patients that neither trained the model nor test it.
 
-    python benchmarks/lidc_anchor_scales.py --experiment lidc_experiment --pool LIDC_DEV \\
-        --trainer nnUNetTrainerARSeg_small_budget_fullHead --work lidc_anchor_scales
+    python benchmarks/lidc_anchor_scales.py --experiment lidc_experiment --pool LIDC_DEV --work lidc_anchor_scales
 
-``--experiment``: the ``--work`` of a finished ``lidc_experiment.py`` run that trained ``--trainer`` (fold ``all``).
-``--num-val`` patients of ``--pool`` outside that run's split (its ``split/split.json``) are drawn with
-``--val-seed``, linked into ``WORK/val/`` and converted as a dataset of their own (``WORK/nnUNet_raw``, id
+``--experiment``: the ``--work`` of a finished ``lidc_experiment.py`` run that trained ``--trainer`` (fold ``all``;
+default: its AR-Seg model). ``--num-val`` patients of ``--pool`` outside that run's split (its ``split/split.json``) are
+drawn with ``--val-seed``, linked into ``WORK/val/`` and converted as a dataset of their own (``WORK/nnUNet_raw``, id
 ``--val-id``). The model samples them once per ``--scales`` entry (``all``: every scale from the head, so the samples
 differ in presence only; ``0``: the model's own draws; S: the coarsest S scales from the head, the finer ones drawn),
 each scored by ``nnUNetv2_arseg_evaluate``.
@@ -19,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, subfiles
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, maybe_mkdir_p, subfiles
 
-from lidc_experiment import (BIN, CANDIDATES_DIR, evaluate, log, patients_in, predict, results_table, run_steps,
+from lidc_experiment import (AR, convert_patients, draw_outside, evaluate, experiment_env, log, predict, results_table,
                              step_seconds, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 
@@ -44,7 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", required=True, help="--work of the lidc_experiment.py run that trained --trainer")
     p.add_argument("--pool", required=True, help="the LIDC-IDRI patient folders that run drew its split from")
-    p.add_argument("--trainer", required=True, help="an AR-Seg trainer with a full-resolution U-Net head")
+    p.add_argument("--trainer", default=AR, help="an AR-Seg trainer with a full-resolution U-Net head")
     p.add_argument("--scales", nargs="+", default=["5", "6", "7", "all"], help="settings of --anchor_scales")
     p.add_argument("--num-val", type=int, default=40, help="validation patients")
     p.add_argument("--val-seed", type=int, default=2)
@@ -60,44 +58,15 @@ def main() -> None:
             raise SystemExit(f"--scales: {s!r} is neither a number of scales nor 'all'")
 
     import torch
-
-    from nnunet_arseg.nnunet_ext import ext_trainer_value
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     experiment, work = os.path.abspath(args.experiment), os.path.abspath(args.work)
-    split_file = join(experiment, "split", "split.json")
-    if not isfile(split_file):
-        raise SystemExit(f"{split_file} not found: --experiment must be the --work of a lidc_experiment.py run")
+    env, model_id = experiment_env(experiment)
     training_seed = load_json(join(experiment, "results.json")).get("training_seed")
-    for sub in ("done", "logs", "val"):
+    for sub in ("done", "logs"):
         maybe_mkdir_p(join(work, sub))
-
-    used = {name for part in load_json(split_file)["patients"].values() for name in part}
-    rest = [name for name in patients_in(args.pool) if name not in used]
-    if len(rest) < args.num_val:
-        raise SystemExit(f"--pool {args.pool} has {len(rest)} patients outside the experiment's split, fewer than "
-                         f"--num-val {args.num_val}")
-    val = sorted(random.Random(args.val_seed).sample(rest, args.num_val))
-    for name in val:
-        link = join(work, "val", name)
-        if not os.path.lexists(link):
-            os.symlink(os.path.abspath(join(args.pool, name)), link)
-    write_text(join(work, "val_patients.txt"), "\n".join(val) + "\n")
-
-    # the model as the experiment trained it; the validation patients as a raw dataset of their own (all as
-    # training cases: nothing trains on them, and the evaluator finds their raters in labelsTr_raters)
-    env = dict(os.environ, nnUNet_raw=join(experiment, "nnUNet_raw"),
-               nnUNet_preprocessed=join(experiment, "nnUNet_preprocessed"),
-               nnUNet_results=join(experiment, "nnUNet_results"), nnUNet_extTrainer=ext_trainer_value(CANDIDATES_DIR))
+    val = draw_outside(args.pool, join(experiment, "split", "split.json"), args.num_val, args.val_seed)
     val_env = dict(env, nnUNet_raw=join(work, "nnUNet_raw"))
-    maybe_mkdir_p(val_env["nnUNet_raw"])
-    run_steps([("convert", [join(BIN, "nnUNetv2_arseg_convert_lidc"), "-i", join(work, "val"), "-o",
-                            val_env["nnUNet_raw"], "-d", str(args.val_id), "-n", "LIDCVal", "--test_fraction", "0",
-                            "--disable_progress_bar"], val_env)], work)
-    datasets = [d for d in os.listdir(env["nnUNet_raw"]) if d.startswith("Dataset")]
-    if len(datasets) != 1:
-        raise SystemExit(f"{env['nnUNet_raw']}: expected the experiment's one dataset, found {datasets}")
-    model_id = datasets[0][len("Dataset"):].split("_")[0]
-    images = join(val_env["nnUNet_raw"], f"Dataset{args.val_id:03d}_LIDCVal", "imagesTr")
+    images = convert_patients(args.pool, val, work, "val", args.val_id, "LIDCVal", val_env)
     cases = subfiles(images, suffix="_0000.png", join=False)
 
     rows = {}

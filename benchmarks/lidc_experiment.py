@@ -16,15 +16,14 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
 3. then two lanes, each pinned to its own CPU core (``--cores``), each running its steps one after another (every
    training has its core to itself, so equal budgets buy equal compute):
 
-   - lane A: the ``--candidates`` (each from scratch for ``--budget-minutes``, sampled on its own and around its
-     U-Net head); ``nnUNetTrainerARSeg_small_budget`` from scratch for ``--budget-minutes``; its samples, and its
-     samples around its own U-Net head's mask (``--anchor_head``, all scales and the coarsest five); folds 1 and 2 of
-     the fold ensemble (below);
+   - lane A: the ``--candidates`` and ``nnUNetTrainerARSeg_small_budget``, each from scratch for
+     ``--budget-minutes``, each sampled both ways an AR-Seg model samples (``sampling_rows``: around its U-Net head,
+     ``--anchor_head``, and with the transformer's own draws); folds 1 and 2 of the fold ensemble (below);
    - lane B: ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget) from scratch for ``--budget-minutes``;
      the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the same data, one rater per
      example, sampled like AR-Seg) for ``--budget-minutes``; folds 0, 3 and 4 of the fold ensemble; the upgrade:
      ``nnUNetTrainerARSeg_upgrade_budget`` with ``-pretrained_weights`` of the stock model's final checkpoint (its
-     U-Net, encoder frozen) for ``--upgrade-minutes``, sampled on its own and around the stock model's test
+     U-Net, encoder frozen) for ``--upgrade-minutes``, sampled both ways and around the stock model's test
      predictions (``--anchor``, method §3.3); then, once lane A's folds are done, it scores the fold ensemble.
 
    The from-scratch models come first in both lanes, so a run that spans several sittings has them earliest.
@@ -67,12 +66,11 @@ ENSEMBLE = f"{STOCK}_{NUM_FOLDS}folds"
 PROBUNET = "nnUNetTrainerProbUNet_budget"
 METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "presence_gap", "presence_correlation")
 ANCHORED = f"{UPGRADE}_anchored"
-HEAD_ANCHORED = f"{AR}_head_anchored"
-HEAD_ANCHORED_COARSE = f"{AR}_head_anchored_5scales"
+OWN_DRAWS = "_own_draws"  # suffix of a full-resolution-head model's row without its head (--anchor_scales 0)
 LABELS = {AR: "AR-Seg from scratch", STOCK: "nnU-Net (stock)", UPGRADE: "AR-Seg upgrade of the nnU-Net model",
           ANCHORED: "AR-Seg upgrade, sampled around the nnU-Net masks (--anchor)",
-          HEAD_ANCHORED: "AR-Seg from scratch, sampled around its own U-Net head's mask (--anchor_head)",
-          HEAD_ANCHORED_COARSE: "the same, the coarsest 5 scales from the head (--anchor_head --anchor_scales 5)",
+          AR + OWN_DRAWS: "AR-Seg from scratch, the transformer's own draws (--anchor_scales 0)",
+          UPGRADE + OWN_DRAWS: "AR-Seg upgrade, the transformer's own draws (--anchor_scales 0)",
           ENSEMBLE: f"nnU-Net {NUM_FOLDS}-fold ensemble (1/{NUM_FOLDS} of the budget per fold), one sample per fold",
           PROBUNET: "Probabilistic U-Net (Kohl et al. 2018) from scratch", "empty": "empty mask (reference)"}
 
@@ -182,13 +180,61 @@ def split_pool(pool: str, work: str, num_train: int, num_test: int, seed: int) -
     return join(work, "split", "train"), join(work, "split", "test")
 
 
-def write_empty_prediction(raw: str, pred_dir: str, cases: list[str], file_ending: str) -> None:
-    """The all-empty prediction of ``cases``, one mask per case (a reference row: what drawing nothing scores)."""
+def draw_outside(pool: str, split_file: str, num: int, seed: int, exclude: list[str] = ()) -> list[str]:
+    """``num`` patients of ``pool`` drawn with ``seed`` among those outside a run's split (its ``split.json``) and
+    outside the ``exclude`` lists (files of one patient per line, e.g. an earlier draw's)."""
+    used = {name for part in load_json(split_file)["patients"].values() for name in part}
+    for path in exclude:
+        with open(path) as f:
+            used |= {line.strip() for line in f if line.strip()}
+    rest = [name for name in patients_in(pool) if name not in used]
+    if len(rest) < num:
+        raise SystemExit(f"--pool {pool} has {len(rest)} patients outside {split_file}"
+                         + (f" and {', '.join(exclude)}" if exclude else "") + f", fewer than the {num} asked for")
+    return sorted(random.Random(seed).sample(rest, num))
+
+
+def convert_patients(pool: str, names: list[str], work: str, part: str, dataset_id: int, dataset_name: str,
+                     env: dict) -> str:
+    """Link ``names`` into ``WORK/PART`` (listed in ``WORK/PART_patients.txt``) and convert them into
+    ``env["nnUNet_raw"]`` as a dataset of their own, every case a training case (nothing trains on them; the
+    evaluator finds their raters in ``labelsTr_raters``); returns its images folder."""
+    maybe_mkdir_p(join(work, part))
+    for name in names:
+        link = join(work, part, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(join(pool, name)), link)
+    write_text(join(work, f"{part}_patients.txt"), "\n".join(names) + "\n")
+    maybe_mkdir_p(env["nnUNet_raw"])
+    run_steps([("convert", [join(BIN, "nnUNetv2_arseg_convert_lidc"), "-i", join(work, part), "-o", env["nnUNet_raw"],
+                            "-d", str(dataset_id), "-n", dataset_name, "--test_fraction", "0",
+                            "--disable_progress_bar"], env)], work)
+    return join(env["nnUNet_raw"], f"Dataset{dataset_id:03d}_{dataset_name}", "imagesTr")
+
+
+def experiment_env(experiment: str) -> tuple[dict, str]:
+    """The nnU-Net folders of a finished run (its ``--work``) and the id of its one dataset."""
+    from nnunet_arseg.nnunet_ext import ext_trainer_value
+    if not isfile(join(experiment, "split", "split.json")):
+        raise SystemExit(f"{join(experiment, 'split', 'split.json')} not found: --experiment must be the --work of a "
+                         "lidc_experiment.py run")
+    env = dict(os.environ, nnUNet_raw=join(experiment, "nnUNet_raw"),
+               nnUNet_preprocessed=join(experiment, "nnUNet_preprocessed"),
+               nnUNet_results=join(experiment, "nnUNet_results"), nnUNet_extTrainer=ext_trainer_value(CANDIDATES_DIR))
+    datasets = [d for d in os.listdir(env["nnUNet_raw"]) if d.startswith("Dataset")]
+    if len(datasets) != 1:
+        raise SystemExit(f"{env['nnUNet_raw']}: expected the experiment's one dataset, found {datasets}")
+    return env, datasets[0][len("Dataset"):].split("_")[0]
+
+
+def write_empty_prediction(images: str, pred_dir: str, cases: list[str], file_ending: str) -> None:
+    """The all-empty prediction of ``cases`` (their images in ``images``), one mask per case (a reference row: what
+    drawing nothing scores)."""
     import numpy as np
     from PIL import Image
     maybe_mkdir_p(pred_dir)
     for case in cases:
-        shape = np.asarray(Image.open(join(raw, "imagesTs", f"{case}_0000{file_ending}"))).shape[:2]
+        shape = np.asarray(Image.open(join(images, f"{case}_0000{file_ending}"))).shape[:2]
         path = join(pred_dir, case + file_ending)
         if not isfile(path):
             write_atomic(path, lambda t: Image.fromarray(np.zeros(shape, np.uint8)).save(t, format="png"))
@@ -254,6 +300,20 @@ def predict_row(work: str, env: dict, did: str, trainer: str, model_dir: str, im
     num_cases = len(subfiles(images, suffix="_0000.png", join=False))
     return {"metrics": evaluate(work, env, did, pred, name, num_samples), "training": training_facts(model_dir),
             "seconds_per_case": step_seconds(work, f"predict_{name}") / num_cases}
+
+
+def sampling_rows(trainer: str, model_dir: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The rows of a trained model (``model_dir``: its trainer folder), each ``(name, predictor flags)``, the flags
+    explicit so that a row means the same whatever the predictor's default. An AR-Seg model with a full-resolution
+    U-Net head: around its head (its default, row ``trainer``) and the transformer's own draws (``trainer`` +
+    ``OWN_DRAWS``); one whose head stops at the latent: its own draws (``trainer``) and around its head
+    (``trainer_head_anchored``); any other model: its own prediction or samples."""
+    kwargs = load_json(join(model_dir, "plans.json"))["configurations"]["2d"]["architecture"].get("arch_kwargs", {})
+    if not kwargs.get("aux_head"):
+        return [(trainer, ())]
+    if kwargs.get("aux_full_resolution"):
+        return [(trainer, ("--anchor_head",)), (trainer + OWN_DRAWS, ("--anchor_head", "--anchor_scales", "0"))]
+    return [(trainer, ()), (f"{trainer}_head_anchored", ("--anchor_head",))]
 
 
 def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
@@ -409,19 +469,24 @@ def main() -> None:
                     train_cmd(trainer, core, list(extra), fold=fold), step_env)], work)
 
     def predict_and_evaluate(trainer: str, core: str | None) -> None:
-        row = predict_row(work, env, did, trainer, fold_dir(trainer), images, trainer, args.num_samples, device, core)
+        """The model's rows (``sampling_rows``), the first with its learning curve."""
+        (name, extra), *variants = sampling_rows(trainer, os.path.dirname(fold_dir(trainer)))
+        row = predict_row(work, env, did, trainer, fold_dir(trainer), images, name, args.num_samples, device, core,
+                          extra)
         curve = []
         for snap in sorted(subfiles(fold_dir(trainer), prefix="checkpoint_", suffix="min.pth", join=False)):
             minutes = int(snap[len("checkpoint_"):-len("min.pth")])
             tag = f"{trainer}_{minutes:03d}min"
             pred = join(work, "curves", tag)
             predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
-                    device=device, core=core)
+                    device=device, core=core, extra=extra)
             curve.append({"minutes": minutes, **evaluate(work, env, did, pred, tag, args.num_samples, curve_images)})
         # the final checkpoint on the same cases, from the full test set's per-case metrics
         curve.append({"minutes": row["training"]["epoch_minutes"], "final": True, **mean_over(
-            join(work, "predictions", trainer, "summary_arseg.json"), set(curve_cases))})
-        record(trainer, row, curve)
+            join(work, "predictions", name, "summary_arseg.json"), set(curve_cases))})
+        record(name, row, curve)
+        for name, extra in variants:
+            predict_variant(name, trainer, core, extra)
 
     def predict_variant(name: str, trainer: str, core: str | None, extra: tuple[str, ...]) -> None:
         """Another way to sample a trained model: its row shares the model's training facts."""
@@ -450,14 +515,9 @@ def main() -> None:
 
     def lane_a(core: str | None) -> None:
         try:
-            for trainer in args.candidates:
+            for trainer in [*args.candidates, AR]:
                 train(trainer, core, scratch_env)
                 predict_and_evaluate(trainer, core)
-                predict_variant(f"{trainer}_head_anchored", trainer, core, ("--anchor_head",))
-            train(AR, core, scratch_env)
-            predict_and_evaluate(AR, core)
-            predict_variant(HEAD_ANCHORED, AR, core, ("--anchor_head",))
-            predict_variant(HEAD_ANCHORED_COARSE, AR, core, ("--anchor_head", "--anchor_scales", "5"))
             for k in (1, 2):
                 ensemble_fold(k, core)
         finally:
@@ -488,7 +548,7 @@ def main() -> None:
         keys = infer_dataset_class(folder).get_identifiers(folder)
         save_json_atomic(patient_grouped_splits(keys, dataset_json["arseg"]["patient_of_case"]), splits_file)
     pred = join(work, "predictions", "empty")  # the reference row, before the lanes
-    write_empty_prediction(raw, pred, cases, ".png")
+    write_empty_prediction(images, pred, cases, ".png")
     record("empty", {"metrics": evaluate(work, env, did, pred, "empty", args.num_samples)})
     run_lanes([lane_a, lane_b], cores)
     print(results_table(rows))

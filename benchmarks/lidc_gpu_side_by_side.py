@@ -12,8 +12,8 @@ holds the step markers and logs (a rerun skips finished steps, as in ``lidc_expe
 
 Each trainer is one lane (a thread): ``nnUNetv2_train D 2d all`` under a wall-time budget of ``--minutes``, with
 ``--da_workers`` data-augmentation processes of its own (``nnUNet_n_proc_DA``), then ``--num_samples`` samples of the
-test images (the stock trainer: its one mask, scored as N identical samples) and, for AR-Seg trainers, the same
-model sampled around its own U-Net head (``--anchor_head``). The lanes share the GPU and the CPU cores, so every
+test images (the stock trainer: its one mask, scored as N identical samples), an AR-Seg model both with and without
+its U-Net head (``lidc_experiment.sampling_rows``). The lanes share the GPU and the CPU cores, so every
 row had the same machine for the same minutes. torch.compile is off unless ``nnUNet_compile`` says otherwise: a
 budget of minutes would spend its first one compiling.
 """
@@ -27,17 +27,17 @@ import threading
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, subfiles
 
 from lidc_experiment import (AR, BIN, CANDIDATES_DIR, PROBUNET, STOCK, marker, predict_row, results_table, run_lanes,
-                             run_steps, write_text)
+                             run_steps, sampling_rows, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 
-CANDIDATE = "nnUNetTrainerARSeg_small_budget_fullHead"
+LATENT_HEAD = "nnUNetTrainerARSeg_small_budget_latentHead"  # the recipe before the full-resolution head
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-d", required=True, help="dataset id or name (converted with imagesTs, preprocessed 2d)")
     p.add_argument("--minutes", type=float, required=True, help="training wall time of every trainer")
-    p.add_argument("--trainers", nargs="+", default=[STOCK, AR, CANDIDATE, PROBUNET])
+    p.add_argument("--trainers", nargs="+", default=[STOCK, AR, LATENT_HEAD, PROBUNET])
     p.add_argument("--da_workers", type=int, default=3, help="data-augmentation processes per trainer")
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--training_seed", type=int, default=None, help="nnUNet_ARSEG_TRAINING_SEED of AR-Seg and ProbUNet")
@@ -91,9 +91,7 @@ def main() -> None:
             resume = ["--c"] if isfile(join(fold, "checkpoint_latest.pth")) else []
             run_steps([(f"train_{trainer}", [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", trainer,
                                              "-device", device] + resume, train_env)], work)
-            variants = [(trainer, ())] + ([(f"{trainer}_head_anchored", ("--anchor_head",))]
-                                          if "ARSeg" in trainer else [])
-            for row_name, extra in variants:
+            for row_name, extra in sampling_rows(trainer, os.path.dirname(fold)):
                 record(row_name, predict_row(work, env, did, trainer, fold, images, row_name, args.num_samples, device,
                                              extra=extra))
         lane.__name__ = f"lane_{trainer}"

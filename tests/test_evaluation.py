@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import shutil
@@ -645,6 +646,40 @@ def test_anchor_scales_choice_keeps_the_most_sampling_within_a_tie(monkeypatch):
     assert choice.choose(rows, tie=0.01) == "6"
     assert choice.choose(rows, tie=0.0) == "all"
     assert choice.choose({"all": {"GED": 0.30}, "0": {"GED": 0.30}}, tie=0.0) == "0"
+
+
+def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_path, monkeypatch):
+    """``benchmarks/lidc_experiment.py``: patients outside a split and outside earlier draws, the same for the same
+    seed; a model's rows by what its plans say it trained (the flags explicit, whatever the predictor's default)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    experiment = _benchmark_module("lidc_experiment")
+    pool = tmp_path / "pool"
+    names = [f"LIDC-IDRI-{i:04d}" for i in range(12)]
+    for name in names:
+        (pool / name).mkdir(parents=True)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"seed": 1, "patients": {"train": names[:4], "test": names[4:6]}}))
+    val = experiment.draw_outside(str(pool), str(split), 3, seed=2)
+    assert len(set(val)) == 3 and not set(val) & set(names[:6]) and val == sorted(val)
+    assert experiment.draw_outside(str(pool), str(split), 3, seed=2) == val
+    (tmp_path / "val.txt").write_text("\n".join(val) + "\n")
+    rest = experiment.draw_outside(str(pool), str(split), 3, seed=3, exclude=[str(tmp_path / "val.txt")])
+    assert sorted(rest + val) == names[6:]
+    with pytest.raises(SystemExit, match="fewer than the 4"):
+        experiment.draw_outside(str(pool), str(split), 4, seed=3, exclude=[str(tmp_path / "val.txt")])
+
+    def model(name: str, **arch_kwargs) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "plans.json").write_text(json.dumps(
+            {"configurations": {"2d": {"architecture": {"arch_kwargs": arch_kwargs}}}}))
+        return str(folder)
+
+    assert experiment.sampling_rows("stock", model("stock", n_stages=6)) == [("stock", ())]
+    assert experiment.sampling_rows("full", model("full", aux_head=True, aux_full_resolution=True)) == [
+        ("full", ("--anchor_head",)), ("full_own_draws", ("--anchor_head", "--anchor_scales", "0"))]
+    assert experiment.sampling_rows("latent", model("latent", aux_head=True, aux_full_resolution=False)) == [
+        ("latent", ()), ("latent_head_anchored", ("--anchor_head",))]
 
 
 def test_presence_from_masks_parts(lidc_demo):
