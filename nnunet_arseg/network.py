@@ -109,7 +109,8 @@ class ARSegNetwork(nn.Module):
         aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
             (Dice + BCE): a dense signal for the image model.
         aux_full_resolution: with the decoder prefix, the head runs the decoder to full resolution (else it stops at
-            the prefix's stage).
+            the prefix's stage); the eval forward then samples around the head's mask unless told otherwise
+            (``samples_around_head``).
         presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
             non-empty; the transformer is trained on non-empty masks only.
         deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
@@ -332,13 +333,14 @@ class ARSegNetwork(nn.Module):
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
                with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
                anchor: torch.Tensor | None = None, anchor_scales: int | None = None,
-               anchor_head: bool = False) -> dict:
+               anchor_head: bool | None = None) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
         ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
         ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's masks: where a class's anchor is
         non-empty, its first ``anchor_scales`` token maps (None: all) are the anchor's own and the finer ones are
         drawn given them (method §3.3); presence is drawn as without it, and an empty anchor leaves the draws free.
-        ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed.
+        ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed;
+        None: without ``anchor``, the model's default (``samples_around_head``).
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of the first sample that draws a
@@ -351,6 +353,8 @@ class ARSegNetwork(nn.Module):
         num_scales = len(self.tokenizer.scales)
         temperatures = [t * temperature for t in temperature_schedule(num_scales)]
         anchor_scales = num_scales if anchor_scales is None else int(anchor_scales)
+        if anchor_head is None:
+            anchor_head = anchor is None and self.samples_around_head
         if not 0 <= anchor_scales <= num_scales:
             raise ValueError(f"anchor_scales must be in 0 .. {num_scales} (the tokenizer's scales), got "
                              f"{anchor_scales}")
@@ -405,6 +409,14 @@ class ARSegNetwork(nn.Module):
             out["scales"] = torch.stack(scales, dim=1)
         return out
 
+    @property
+    def samples_around_head(self) -> bool:
+        """Whether the model samples (``sample``, the eval forward) around its own U-Net head unless told otherwise or
+        given an outside anchor: a full-resolution head's masks are better shapes than the transformer's own draws at
+        the budgets measured (docs/results.md), so each drawn sample takes the head's mask and the samples differ in
+        presence (method §3.3)."""
+        return self.aux_full_resolution
+
     def head_masks(self, aux_logits: torch.Tensor) -> torch.Tensor:
         """The U-Net head's masks (B, num_conditions, *patch) bool: its logits, at the resolution its decoder ran to,
         interpolated to the patch and thresholded at 0 (probability 0.5)."""
@@ -455,13 +467,13 @@ class ARSegNetwork(nn.Module):
 
         Channels beyond the image's are an anchor label map, one channel per foreground label: nnU-Net's predictor
         appends them from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``
-        and ``anchor_masks``. ``eval_sampling.anchor_head`` anchors on the model's own U-Net head instead
-        (``--anchor_head``).
+        and ``anchor_masks``. Without them, ``eval_sampling.anchor_head`` (None: ``samples_around_head``) anchors on
+        the model's own U-Net head (``--anchor_head``).
         """
         n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
         anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
-        anchor_head = bool(getattr(self.eval_sampling, "anchor_head", False))
+        anchor_head = getattr(self.eval_sampling, "anchor_head", None)
         anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included

@@ -30,14 +30,15 @@ class EvalSampling:
     """What ``ARSegNetwork``'s eval forward draws while a predictor runs: N, base seed and temperature factor (None:
     the network's own default, see ``ARSegNetwork.eval_settings``), a recorder for the samples, how many coarse
     scales an anchor mask fixes (None: all; used where the input carries anchor channels or with ``anchor_head``) and
-    whether the anchor is the network's own U-Net head (``ARSegNetwork.head_masks``)."""
+    whether the anchor is the network's own U-Net head (``ARSegNetwork.head_masks``; None: the network's default,
+    ``ARSegNetwork.samples_around_head``)."""
 
     num_samples: int | None = None
     seed: int | None = None
     temperature: float | None = None
     recorder: TileRecorder | None = None
     anchor_scales: int | None = None
-    anchor_head: bool = False
+    anchor_head: bool | None = None
 
 
 @dataclass
@@ -124,7 +125,7 @@ class SamplingPredictor(nnUNetPredictor):
 
     def __init__(self, *args, num_samples: int | None = None, seed: int | None = None,
                  temperature: float | None = None, with_scales: bool = False, anchor_scales: int | None = None,
-                 anchor_head: bool = False, **kwargs):
+                 anchor_head: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if num_samples is not None and int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -135,7 +136,7 @@ class SamplingPredictor(nnUNetPredictor):
         self.temperature = None if temperature is None else float(temperature)
         self.with_scales = with_scales
         self.anchor_scales = None if anchor_scales is None else int(anchor_scales)
-        self.anchor_head = bool(anchor_head)
+        self.anchor_head = None if anchor_head is None else bool(anchor_head)
         self._windows: list | None = None  # the samples of each model's window, while sample_case runs
         self._recorder: TileRecorder | None = None
 

@@ -33,10 +33,10 @@ def one_thread():
 
 
 @pytest.mark.parametrize("configuration, overrides", [
-    ("arseg_2d", {}),  # the presets' recipe: the prefix from the decoder, which stops at the latent's stage
-    ("arseg_3d", {}),
+    ("arseg_2d", {}),  # the presets' recipe: the prefix from the decoder's latent stage, the decoder run on to full
+    ("arseg_3d", {}),  # resolution for the head
     ("arseg_2d", {"prefix_source": "encoder"}),  # the decoder runs to full resolution: only its last 1x1 head
-    ("arseg_2d", {"aux_full_resolution": True}),  # the same, with the prefix from the decoder's latent stage
+    ("arseg_2d", {"aux_full_resolution": False}),  # the decoder stops at the latent's stage
     ("arseg_2d", {"prefix_source": "encoder", "aux_head": False, "embedding": "svd"}),  # no decoder, encoder cut
 ])
 def test_what_never_reaches_the_loss_is_frozen(configuration, overrides, one_thread):

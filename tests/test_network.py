@@ -128,7 +128,7 @@ def test_nnunet_builds_it_from_plans_with_a_frozen_tokenizer():
 
 
 def test_training_losses_2d_labels_with_aux_head():
-    plans = plans_with_arseg(aux_head=True)
+    plans = plans_with_arseg(aux_head=True, aux_full_resolution=False)  # the head stops at the prefix's stage
     net = build(plans, "arseg_2d", 3)  # background + 2 labels -> 2 condition classes
     assert net.num_conditions == 2
     x, mask = torch.randn(2, 1, 128, 128), torch.zeros(2, 1, 128, 128)
@@ -154,8 +154,8 @@ def test_a_full_resolution_head_beside_the_decoder_prefix():
     """``aux_full_resolution``: the prefix is the same decoder stage's (same weights, same prefix), the head's logits
     come from the decoder's last stage at the patch size, the mask ``--anchor_head`` samples around."""
     torch.manual_seed(0)
-    latent = build(plans_with_arseg(), "arseg_2d", 2).eval()
-    full = build(plans_with_arseg(aux_full_resolution=True), "arseg_2d", 2).eval()
+    latent = build(plans_with_arseg(aux_full_resolution=False), "arseg_2d", 2).eval()
+    full = build(plans_with_arseg(), "arseg_2d", 2).eval()  # the recipe's head
     full.load_state_dict(latent.state_dict())
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
     bias = net.presence_head.fc.bias
     with torch.no_grad():
         bias.fill_(30.0)  # always present
-        free = net.sample(x, num_samples=4, seed=3)["samples"]
+        free = net.sample(x, num_samples=4, seed=3, anchor_head=False)["samples"]  # the transformer's own draws
         out = net.sample(x, num_samples=4, seed=3, anchor=anchor)["samples"]  # every scale from the anchor
         own = net.tokenizer.idx_to_logits(net.tokenizer.mask_to_idx(anchor[:1].float()))[0, 0]
         assert_is_decoded_mask(out[0, 0], own)  # the anchor's own (tokenized) mask, every sample
@@ -289,23 +289,76 @@ def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(30.0)  # always present
-        seg_layer = net.decoder.seg_layers[net.feature_stage]
+        seg_layer = net.decoder.seg_layers[net.head_stage()]
         seg_layer.bias -= net.encode_image(x)[1].median()  # about half the head's cells foreground
         head = net.head_masks(net.encode_image(x)[1])
         assert head.shape == (2, 1, 128, 128) and 0.2 < head.float().mean() < 0.8
         out = net.sample(x, num_samples=4, seed=3, anchor_head=True)["samples"]
         assert torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor=head)["samples"])
-        assert not torch.equal(out, net.sample(x, num_samples=4, seed=3)["samples"])
+        assert not torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor_head=False)["samples"])
         assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor_head=True, anchor_scales=2)["samples"],
                            net.sample(x, num_samples=4, seed=3, anchor=head, anchor_scales=2)["samples"])
         net.eval_sampling = EvalSampling(num_samples=4, seed=0, anchor_head=True)
         with torch.inference_mode():
             logits = net(x[:1])
         net.eval_sampling = None
-        drawn = net.sample(x[:1], num_samples=4, seed=content_seed(0, x[:1]), anchor=head[:1])["samples"]
+        # the head of the one image as the eval forward computes it (a batch of two may round a pixel otherwise)
+        head_1 = net.head_masks(net.encode_image(x[:1])[1])
+        drawn = net.sample(x[:1], num_samples=4, seed=content_seed(0, x[:1]), anchor=head_1)["samples"]
         assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(vote_frequency(drawn, dim=2), class_dim=1))
         with pytest.raises(ValueError, match="not both"):
             net.sample(x, num_samples=2, anchor=head, anchor_head=True)
+
+
+def test_the_eval_forward_samples_around_a_full_resolution_head_unless_told_otherwise():
+    """The recipe's model (a full-resolution head) samples around its head by default; ``anchor_head=False`` or
+    ``anchor_scales=0`` gives the transformer's own draws, an outside anchor replaces the head; a model whose head
+    stops at the latent draws on its own."""
+    torch.manual_seed(0)
+    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    x = torch.randn(1, 1, 128, 128)
+    with torch.no_grad():
+        net.presence_head.fc.bias.fill_(30.0)  # always present
+        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x)[1].median()  # half the pixels foreground
+        head = net.head_masks(net.encode_image(x)[1])
+    assert net.samples_around_head and 0.2 < head.float().mean() < 0.8
+
+    class Keep:  # the recorder role of ``TileRecorder``: keeps what the eval forward drew
+        wants_scales = False
+
+        def record(self, samples_KN, scales_KS=None):
+            drawn.append(samples_KN)
+
+    def eval_draws(model, inputs=x, **sampling):
+        drawn.clear()
+        model.eval_sampling = EvalSampling(num_samples=4, seed=0, recorder=Keep(), **sampling)
+        try:
+            with torch.inference_mode():
+                model(inputs)
+        finally:
+            model.eval_sampling = None
+        return drawn[0]
+
+    drawn = []
+    seed = content_seed(0, x)
+    around_head = net.sample(x, num_samples=4, seed=seed, anchor=head)["samples"][0]
+    own = net.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0]
+    assert not torch.equal(around_head, own)
+    assert torch.equal(net.sample(x, num_samples=4, seed=seed)["samples"][0], around_head)
+    assert torch.equal(net.sample(x, num_samples=4, seed=seed, anchor_scales=0)["samples"][0], own)
+    assert torch.equal(eval_draws(net), around_head)
+    assert torch.equal(eval_draws(net, anchor_head=False), own)
+    assert torch.equal(eval_draws(net, anchor_scales=0), own)
+    outside = torch.zeros(1, 1, 128, 128)
+    outside[..., 40:90, 30:100] = 1
+    with_anchor = torch.cat([x, outside], 1)
+    expected = net.sample(x, num_samples=4, seed=content_seed(0, with_anchor), anchor=outside.bool())["samples"][0]
+    assert torch.equal(eval_draws(net, with_anchor), expected)
+    latent = build(plans_with_arseg(aux_full_resolution=False), "arseg_2d", 2).eval()
+    latent.load_state_dict(net.state_dict())
+    assert not latent.samples_around_head
+    assert torch.equal(eval_draws(latent), latent.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0])
+    assert torch.equal(eval_draws(latent), latent.sample(x, num_samples=4, seed=seed)["samples"][0])
 
 
 def test_region_anchors_are_unions_of_their_labels():

@@ -243,7 +243,8 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     assert "--num_samples must be >= 1" in err
     err = _refused(capsys, paths, tmp_path, "--temperature", "0")
     assert "--temperature must be > 0" in err
-    assert "goes with --anchor" in _refused(capsys, paths, tmp_path, "--anchor_scales", "2")
+    err = _refused(capsys, paths, tmp_path, "--anchor_scales", "2")  # a model that samples without an anchor
+    assert "--anchor_scales 2" in err and "without an anchor" in err and "--anchor_head" in err
     assert "give one" in _refused(capsys, paths, tmp_path, "--anchor", tmp_path, "--anchor_head")
     err = _refused(capsys, paths, tmp_path, "--anchor_head")  # this test model has no U-Net head
     assert "--anchor_head" in err and "without its U-Net head" in err

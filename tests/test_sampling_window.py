@@ -104,8 +104,10 @@ def test_anchor_head_reaches_the_network_through_the_window():
     assert head.any() and not head.all()  # random weights: a head mask of both values
     drawn = ours.sample_case(data)[1].samples_KN[:, :, 0]
     assert torch.equal(drawn, net.sample(tile, 4, content_seed(2, tile), anchor=head)["samples"][0])
-    _, (_, plain) = predictors(small_plans(), None, num_samples=4, seed=2)
-    assert not torch.equal(drawn, plain.sample_case(data)[1].samples_KN[:, :, 0])
+    _, (_, default) = predictors(small_plans(), None, num_samples=4, seed=2)  # the recipe's full-resolution head
+    assert torch.equal(default.sample_case(data)[1].samples_KN[:, :, 0], drawn)
+    _, (_, own) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=False)
+    assert not torch.equal(drawn, own.sample_case(data)[1].samples_KN[:, :, 0])
 
 
 def test_3d_tiles(monkeypatch):

@@ -81,13 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample around these masks (FOLDER/<case><ext>, e.g. a stock nnU-Net's predictions of the "
                            "same images): each non-empty sample keeps the anchor's coarse scales and draws the finer "
                            "ones; presence is still drawn by the model")
-    ours.add_argument("--anchor_head", action="store_true",
+    ours.add_argument("--anchor_head", action="store_true", default=None,
                       help="sample around the model's own U-Net head's mask (AR-Seg models train it beside the "
-                           "transformer), as --anchor does around outside masks; no folder needed")
+                           "transformer), as --anchor does around outside masks; no folder needed. The default for "
+                           "models with a full-resolution head (the current recipe)")
     ours.add_argument("--anchor_scales", type=int, default=None, metavar="S",
-                      help="with --anchor or --anchor_head: how many coarse scales come from the anchor (0: none, "
-                           "the model's own draws; default: all, i.e. the anchor's mask wherever a sample is "
-                           "present)")
+                      help="how many coarse scales come from the anchor (--anchor, --anchor_head or a model's "
+                           "full-resolution head): 0: none, the transformer's own draws; default: all, i.e. the "
+                           "anchor's mask wherever a sample is present")
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
     ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
@@ -107,10 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.temperature is not None and not args.temperature > 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
-    anchored = args.anchor is not None or args.anchor_head
-    if args.anchor_scales is not None and (not anchored or args.anchor_scales < 0):
-        parser.error("--anchor_scales S (S >= 0) goes with --anchor FOLDER or --anchor_head" if not anchored else
-                     f"--anchor_scales must be >= 0, got {args.anchor_scales}")
+    if args.anchor_scales is not None and args.anchor_scales < 0:
+        parser.error(f"--anchor_scales must be >= 0, got {args.anchor_scales}")
     if args.anchor is not None and args.anchor_head:
         parser.error("--anchor FOLDER and --anchor_head: give one (an outside anchor or the model's own head)")
     if args.anchor is not None and args.prev_stage_predictions is not None:
@@ -193,15 +192,21 @@ def run(args: argparse.Namespace) -> None:
     if args.prev_stage_predictions is not None and predictor.configuration_manager.previous_stage_name is None:
         raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
                          "previous stage; to sample around these masks give them as --anchor")
-    anchor_scales = None
-    if args.anchor is not None or args.anchor_head:
+    anchor_scales, anchor_head = None, args.anchor_head
+    if anchor_head is None:  # the model's default: around its full-resolution head, where it has one
+        anchor_head = args.anchor is None and getattr(arseg_network(predictor.network), "samples_around_head", False)
+    predictor.anchor_head = anchor_head
+    if args.anchor_scales is not None and args.anchor is None and not anchor_head:
+        raise InputError(f"--anchor_scales {args.anchor_scales}: the model in {folder} samples without an anchor; "
+                         "give --anchor FOLDER or --anchor_head, or leave --anchor_scales out")
+    if args.anchor is not None or anchor_head:
         net = arseg_network(predictor.network)
         num_scales = len(net.tokenizer.scales)
         if args.anchor_scales is not None and args.anchor_scales > num_scales:
             raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has {num_scales} scales; "
                              f"give 0 .. {num_scales}")
         anchor_scales = num_scales if args.anchor_scales is None else args.anchor_scales
-        if args.anchor_head and not net.aux_head:
+        if anchor_head and not net.aux_head:
             raise InputError(f"--anchor_head: the model in {folder} was trained without its U-Net head (aux_head "
                              "False), so it has no mask of its own to sample around; give --anchor FOLDER instead")
     if args.anchor is not None:
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
                 "num_samples": num_samples, "seed": seed, "temperature": temperature,
                 "anchor": None if args.anchor is None else os.path.abspath(args.anchor),
-                "anchor_head": args.anchor_head, "anchor_scales": anchor_scales,
+                "anchor_head": anchor_head, "anchor_scales": anchor_scales,
                 "step_size": args.step_size,
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
@@ -232,7 +237,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
           f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}"
           + (f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))" if args.anchor is not None else "")
-          + (f", anchored on its U-Net head ({anchor_scales} coarse scale(s))" if args.anchor_head else ""))
+          + (f", anchored on its U-Net head ({anchor_scales} coarse scale(s)"
+             + ("; the model's default, --anchor_scales 0 for the transformer's own draws" if args.anchor_head is None
+                else "") + ")" if anchor_head else ""))
     prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,
