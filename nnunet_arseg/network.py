@@ -109,7 +109,7 @@ class ARSegNetwork(nn.Module):
         aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
             (Dice + BCE): a dense signal for the image model.
         aux_full_resolution: with the decoder prefix, the head runs the decoder to full resolution (else it stops at
-            the prefix's stage); the eval forward then samples around the head's mask unless told otherwise
+            the prefix's stage); the model then samples around the head's mask unless told otherwise
             (``samples_around_head``).
         presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
             non-empty; the transformer is trained on non-empty masks only.

@@ -230,6 +230,9 @@ def test_both_predict_commands_on_the_trained_model(trained):
         name = case.replace("_0000", "")
         np.testing.assert_array_equal(_read_png(ours / name), _read_png(stock / name))
         assert len(list((ours / "samples").glob(f"{name[:-4]}_sample*.png"))) == 2
+    # the recipe's model samples around its full-resolution head by default, in both commands (same consensus above)
+    default = json.loads((ours / ARGS_FILE).read_text())
+    assert default["anchor_head"] is True and default["anchor_scales"] > 3  # every scale of the tokenizer
     # --anchor_head reaches the predictor (what it draws: test_network.py and test_sampling_window.py)
     log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_head"), *common,
                 "--num_samples", "2", "--anchor_head", "--anchor_scales", "3"], _env(trained["base"]))

@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
           f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}"
           + (f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))" if args.anchor is not None else "")
-          + (f", anchored on its U-Net head ({anchor_scales} coarse scale(s)"
+          + (", the transformer's own draws (--anchor_scales 0)" if anchor_head and anchor_scales == 0 else
+             f", anchored on its U-Net head ({anchor_scales} coarse scale(s)"
              + ("; the model's default, --anchor_scales 0 for the transformer's own draws" if args.anchor_head is None
                 else "") + ")" if anchor_head else ""))
     prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
