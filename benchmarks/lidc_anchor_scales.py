@@ -60,7 +60,7 @@ def main() -> None:
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     experiment, work = os.path.abspath(args.experiment), os.path.abspath(args.work)
-    env, model_id = experiment_env(experiment)
+    env, dataset = experiment_env(experiment)
     training_seed = load_json(join(experiment, "results.json")).get("training_seed")
     for sub in ("done", "logs"):
         maybe_mkdir_p(join(work, sub))
@@ -74,7 +74,7 @@ def main() -> None:
         name = f"{args.trainer}_anchor_scales_{s}"
         extra = ("--anchor_head",) + (() if s == "all" else ("--anchor_scales", s))
         pred = join(work, "predictions", name)
-        predict(work, env, model_id, args.trainer, images, pred, name, args.num_samples, device=device,
+        predict(work, env, dataset, args.trainer, images, pred, name, args.num_samples, device=device,
                 core=args.core or None, extra=extra)
         rows[s] = {"metrics": evaluate(work, val_env, str(args.val_id), pred, name, args.num_samples),
                    "seconds_per_case": step_seconds(work, f"predict_{name}") / len(cases)}

@@ -213,7 +213,7 @@ def convert_patients(pool: str, names: list[str], work: str, part: str, dataset_
 
 
 def experiment_env(experiment: str) -> tuple[dict, str]:
-    """The nnU-Net folders of a finished run (its ``--work``) and the id of its one dataset."""
+    """The nnU-Net folders of a finished run (its ``--work``) and the name of its one dataset (``DatasetXXX_Name``)."""
     from nnunet_arseg.nnunet_ext import ext_trainer_value
     if not isfile(join(experiment, "split", "split.json")):
         raise SystemExit(f"{join(experiment, 'split', 'split.json')} not found: --experiment must be the --work of a "
@@ -224,7 +224,7 @@ def experiment_env(experiment: str) -> tuple[dict, str]:
     datasets = [d for d in os.listdir(env["nnUNet_raw"]) if d.startswith("Dataset")]
     if len(datasets) != 1:
         raise SystemExit(f"{env['nnUNet_raw']}: expected the experiment's one dataset, found {datasets}")
-    return env, datasets[0][len("Dataset"):].split("_")[0]
+    return env, datasets[0]
 
 
 def write_empty_prediction(images: str, pred_dir: str, cases: list[str], file_ending: str) -> None:
@@ -291,14 +291,18 @@ def predict(work: str, env: dict, did: str, trainer: str, images: str, pred: str
 
 
 def predict_row(work: str, env: dict, did: str, trainer: str, model_dir: str, images: str, name: str,
-                num_samples: int, device: str = "cpu", core: str | None = None, extra: tuple[str, ...] = ()) -> dict:
+                num_samples: int, device: str = "cpu", core: str | None = None, extra: tuple[str, ...] = (),
+                scored_by: tuple[dict, str] | None = None) -> dict:
     """One table row: the trained ``trainer`` (its fold folder ``model_dir``) predicts ``images`` into
     ``WORK/predictions/NAME`` (``extra``: more predictor flags), scored by the evaluator, with its training facts and
-    the prediction's wall time per case."""
+    the prediction's wall time per case. ``scored_by``: the ``(env, dataset id)`` whose raters score the images when
+    they are not of the model's dataset."""
     pred = join(work, "predictions", name)
     predict(work, env, did, trainer, images, pred, name, num_samples, device=device, core=core, extra=extra)
     num_cases = len(subfiles(images, suffix="_0000.png", join=False))
-    return {"metrics": evaluate(work, env, did, pred, name, num_samples), "training": training_facts(model_dir),
+    score_env, score_did = scored_by or (env, did)
+    return {"metrics": evaluate(work, score_env, score_did, pred, name, num_samples),
+            "training": training_facts(model_dir),
             "seconds_per_case": step_seconds(work, f"predict_{name}") / num_cases}
 
 

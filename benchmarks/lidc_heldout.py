@@ -20,9 +20,8 @@ import os
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p, subfiles
 
-from lidc_experiment import (LABELS, STOCK, convert_patients, draw_outside, evaluate, experiment_env, log, predict,
-                             results_table, sampling_rows, step_seconds, training_facts, write_empty_prediction,
-                             write_text)
+from lidc_experiment import (LABELS, STOCK, convert_patients, draw_outside, evaluate, experiment_env, log,
+                             predict_row, results_table, sampling_rows, write_empty_prediction, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 
 TOKENIZER_PREFIX = "ARSegTokenizer"
@@ -53,8 +52,9 @@ def main() -> None:
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     experiment, work = os.path.abspath(args.experiment), os.path.abspath(args.work)
-    env, model_id = experiment_env(experiment)
-    results_dir = join(env["nnUNet_results"], next(d for d in os.listdir(env["nnUNet_raw"]) if d.startswith("Dataset")))
+    env, dataset = experiment_env(experiment)
+    results_dir = join(env["nnUNet_results"], dataset)
+    training_seed = load_json(join(experiment, "results.json")).get("training_seed")
     trainers = args.trainers if args.trainers is not None else trained_models(results_dir)
     missing = [t for t in trainers if not isdir(join(results_dir, f"{t}__nnUNetPlans__2d", "fold_all"))]
     if missing or not trainers:
@@ -72,7 +72,7 @@ def main() -> None:
 
     def record(name: str, row: dict) -> None:
         rows[name] = row
-        save_json_atomic({"experiment_training_seed": load_json(join(experiment, "results.json")).get("training_seed"),
+        save_json_atomic({"experiment_training_seed": training_seed,
                           "heldout_seed": args.heldout_seed, "num_patients": len(names), "num_cases": len(cases),
                           "num_samples": args.num_samples, "excluded": [os.path.abspath(f) for f in args.exclude],
                           "device": device, "results": rows}, join(work, "results.json"))
@@ -86,12 +86,8 @@ def main() -> None:
     for trainer in trainers:
         model_dir = join(results_dir, f"{trainer}__nnUNetPlans__2d")
         for name, extra in sampling_rows(trainer, model_dir):
-            pred = join(work, "predictions", name)
-            predict(work, env, model_id, trainer, images, pred, name, args.num_samples, device=device,
-                    core=args.core or None, extra=extra)
-            record(name, {"metrics": evaluate(work, heldout_env, did, pred, name, args.num_samples),
-                          "training": training_facts(join(model_dir, "fold_all")),
-                          "seconds_per_case": step_seconds(work, f"predict_{name}") / len(cases)})
+            record(name, predict_row(work, env, dataset, trainer, join(model_dir, "fold_all"), images, name,
+                                     args.num_samples, device, args.core or None, extra, (heldout_env, did)))
     print(results_table(rows))
 
 

@@ -234,13 +234,17 @@ def run(args: argparse.Namespace) -> None:
     if stale:
         print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {args.o}")
     save_json_atomic(settings, join(args.o, ARGS_FILE))
+    if args.anchor is not None:
+        sampling = f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))"
+    elif anchor_head and anchor_scales == 0:
+        sampling = ", the transformer's own draws (--anchor_scales 0)"
+    elif anchor_head:
+        default = "" if args.anchor_head else "; the model's default, --anchor_scales 0 for the transformer's own draws"
+        sampling = f", anchored on its U-Net head ({anchor_scales} coarse scale(s){default})"
+    else:
+        sampling = ""
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
-          f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}"
-          + (f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))" if args.anchor is not None else "")
-          + (", the transformer's own draws (--anchor_scales 0)" if anchor_head and anchor_scales == 0 else
-             f", anchored on its U-Net head ({anchor_scales} coarse scale(s)"
-             + ("; the model's default, --anchor_scales 0 for the transformer's own draws" if args.anchor_head is None
-                else "") + ")" if anchor_head else ""))
+          f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}{sampling}")
     prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,
