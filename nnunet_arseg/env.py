@@ -4,6 +4,8 @@
   default: the model's stored N (16).
 - ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
 - ``nnUNet_ARSEG_TEMPERATURE``: the factor on that sampling's per-scale temperatures; default 1 (the reference's).
+- ``nnUNet_ARSEG_MIRROR_HEAD``: 0 turns off that sampling's test-time mirroring of the U-Net head (what
+  ``nnUNetv2_arseg_predict --disable_tta`` does; ``nnUNetv2_predict``'s flag cannot reach it); default 1.
 - ``nnUNet_ARSEG_TRAINING_SEED``: the seed of an AR-Seg or ProbUNet training (weights, batches, augmentation);
   default: the trainer's ``training_seed`` (0).
 - ``nnUNet_ARSEG_BUDGET_MINUTES``: the wall-time budget of the ``*_budget`` trainers, in minutes.
@@ -27,6 +29,7 @@ import socket
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
 TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
+MIRROR_HEAD = "nnUNet_ARSEG_MIRROR_HEAD"
 TRAINING_SEED = "nnUNet_ARSEG_TRAINING_SEED"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
 SNAPSHOT_MINUTES = "nnUNet_ARSEG_SNAPSHOT_MINUTES"
@@ -79,6 +82,13 @@ def num_samples(default: int) -> int:
 
 def sampling_seed() -> int:
     return env_int(SEED, 0)
+
+
+def mirror_head() -> bool:
+    value = env_int(MIRROR_HEAD, 1, low=0)
+    if value > 1:
+        raise RuntimeError(f"the environment variable {MIRROR_HEAD}={value} must be 0 or 1")
+    return bool(value)
 
 
 def training_seed(default: int | None) -> int | None:

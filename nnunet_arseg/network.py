@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import pydoc
 
@@ -112,7 +113,7 @@ class ARSegNetwork(nn.Module):
             the prefix's stage); the model then samples around the head's mask unless told otherwise
             (``samples_around_head``).
         presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
-            non-empty; the transformer is trained on non-empty masks only.
+            non-empty; the transformer is trained on non-empty masks only. presence_weight: its BCE's weight.
         deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
         **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
     """
@@ -127,7 +128,8 @@ class ARSegNetwork(nn.Module):
                  num_samples: int = ARSegConfig.num_samples, top_k: int | None = ARSegConfig.top_k,
                  aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
                  aux_full_resolution: bool = ARSegConfig.aux_full_resolution,
-                 presence: bool = ARSegConfig.presence, deep_supervision: bool = False, **unet_kwargs):
+                 presence: bool = ARSegConfig.presence, presence_weight: float = ARSegConfig.presence_weight,
+                 deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
         self.input_channels = int(input_channels)
@@ -144,6 +146,7 @@ class ARSegNetwork(nn.Module):
         if prefix_source == "decoder" and not aux_head:
             raise ValueError("prefix_source='decoder' embeds the U-Net decoder's features: set aux_head=True")
         self.num_samples, self.aux_weight = int(num_samples), float(aux_weight)
+        self.presence_weight = float(presence_weight)
         for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
             if unet_kwargs.get(key) is not None:
                 unet_kwargs[key] = _locate(unet_kwargs[key], key)
@@ -300,7 +303,7 @@ class ARSegNetwork(nn.Module):
             presence_B = self.presence_head(prefix_BND).gather(1, cls_B.view(-1, 1))[:, 0]
             presence_bce = F.binary_cross_entropy_with_logits(presence_B, present_B.float())
             logs["presence_bce"] = presence_bce.item()
-            loss = loss + presence_bce
+            loss = loss + self.presence_weight * presence_bce
         logs["loss"] = loss
         if with_prediction:
             with torch.no_grad(), tokenizer_precision(x.device):
@@ -333,14 +336,16 @@ class ARSegNetwork(nn.Module):
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
                with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
                anchor: torch.Tensor | None = None, anchor_scales: int | None = None,
-               anchor_head: bool | None = None) -> dict:
+               anchor_head: bool | None = None, mirror_head: bool = True) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
         ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
         ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's masks: where a class's anchor is
         non-empty, its first ``anchor_scales`` token maps (None: all) are the anchor's own and the finer ones are
         drawn given them (method §3.3); presence is drawn as without it, and an empty anchor leaves the draws free.
         ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed;
-        None: without ``anchor``, the model's default (``samples_around_head``).
+        None: without ``anchor``, the model's default (``samples_around_head``). ``mirror_head``: the head's mask from
+        its logits averaged over the image's mirrorings (``head_logits``), as nnU-Net's test-time mirroring.
+        Where every scale is anchored, a drawn sample is the anchor's mask itself, not its tokenized reconstruction.
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of the first sample that draws a
@@ -372,7 +377,8 @@ class ARSegNetwork(nn.Module):
         try:
             prefix_BND, aux_logits = self.encode_image(x)
             if anchor_head:
-                anchor = self.head_masks(aux_logits)
+                anchor = self.head_masks(self.head_logits(x, aux_logits) if mirror_head else aux_logits)
+            exact = anchor is not None and anchor_scales == num_scales
             presence_BK = self.presence_head(prefix_BND) if self.presence_head is not None else None
             B = x.shape[0]
             samples, scales = [], []
@@ -396,11 +402,16 @@ class ARSegNetwork(nn.Module):
                                                              keep_rows=shown_B if with_scales else None, anchor=given,
                                                              active=keep_N if presence_BK is not None else None)
                 masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
-                if keep_N.any():  # an absent sample is the empty mask: its token draw is never decoded
-                    masks_N[keep_N] = self._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
+                copied_N = keep_N & given[1] if exact else torch.zeros_like(keep_N)
+                if copied_N.any():  # every token map given: the anchor's own mask, not its reconstruction
+                    masks_N[copied_N] = anchor[:, c].bool().repeat_interleave(n, dim=0)[copied_N]
+                drawn_N = keep_N & ~copied_N
+                if drawn_N.any():  # an absent sample is the empty mask: its token draw is never decoded
+                    masks_N[drawn_N] = self._decode(f_hat[drawn_N], [idx[drawn_N] for idx in idx_list])
                 samples.append(masks_N.view(B, n, *self.patch_size))
                 if with_scales:  # the shown sample's coarse-to-fine masks, empty at every scale when it is absent
                     scales_BS = torch.stack([self._decode(f) for f in partial], dim=1)
+                    scales_BS[:, -1] = masks_N[shown_B]
                     scales.append(scales_BS & keep_N[shown_B].view(B, 1, *[1] * len(self.patch_size)))
         finally:
             self.train(was_training)
@@ -416,6 +427,18 @@ class ARSegNetwork(nn.Module):
         the budgets measured (docs/results.md), so each drawn sample takes the head's mask and the samples differ in
         presence (method §3.3)."""
         return self.aux_full_resolution
+
+    def head_logits(self, x: torch.Tensor, aux_logits: torch.Tensor) -> torch.Tensor:
+        """The U-Net head's logits of ``x`` (``aux_logits``: those of the image as it is) averaged over its mirrorings
+        along every combination of spatial axes, as nnU-Net's test-time mirroring (the training flips along every
+        axis)."""
+        axes = range(2, x.ndim)
+        flips = [dims for k in range(1, len(axes) + 1) for dims in itertools.combinations(axes, k)]
+        total = aux_logits.float()
+        for dims in flips:
+            skips = self.encoder(torch.flip(x, dims))
+            total = total + torch.flip(decode_to_stage(self.decoder, skips, self.head_stage())[1], dims).float()
+        return total / (len(flips) + 1)
 
     def head_masks(self, aux_logits: torch.Tensor) -> torch.Tensor:
         """The U-Net head's masks (B, num_conditions, *patch) bool: its logits, at the resolution its decoder ran to,
@@ -474,13 +497,15 @@ class ARSegNetwork(nn.Module):
         recorder = getattr(self.eval_sampling, "recorder", None)
         anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
         anchor_head = getattr(self.eval_sampling, "anchor_head", None)
+        mirror_head = getattr(self.eval_sampling, "mirror_head", None)
+        mirror_head = env.mirror_head() if mirror_head is None else mirror_head
         anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
             with_scales = recorder is not None and recorder.wants_scales
             out = self.sample(x_1[:, :self.input_channels], n, content_seed(seed, x_1), with_scales=with_scales,
                               temperature=temperature, anchor=None if anchor is None else anchor[b:b + 1],
-                              anchor_scales=anchor_scales, anchor_head=anchor_head)
+                              anchor_scales=anchor_scales, anchor_head=anchor_head, mirror_head=mirror_head)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))

@@ -233,12 +233,13 @@ def test_both_predict_commands_on_the_trained_model(trained):
     # the recipe's model samples around its full-resolution head by default, in both commands (same consensus above)
     default = json.loads((ours / ARGS_FILE).read_text())
     assert default["anchor_head"] is True and default["anchor_scales"] > 3  # every scale of the tokenizer
-    # --anchor_head reaches the predictor (what it draws: test_network.py and test_sampling_window.py)
+    assert default["mirror_head"] is True  # the head's test-time mirroring, as nnU-Net's default
+    # --anchor_head and --disable_tta reach the predictor (what they draw: test_network.py, test_sampling_window.py)
     log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_head"), *common,
-                "--num_samples", "2", "--anchor_head", "--anchor_scales", "3"], _env(trained["base"]))
+                "--num_samples", "2", "--anchor_head", "--anchor_scales", "3", "--disable_tta"], _env(trained["base"]))
     assert "anchored on its U-Net head (3 coarse scale(s))" in log
     args = json.loads((trained["root"] / "pred_head" / ARGS_FILE).read_text())
-    assert args["anchor_head"] is True and args["anchor_scales"] == 3
+    assert args["anchor_head"] is True and args["anchor_scales"] == 3 and args["mirror_head"] is False
 
 
 def test_same_training_twice_gives_the_same_model(trained):

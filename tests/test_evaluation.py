@@ -682,6 +682,25 @@ def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_pa
         ("latent", ()), ("latent_head_anchored", ("--anchor_head",))]
 
 
+def test_dmax_split_separates_presence_from_shape():
+    """``benchmarks/lidc_dmax_split.py``: per case, the sampler's drawn share, its drawn samples' D_max (shape) and
+    D_max, against a one-mask reference, with the score an empty sample gets."""
+    bench = _benchmark_module("lidc_dmax_split")
+    raters = np.zeros((4, 8, 8), dtype=bool)
+    raters[0, 2:6, 2:6] = True  # one rater of four draws
+    half = np.zeros((4, 8, 8), dtype=bool)
+    half[:2, 2:6, 3:6] = True  # two of four samples draw, Dice 6/7 with that rater
+    row = bench.split(half, raters, np.zeros((8, 8), dtype=bool))
+    assert row["raters"] == 1 and row["share"] == 0.5 and row["rater_share"] == 0.25
+    assert row["shape"] == pytest.approx(24 / 28) and row["d_max"] == pytest.approx((2 * 24 / 28 + 2) / 4)
+    assert not row["ref_draws"] and row["ref_d_max"] == 1.0 and row["empty_score"] == 1.0  # empty against the three
+    everyone = np.broadcast_to(raters[:1], (4, 8, 8))  # all four raters draw: an empty sample scores 0
+    row = bench.split(half, everyone, everyone[0])
+    assert row["d_max"] == pytest.approx(24 / 28 / 2) and row["empty_score"] == 0.0
+    assert row["ref_draws"] and row["ref_d_max"] == 1.0
+    assert math.isnan(bench.split(np.zeros((4, 8, 8), dtype=bool), raters, raters[0])["shape"])
+
+
 def test_presence_from_masks_parts(lidc_demo):
     """``benchmarks/presence_from_masks.py``: the systematic sampler's expected gap, and what the object features
     say of a real nodule."""

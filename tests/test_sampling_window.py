@@ -100,7 +100,8 @@ def test_anchor_head_reaches_the_network_through_the_window():
     net, (_, ours) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=True)
     data = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(5))
     tile = data[None, :, 0]
-    head = net.head_masks(net.encode_image(tile)[1])
+    plain = net.encode_image(tile)[1]
+    head = net.head_masks(net.head_logits(tile, plain))  # averaged over the tile's mirrorings
     assert head.any() and not head.all()  # random weights: a head mask of both values
     drawn = ours.sample_case(data)[1].samples_KN[:, :, 0]
     assert torch.equal(drawn, net.sample(tile, 4, content_seed(2, tile), anchor=head)["samples"][0])
@@ -108,6 +109,9 @@ def test_anchor_head_reaches_the_network_through_the_window():
     assert torch.equal(default.sample_case(data)[1].samples_KN[:, :, 0], drawn)
     _, (_, own) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=False)
     assert not torch.equal(drawn, own.sample_case(data)[1].samples_KN[:, :, 0])
+    _, (_, unmirrored) = predictors(small_plans(), None, num_samples=4, seed=2, mirror_head=False)  # --disable_tta
+    assert torch.equal(unmirrored.sample_case(data)[1].samples_KN[:, :, 0],
+                       net.sample(tile, 4, content_seed(2, tile), anchor=net.head_masks(plain))["samples"][0])
 
 
 def test_3d_tiles(monkeypatch):

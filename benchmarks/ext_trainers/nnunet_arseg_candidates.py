@@ -18,3 +18,10 @@ class nnUNetTrainerARSeg_small_budget_wideUNet(nnUNetTrainerARSeg_small_budget):
     whether the head's shapes reach the stock model's (D_max) at the epochs the budget leaves."""
 
     arseg_arch_overrides = {"preset": "small", "max_features_per_stage": None}
+
+
+class nnUNetTrainerARSeg_small_budget_presence4(nnUNetTrainerARSeg_small_budget):
+    """The recipe with the presence BCE weighted 4x: whether a larger share of the gradient makes the presence head
+    tell apart the images most raters mark from those few do (what the D_max gap to nnU-Net comes from)."""
+
+    arseg_arch_overrides = {"preset": "small", "presence_weight": 4.0}

@@ -23,7 +23,7 @@ from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_tempora
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
 RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "anchor", "anchor_head",
-            "anchor_scales", "step_size", "mirroring")
+            "anchor_scales", "mirror_head", "step_size", "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/samples holds every fold's)")
     nn.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (fraction of the patch, <= 1); "
                                                                 "default 0.5")
-    nn.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (AR-Seg trainers "
-                                                               "allow none unless trained as ..._mirroring)")
+    nn.add_argument("--disable_tta", action="store_true",
+                    help="no mirroring test-time augmentation: neither of the U-Net head whose mask the samples take "
+                         "their shape from, nor nnU-Net's of the whole sampling (which AR-Seg trainers allow only "
+                         "when trained as ..._mirroring)")
     nn.add_argument("--verbose", action="store_true", help="nnU-Net's verbose output")
     nn.add_argument("--save_probabilities", action="store_true", help="also write OUT/<case>.npz/.pkl (the vote "
                                                                       "frequencies as nnU-Net probabilities)")
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace) -> None:
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
                                temperature=args.temperature, anchor_scales=args.anchor_scales,
-                               anchor_head=args.anchor_head, extras=extras)
+                               anchor_head=args.anchor_head, mirror_head=not args.disable_tta and env.mirror_head(),
+                               extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
     except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
@@ -221,6 +224,7 @@ def run(args: argparse.Namespace) -> None:
                 "num_samples": num_samples, "seed": seed, "temperature": temperature,
                 "anchor": None if args.anchor is None else os.path.abspath(args.anchor),
                 "anchor_head": anchor_head, "anchor_scales": anchor_scales,
+                "mirror_head": bool(anchor_head and predictor.mirror_head),
                 "step_size": args.step_size,
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
@@ -240,7 +244,8 @@ def run(args: argparse.Namespace) -> None:
         sampling = ", the transformer's own draws (--anchor_scales 0)"
     elif anchor_head:
         default = "" if args.anchor_head else "; the model's default, --anchor_scales 0 for the transformer's own draws"
-        sampling = f", anchored on its U-Net head ({anchor_scales} coarse scale(s){default})"
+        mirrored = "mirrored " if predictor.mirror_head else ""
+        sampling = f", anchored on its {mirrored}U-Net head ({anchor_scales} coarse scale(s){default})"
     else:
         sampling = ""
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
