@@ -23,7 +23,7 @@ from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from
 
 from nnunet_arseg.evaluation.casefiles import (find_raw_dataset, load_dataset_json, rater_files_per_case,
                                                rater_folders, samples_per_case)
-from nnunet_arseg.evaluation.multirater import d_max
+from nnunet_arseg.evaluation.multirater import d_max, nan_mean
 
 
 def split(samples_N, raters_M, reference) -> dict:
@@ -60,16 +60,14 @@ def main() -> None:
                           read(os.path.join(args.reference, case + ending))))
 
     def mean(key, group):
-        values = [r[key] for r in group if not np.isnan(r[key])]
-        return float(np.mean(values)) if values else float("nan")
+        return nan_mean([r[key] for r in group])
 
     print("raters drawing | slices | sampler: drawn share, shape, D_max | reference: drawn share, shape, D_max")
     for k in sorted({r["raters"] for r in rows}):
         g = [r for r in rows if r["raters"] == k]
-        ref_shape = [r["ref_d_max"] for r in g if r["ref_draws"]]
+        ref_shape = nan_mean([r["ref_d_max"] for r in g if r["ref_draws"]])
         print(f"{k} | {len(g)} | {mean('share', g):.2f}, {mean('shape', g):.3f}, {mean('d_max', g):.3f} | "
-              f"{np.mean([r['ref_draws'] for r in g]):.2f}, "
-              f"{np.mean(ref_shape) if ref_shape else float('nan'):.3f}, {mean('ref_d_max', g):.3f}")
+              f"{mean('ref_draws', g):.2f}, {ref_shape:.3f}, {mean('ref_d_max', g):.3f}")
     both = [r for r in rows if r["ref_draws"] and r["share"] > 0]
     print(f"all {len(rows)} slices: D_max {mean('d_max', rows):.3f} against {mean('ref_d_max', rows):.3f}; where both "
           f"draw ({len(both)}): shape {mean('shape', both):.3f} against {mean('ref_d_max', both):.3f}")
