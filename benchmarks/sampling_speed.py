@@ -90,10 +90,10 @@ def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
     sync = torch.cuda.synchronize if x_BCX.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        prefix_BND, _ = network.encode_image(x_BCX)
+        prefix_BND, _, presence_BND = network.encode_image(x_BCX)
         keep_N = None
         if network.presence_head is not None:
-            keep_N = draw_presence(network.presence_head(prefix_BND)[:, 0], num_samples, class_seed(0, 0)).flatten()
+            keep_N = draw_presence(network.presence_head(presence_BND)[:, 0], num_samples, class_seed(0, 0)).flatten()
         sync()
         t1 = time.perf_counter()
         cls_B = torch.zeros(x_BCX.shape[0], dtype=torch.long, device=x_BCX.device)

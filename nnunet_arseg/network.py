@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import pydoc
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,23 @@ from nnunet_arseg.segmentor.sampling import sample_token_maps, temperature_sched
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
 from nnunet_arseg.tokenizer import MaskTokenizer
 
-__all__ = ["ARSegNetwork", "build_arseg_architecture", "unwrap_network", "PREFIX_SOURCES"]
+__all__ = ["ARSegNetwork", "ImageEncoding", "build_arseg_architecture", "unwrap_network", "PREFIX_SOURCES",
+           "PRESENCE_SOURCES"]
 
 NETWORK_CLASS_NAME = "nnunet_arseg.network.ARSegNetwork"
 PREFIX_SOURCES = ("encoder", "decoder")
+PRESENCE_SOURCES = ("prefix", "head")
+
+
+class ImageEncoding(NamedTuple):
+    """What the image model gives the segmentor: the prefix (B, N_f, D), the U-Net head's logits
+    (B, num_conditions, *s) or None without the aux head, and the tokens the presence head pools (B, N, D_p): the
+    prefix, or the features the head's segmentation layer reads (``presence_source``)."""
+
+    prefix_BND: torch.Tensor
+    aux_logits: torch.Tensor | None
+    presence_BND: torch.Tensor
+
 
 class _DeepSupervisionFlag(nn.Module):
     """Stands in for ``.decoder`` without the aux head: nnU-Net's trainer sets ``decoder.deep_supervision``."""
@@ -63,17 +77,17 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 
 
 def decode_to_stage(decoder: nn.Module, skips: list[torch.Tensor], last_stage: int,
-                    feature_stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    feature_stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """nnU-Net's ``UNetDecoder`` run up to stage ``last_stage`` only: the features of stage ``feature_stage`` (None:
-    ``last_stage``) and the logits of ``last_stage``'s segmentation layer (the deep-supervision head of that
-    resolution)."""
+    ``last_stage``), the logits of ``last_stage``'s segmentation layer (the deep-supervision head of that
+    resolution) and the features that layer reads."""
     feature_stage = last_stage if feature_stage is None else feature_stage
     x = features = skips[-1]
     for s in range(last_stage + 1):
         x = decoder.stages[s](torch.cat((decoder.transpconvs[s](x), skips[-(s + 2)]), 1))
         if s == feature_stage:
             features = x
-    return features, decoder.seg_layers[last_stage](x)
+    return features, decoder.seg_layers[last_stage](x), x
 
 
 def pool_to(x: torch.Tensor, shape) -> torch.Tensor:
@@ -114,6 +128,8 @@ class ARSegNetwork(nn.Module):
             (``samples_around_head``).
         presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
             non-empty; the transformer is trained on non-empty masks only. presence_weight: its BCE's weight.
+            presence_source: what it pools, ``"prefix"`` (the prefix tokens) or ``"head"`` (the U-Net decoder features
+            the head's segmentation layer reads, detached; needs ``aux_head``).
         deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
         **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
     """
@@ -129,7 +145,7 @@ class ARSegNetwork(nn.Module):
                  aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
                  aux_full_resolution: bool = ARSegConfig.aux_full_resolution,
                  presence: bool = ARSegConfig.presence, presence_weight: float = ARSegConfig.presence_weight,
-                 deep_supervision: bool = False, **unet_kwargs):
+                 presence_source: str = ARSegConfig.presence_source, deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
         self.input_channels = int(input_channels)
@@ -145,6 +161,11 @@ class ARSegNetwork(nn.Module):
             raise ValueError(f"prefix_source must be one of {PREFIX_SOURCES}, got {prefix_source!r}")
         if prefix_source == "decoder" and not aux_head:
             raise ValueError("prefix_source='decoder' embeds the U-Net decoder's features: set aux_head=True")
+        if presence_source not in PRESENCE_SOURCES:
+            raise ValueError(f"presence_source must be one of {PRESENCE_SOURCES}, got {presence_source!r}")
+        if presence_source == "head" and not aux_head:
+            raise ValueError("presence_source='head' pools the U-Net head's features: set aux_head=True")
+        self.presence_source = presence_source
         self.num_samples, self.aux_weight = int(num_samples), float(aux_weight)
         self.presence_weight = float(presence_weight)
         for key in ("conv_op", "norm_op", "dropout_op", "nonlin"):
@@ -196,7 +217,9 @@ class ARSegNetwork(nn.Module):
                                                   self.num_conditions, **(transformer or {}))
         self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
                                          self.transformer.width)
-        self.presence_head = PresenceHead(self.transformer.width, self.num_conditions) if presence else None
+        presence_dim = (self.transformer.width if presence_source == "prefix"
+                        else self.encoder.output_channels[len(shapes) - 2 - self.head_stage()])
+        self.presence_head = PresenceHead(presence_dim, self.num_conditions) if presence else None
         for module in self.unused_modules():
             module.requires_grad_(False)
 
@@ -242,18 +265,25 @@ class ARSegNetwork(nn.Module):
             raise ValueError(f"input must have the shape (B, C, *{self.patch_size}), got {tuple(x.shape)}; "
                              "AR-Seg works on whole patches of the plans' patch size")
 
-    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image prefix (B, N_f, D) and, with the aux head, its logits (B, num_conditions, *s): the U-Net decoder
-        runs only as far as needed, to the prefix's stage (decoder prefix) or to full resolution (encoder prefix, or
+    def encode_image(self, x: torch.Tensor) -> ImageEncoding:
+        """The image's prefix, head logits and presence tokens (``ImageEncoding``): the U-Net decoder runs only as far
+        as needed, to the prefix's stage (decoder prefix) or to full resolution (encoder prefix, or
         ``aux_full_resolution``)."""
         self._check_input(x)
         skips = self.encoder(x)
         if not self.aux_head:
-            return self.embedding(skips[self.feature_stage]), None
+            prefix_BND = self.embedding(skips[self.feature_stage])
+            return ImageEncoding(prefix_BND, None, prefix_BND)
         if self.prefix_source == "encoder":
-            return self.embedding(skips[self.feature_stage]), decode_to_stage(self.decoder, skips, self.head_stage())[1]
-        features, aux_logits = decode_to_stage(self.decoder, skips, self.head_stage(), self.feature_stage)
-        return self.embedding(pool_to(features, self.tokenizer.latent_shape)), aux_logits
+            _, aux_logits, head_in = decode_to_stage(self.decoder, skips, self.head_stage())
+            prefix_BND = self.embedding(skips[self.feature_stage])
+        else:
+            features, aux_logits, head_in = decode_to_stage(self.decoder, skips, self.head_stage(), self.feature_stage)
+            prefix_BND = self.embedding(pool_to(features, self.tokenizer.latent_shape))
+        if self.presence_source == "prefix":
+            return ImageEncoding(prefix_BND, aux_logits, prefix_BND)
+        # the head's features as tokens, detached: presence reads the segmentation features without reshaping them
+        return ImageEncoding(prefix_BND, aux_logits, head_in.detach().flatten(2).transpose(1, 2))
 
     def _cls(self, cls: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         if cls is None:
@@ -283,7 +313,7 @@ class ARSegNetwork(nn.Module):
             x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
             target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
             present_B = mask.flatten(1).amax(1) > 0.5
-        prefix_BND, aux_logits = self.encode_image(x)
+        prefix_BND, aux_logits, presence_BND = self.encode_image(x)
         logits_BLV = self.transformer(prefix_BND, x_BLC, cls_B)
         ce_BL = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1),
                                 reduction="none").view(target_BL.shape)
@@ -300,7 +330,7 @@ class ARSegNetwork(nn.Module):
             logs["aux_loss"] = aux.item()
             loss = loss + self.aux_weight * aux
         if self.presence_head is not None:
-            presence_B = self.presence_head(prefix_BND).gather(1, cls_B.view(-1, 1))[:, 0]
+            presence_B = self.presence_head(presence_BND).gather(1, cls_B.view(-1, 1))[:, 0]
             presence_bce = F.binary_cross_entropy_with_logits(presence_B, present_B.float())
             logs["presence_bce"] = presence_bce.item()
             loss = loss + self.presence_weight * presence_bce
@@ -375,11 +405,11 @@ class ARSegNetwork(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            prefix_BND, aux_logits = self.encode_image(x)
+            prefix_BND, aux_logits, presence_BND = self.encode_image(x)
             if anchor_head:
                 anchor = self.head_masks(self.head_logits(x, aux_logits) if mirror_head else aux_logits)
             exact = anchor is not None and anchor_scales == num_scales
-            presence_BK = self.presence_head(prefix_BND) if self.presence_head is not None else None
+            presence_BK = self.presence_head(presence_BND) if self.presence_head is not None else None
             B = x.shape[0]
             samples, scales = [], []
             for c in classes:

@@ -17,8 +17,9 @@ PRESENCE_SEED_SALT = 0x5EED << 48  # the presence draws' generator differs from 
 
 
 class PresenceHead(nn.Module):
-    """Image prefix (B, N_f, D) -> presence logits (B, num_conditions), from the tokens' mean and max (the max keeps
-    the evidence of one small object)."""
+    """Image tokens (B, N, D) -> presence logits (B, num_conditions), from the tokens' mean and max (the max keeps
+    the evidence of one small object). The tokens are the image prefix or the U-Net head's features
+    (``presence_source``)."""
 
     def __init__(self, dim: int, num_conditions: int):
         super().__init__()
