@@ -218,7 +218,7 @@ class ARSegNetwork(nn.Module):
         self.embedding = build_embedding(embedding, channels, feature_shape, num_prefix_tokens,
                                          self.transformer.width)
         presence_dim = (self.transformer.width if presence_source == "prefix"
-                        else self.encoder.output_channels[len(shapes) - 2 - self.head_stage()])
+                        else self.decoder.seg_layers[self.head_stage()].in_channels)
         self.presence_head = PresenceHead(presence_dim, self.num_conditions) if presence else None
         for module in self.unused_modules():
             module.requires_grad_(False)
