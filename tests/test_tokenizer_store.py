@@ -110,18 +110,23 @@ def _lock_record(path, age_s: float = 0.0, **owner) -> dict:
     return record
 
 
-def _acquire(lock, within_s: float, timeout_s: float = 60.0, hold_s: float = 0.0) -> tuple[bool, list[str]]:
+def _acquire(lock, within_s: float, timeout_s: float = 60.0) -> tuple[bool, list[str]]:
     """Whether ``exclusive(lock)`` is entered within ``within_s`` (in a thread, so a lock never taken fails the test
-    instead of hanging it), and what it logged."""
+    instead of hanging it), and what it logged. An entered lock is left before this returns, so the test's next lock
+    record cannot be removed by this hold's release."""
     logs, entered = [], threading.Event()
 
     def run():
         with exclusive(str(lock), poll_s=0.02, log=logs.append, timeout_s=timeout_s):
             entered.set()
-            time.sleep(hold_s)
 
-    threading.Thread(target=run, daemon=True).start()
-    return entered.wait(within_s), logs
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    took = entered.wait(within_s)
+    if took:
+        thread.join(within_s)
+        assert not thread.is_alive(), f"the hold of {lock} was not released within {within_s} s"
+    return took, logs
 
 
 def test_a_lock_without_heartbeat_is_taken_over_on_any_host_and_a_live_one_waited_for(tmp_path, monkeypatch):
