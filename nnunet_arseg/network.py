@@ -294,18 +294,19 @@ class ARSegNetwork(nn.Module):
 
     # ---- training ----
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cls: torch.Tensor | None = None,
-                with_prediction: bool = False):
+                with_prediction: bool = False, presence_target: torch.Tensor | None = None):
         """With ``mask``: the training loss dict (see ``segmentor_loss``). Without: eval logits (see
         ``consensus_logits``)."""
         if mask is None:
             return self.consensus_logits(x)
-        return self.segmentor_loss(x, mask, self._cls(cls, x.shape[0], x.device), with_prediction)
+        return self.segmentor_loss(x, mask, self._cls(cls, x.shape[0], x.device), with_prediction, presence_target)
 
     def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor,
-                       with_prediction: bool = False) -> dict:
+                       with_prediction: bool = False, presence_target_B: torch.Tensor | None = None) -> dict:
         """Token cross-entropy with teacher forcing (method §2.5), + the aux head's Dice + BCE against the mask at
         the head's resolution (the share of each cell covered, where pooled) if on, + the presence head's BCE if on
-        (the tokens are then learned from the non-empty masks only). ``with_prediction`` adds ``prediction``: the
+        (the tokens are then learned from the non-empty masks only) against ``presence_target_B`` (B,) in [0, 1]
+        where given, else against whether ``mask`` is non-empty. ``with_prediction`` adds ``prediction``: the
         mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling; empty where the presence head
         says absent)."""
         with torch.no_grad(), tokenizer_precision(mask.device):
@@ -331,7 +332,8 @@ class ARSegNetwork(nn.Module):
             loss = loss + self.aux_weight * aux
         if self.presence_head is not None:
             presence_B = self.presence_head(presence_BND).gather(1, cls_B.view(-1, 1))[:, 0]
-            presence_bce = F.binary_cross_entropy_with_logits(presence_B, present_B.float())
+            target_B = present_B.float() if presence_target_B is None else presence_target_B.to(presence_B)
+            presence_bce = F.binary_cross_entropy_with_logits(presence_B, target_B)
             logs["presence_bce"] = presence_bce.item()
             loss = loss + self.presence_weight * presence_bce
         logs["loss"] = loss

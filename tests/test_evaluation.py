@@ -637,6 +637,48 @@ def test_presence_floor_bounds_an_oracle_sampler():
     assert 0.05 < lo <= hi < 0.25
 
 
+def test_presence_floor_bounds_the_dmax_an_oracle_presence_gives_a_predictions_own_shapes():
+    """``benchmarks/presence_floor.py``: the non-empty samples' quality is recovered from the evaluator's D_max, and
+    the oracle's D_max follows from its rate of drawing them."""
+    from nnunet_arseg.evaluation.multirater import multirater_metrics_batch
+    floor = _benchmark_module("presence_floor")
+    rng = np.random.default_rng(0)
+    samples, raters, quality = [], [], {s: [] for s in range(5)}
+    for i in range(40):
+        blob = np.zeros((16, 16), bool)
+        blob[4:10, 4:10 + i % 4] = True
+        drawn = rng.random(4) < 0.6
+        drawn[0] |= i % 5 == 0
+        rater = np.stack([np.roll(blob, k, axis=1) & d for k, d in enumerate(drawn)])
+        present = rng.random(8) < 0.5
+        sample = np.stack([np.roll(blob, -1, axis=0) & p for p in present])
+        samples.append(sample)
+        raters.append(rater)
+        if present.any():
+            best = max(2 * (sample[present][0] & r).sum() / (sample[present][0].sum() + r.sum()) for r in rater)
+            quality[int(drawn.sum())].append(best)
+    metrics = multirater_metrics_batch(np.stack(samples), np.stack(raters))
+    recovered = floor.present_dice_by_count(metrics["presence_raters"], metrics["presence_samples"],
+                                            metrics["D_max"], 4)
+    for s in range(5):
+        expected = np.mean(quality[s]) if quality[s] else np.nan
+        np.testing.assert_allclose(recovered[s], expected, atol=1e-9, equal_nan=True)
+        assert s == 0 or quality[s], "the synthetic images cover every raters' count"
+    # every rater always draws: the oracle always draws too, so D_max is the quality of the non-empty samples
+    only_all = floor.oracle_dmax_bounds([0, 0, 0, 0, 50], [0, 0.1, 0.2, 0.3, 0.7])
+    assert only_all["low"][0] == pytest.approx(0.7) and only_all["high"][0] == pytest.approx(0.7)
+    assert math.isnan(only_all["low"][1])
+    # binomial counts at p = 1/2: drawing half the time scores sum_s P(s) (q_s + e_s) / 2, inside the bounds
+    q = np.array([0.0, 0.5, 0.6, 0.7, 0.9])
+    pmf = np.array([1, 4, 6, 4, 1]) / 16
+    at_half = float((pmf * (q + np.array([1, 1, 1, 1, 0]))).sum() / 2)
+    bounds = floor.oracle_dmax_bounds([1, 4, 6, 4, 1], q)
+    assert bounds["low"][0] - 1e-9 <= at_half <= bounds["high"][0] + 1e-9 < 1
+    assert all(0 < corr <= 1 for _, corr in bounds.values())
+    with pytest.raises(ValueError, match="undefined"):
+        floor.oracle_dmax_bounds([1, 4, 6, 4, 1], [0.0, np.nan, 0.6, 0.7, 0.9])
+
+
 def test_anchor_scales_choice_keeps_the_most_sampling_within_a_tie(monkeypatch):
     """``benchmarks/lidc_anchor_scales.py``: the lowest GED wins unless fewer scales from the head come within the
     tie; ``all`` (every scale from the head) counts as the most."""

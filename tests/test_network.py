@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -247,6 +248,18 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         out["loss"].item() + 3 * out["presence_bce"], rel=1e-5)
     out["loss"].backward()
     assert net.presence_head.fc.weight.grad.abs().sum() > 0 and net.transformer.head.weight.grad.abs().sum() == 0
+    # a soft presence target (the raters' share) replaces the drawn mask's presence in the BCE only
+    with torch.no_grad():
+        net.presence_head.fc.bias.fill_(1.0)
+        logit_B = net.presence_head(net.encode_image(x).presence_BND)[:, 0]
+        share_B = torch.tensor([0.25, 0.75])
+        soft = net(x, mask=torch.zeros(2, 1, 128, 128), cls=0, presence_target=share_B)
+        hard = net(x, mask=torch.zeros(2, 1, 128, 128), cls=0)
+    assert soft["presence_bce"] == pytest.approx(F.binary_cross_entropy_with_logits(logit_B, share_B).item(),
+                                                 rel=1e-5)
+    assert hard["presence_bce"] == pytest.approx(F.binary_cross_entropy_with_logits(logit_B, 0 * share_B).item(),
+                                                 rel=1e-5)
+    assert soft["token_ce"] == 0.0 and soft["presence_bce"] < hard["presence_bce"]
     net.eval()
     bias = net.presence_head.fc.bias
     with torch.no_grad():
@@ -326,15 +339,15 @@ def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(30.0)  # always present
         seg_layer = net.decoder.seg_layers[net.head_stage()]
-        seg_layer.bias -= net.encode_image(x)[1].median()  # about half the head's cells foreground
-        plain = net.encode_image(x)[1]
+        seg_layer.bias -= net.encode_image(x).aux_logits.median()  # about half the head's cells foreground
+        plain = net.encode_image(x).aux_logits
         head = net.head_masks(net.head_logits(x, plain))
         assert head.shape == (2, 1, 128, 128) and 0.2 < head.float().mean() < 0.8
         assert not torch.equal(head, net.head_masks(plain))
         assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor_head=True, mirror_head=False)["samples"],
                            net.sample(x, num_samples=4, seed=3, anchor=net.head_masks(plain))["samples"])
         # mirroring the image mirrors the mirrored head's logits (up to float rounding)
-        flipped = net.head_logits(x.flip(3), net.encode_image(x.flip(3))[1])
+        flipped = net.head_logits(x.flip(3), net.encode_image(x.flip(3)).aux_logits)
         assert torch.allclose(flipped.flip(3), net.head_logits(x, plain), atol=1e-4)
         out = net.sample(x, num_samples=4, seed=3, anchor_head=True)["samples"]
         assert torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor=head)["samples"])
@@ -346,7 +359,7 @@ def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
             logits = net(x[:1])
         net.eval_sampling = None
         # the head of the one image as the eval forward computes it (a batch of two may round a pixel otherwise)
-        head_1 = net.head_masks(net.head_logits(x[:1], net.encode_image(x[:1])[1]))
+        head_1 = net.head_masks(net.head_logits(x[:1], net.encode_image(x[:1]).aux_logits))
         drawn = net.sample(x[:1], num_samples=4, seed=content_seed(0, x[:1]), anchor=head_1)["samples"]
         assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(vote_frequency(drawn, dim=2), class_dim=1))
         with pytest.raises(ValueError, match="not both"):
@@ -362,8 +375,8 @@ def test_the_eval_forward_samples_around_a_full_resolution_head_unless_told_othe
     x = torch.randn(1, 1, 128, 128)
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(30.0)  # always present
-        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x)[1].median()  # half the pixels foreground
-        head = net.head_masks(net.head_logits(x, net.encode_image(x)[1]))
+        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x).aux_logits.median()  # half foreground
+        head = net.head_masks(net.head_logits(x, net.encode_image(x).aux_logits))
     assert net.samples_around_head and 0.2 < head.float().mean() < 0.8
 
     class Keep:  # the recorder role of ``TileRecorder``: keeps what the eval forward drew

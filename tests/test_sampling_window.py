@@ -100,7 +100,7 @@ def test_anchor_head_reaches_the_network_through_the_window():
     net, (_, ours) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=True)
     data = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(5))
     tile = data[None, :, 0]
-    plain = net.encode_image(tile)[1]
+    plain = net.encode_image(tile).aux_logits
     head = net.head_masks(net.head_logits(tile, plain))  # averaged over the tile's mirrorings
     assert head.any() and not head.all()  # random weights: a head mask of both values
     drawn = ours.sample_case(data)[1].samples_KN[:, :, 0]

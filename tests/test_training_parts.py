@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
@@ -97,3 +98,21 @@ def test_rater_bookkeeping():
     assert raters.rater_dataset_class(raters.nnUNetDatasetBlosc2Raters) is raters.nnUNetDatasetBlosc2Raters
     with pytest.raises(TypeError, match="no rater-drawing dataset"):
         raters.rater_dataset_class(dict)
+
+
+def test_drawing_share_of_real_raters_per_label_and_per_region(lidc_demo):
+    """``raters.drawing_share``: the share of a case's raters who drew a class, on the bundled LIDC raters."""
+    from PIL import Image
+    nodule = sorted(lidc_demo.glob("LIDC-IDRI-*/nodule-*"))[0]
+    shares = []
+    for image in sorted(nodule.glob("images/slice-*.png")):
+        raters_RX = np.stack([np.asarray(Image.open(nodule / f"mask-{r}" / image.name)) > 0
+                              for r in range(4)]).astype(np.int8)[:, None]
+        drawn = raters_RX.reshape(4, -1).any(1).mean()
+        np.testing.assert_allclose(raters.drawing_share(raters_RX, [[1]]), [drawn])
+        shares.append(drawn)
+        # as the labels of a region dataset: rater k draws label k + 1 where it drew; a region holds labels
+        labelled = raters_RX * np.arange(1, 5, dtype=np.int8).reshape(4, 1, 1, 1)
+        per_label = raters.drawing_share(labelled, [[1], [2], [3], [4], [1, 2, 3, 4], [5]])
+        np.testing.assert_allclose(per_label, [*(raters_RX.reshape(4, -1).any(1) / 4), drawn, 0.0])
+    assert len(set(shares)) > 1  # slices where different numbers of raters drew

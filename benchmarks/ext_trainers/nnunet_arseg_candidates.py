@@ -3,6 +3,9 @@ before any becomes part of it, and the recipe they replaced, kept so that its ro
 through ``nnUNet_extTrainer`` (the experiment adds this folder)."""
 from __future__ import annotations
 
+import torch
+
+from nnunet_arseg.training import raters
 from nnunet_arseg.training.budget import nnUNetTrainerARSeg_small_budget
 
 
@@ -34,3 +37,25 @@ class nnUNetTrainerARSeg_small_budget_presenceHead(nnUNetTrainerARSeg_small_budg
     Trained end to end it did worse than the recipe with both training seeds (``docs/developer-notes.md``)."""
 
     arseg_arch_overrides = {"preset": "small", "presence_source": "head"}
+
+
+class nnUNetTrainerARSeg_small_budget_raterShare(nnUNetTrainerARSeg_small_budget):
+    """The recipe with the presence head learning the share of the case's raters who drew the class (a soft target)
+    instead of whether the one drawn rater did: the same expected gradient with less noise, for the presence
+    discrimination the D_max and GED gaps come from. The share is the whole case's; a patch that crops the object
+    out is rare for crops centred on it. With both training seeds it told presence apart no better, and its gains
+    (HM-IoU, D_max) were smaller than the spread between seeds (``docs/developer-notes.md``)."""
+
+    use_raters = True
+
+    def presence_targets(self, batch: dict, cls_B: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "_rater_shares"):
+            self._rater_shares = {}
+        lm = self.label_manager
+        classes = lm.foreground_regions if lm.has_regions else [[label] for label in lm.foreground_labels]
+        for key in batch["keys"]:
+            if key not in self._rater_shares:
+                self._rater_shares[key] = raters.drawing_share(
+                    raters.load_raters(self.preprocessed_dataset_folder, key), classes)
+        share_B = [self._rater_shares[k][c] for k, c in zip(batch["keys"], cls_B.tolist())]
+        return torch.tensor(share_B, dtype=torch.float32, device=cls_B.device)

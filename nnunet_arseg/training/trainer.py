@@ -168,13 +168,18 @@ class nnUNetTrainerARSeg(MultiRaterTrainerBase):
             mask = target[:, :1] == labels_B.view(-1, *[1] * (target.ndim - 1))
         return mask.float(), cls_B
 
+    def presence_targets(self, batch: dict, cls_B: torch.Tensor) -> torch.Tensor | None:
+        """The presence BCE's target per example (B,) in [0, 1]; None: whether the drawn mask is non-empty."""
+        return None
+
     def train_step(self, batch: dict) -> dict:
         """One step of token cross-entropy (+ the aux and presence terms)."""
         data = batch['data'].to(self.device, non_blocking=True)
         mask, cls_B = self._class_masks(batch['target'].to(self.device, non_blocking=True))
+        presence_B = self.presence_targets(batch, cls_B)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.network(data, mask=mask, cls=cls_B)["loss"]
+            loss = self.network(data, mask=mask, cls=cls_B, presence_target=presence_B)["loss"]
         self._backward_and_step(loss)
         return {'loss': loss.detach().float().cpu().numpy()}
 
