@@ -150,10 +150,11 @@ def main() -> None:
         for s in range(min_count, M + 1):
             print(f"  S = {s}: share of non-empty samples {smp[S == s].mean():.3f}, their best-rater Dice "
                   f"{quality[s]:.3f}")
-        if np.isnan(quality[min_count:][counts[min_count:] > 0]).any():
-            print("  no oracle D_max: some raters' count has no image with a non-empty sample")
+        try:
+            dmax = oracle_dmax_bounds(counts, quality, min_count)
+        except ValueError as e:
+            print(f"  {e}")
             continue
-        dmax = oracle_dmax_bounds(counts, quality, min_count)
         print(f"  with these non-empty samples and the oracle's presence: D_max {dmax['low'][0]:.3f} .. "
               f"{dmax['high'][0]:.3f} (the oracle's presence correlation {dmax['low'][1]:.3f} / {dmax['high'][1]:.3f})")
 

@@ -101,18 +101,24 @@ def test_rater_bookkeeping():
 
 
 def test_drawing_share_of_real_raters_per_label_and_per_region(lidc_demo):
-    """``raters.drawing_share``: the share of a case's raters who drew a class, on the bundled LIDC raters."""
+    """``rater_drawing_shares``: the share of a case's raters who drew a class, on the bundled LIDC raters."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
     from PIL import Image
+
+    from nnunet_arseg.training.validation import rater_drawing_shares
     nodule = sorted(lidc_demo.glob("LIDC-IDRI-*/nodule-*"))[0]
+    one_label = LabelManager({"background": 0, "nodule": 1}, None)
+    four_labels = LabelManager({"background": 0, **{f"rater{k}": k for k in range(1, 5)}}, None)
+    regions = LabelManager({"background": 0, "any": [1, 2, 3, 4], "none": [5]}, regions_class_order=[1, 5])
     shares = []
     for image in sorted(nodule.glob("images/slice-*.png")):
         raters_RX = np.stack([np.asarray(Image.open(nodule / f"mask-{r}" / image.name)) > 0
                               for r in range(4)]).astype(np.int8)[:, None]
         drawn = raters_RX.reshape(4, -1).any(1).mean()
-        np.testing.assert_allclose(raters.drawing_share(raters_RX, [[1]]), [drawn])
+        np.testing.assert_allclose(rater_drawing_shares(raters_RX, one_label), [drawn])
         shares.append(drawn)
         # as the labels of a region dataset: rater k draws label k + 1 where it drew; a region holds labels
         labelled = raters_RX * np.arange(1, 5, dtype=np.int8).reshape(4, 1, 1, 1)
-        per_label = raters.drawing_share(labelled, [[1], [2], [3], [4], [1, 2, 3, 4], [5]])
-        np.testing.assert_allclose(per_label, [*(raters_RX.reshape(4, -1).any(1) / 4), drawn, 0.0])
+        np.testing.assert_allclose(rater_drawing_shares(labelled, four_labels), raters_RX.reshape(4, -1).any(1) / 4)
+        np.testing.assert_allclose(rater_drawing_shares(labelled, regions), [drawn, 0.0])
     assert len(set(shares)) > 1  # slices where different numbers of raters drew

@@ -7,6 +7,7 @@ import torch
 
 from nnunet_arseg.training import raters
 from nnunet_arseg.training.budget import nnUNetTrainerARSeg_small_budget
+from nnunet_arseg.training.validation import rater_drawing_shares
 
 
 class nnUNetTrainerARSeg_small_budget_latentHead(nnUNetTrainerARSeg_small_budget):
@@ -51,11 +52,9 @@ class nnUNetTrainerARSeg_small_budget_raterShare(nnUNetTrainerARSeg_small_budget
     def presence_targets(self, batch: dict, cls_B: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_rater_shares"):
             self._rater_shares = {}
-        lm = self.label_manager
-        classes = lm.foreground_regions if lm.has_regions else [[label] for label in lm.foreground_labels]
         for key in batch["keys"]:
             if key not in self._rater_shares:
-                self._rater_shares[key] = raters.drawing_share(
-                    raters.load_raters(self.preprocessed_dataset_folder, key), classes)
+                self._rater_shares[key] = rater_drawing_shares(
+                    raters.load_raters(self.preprocessed_dataset_folder, key), self.label_manager)
         share_B = [self._rater_shares[k][c] for k, c in zip(batch["keys"], cls_B.tolist())]
         return torch.tensor(share_B, dtype=torch.float32, device=cls_B.device)

@@ -86,12 +86,6 @@ def load_raters(preprocessed_data_folder: str, identifier: str) -> np.ndarray:
     return np.load(join(raters_folder_of(preprocessed_data_folder), identifier + ".npz"))["raters"]
 
 
-def drawing_share(raters_RX: np.ndarray, classes: list[list[int]]) -> np.ndarray:
-    """Per class (a list of labels: one label, or a region's), the share of the raters whose mask holds any of them."""
-    drawn_RP = raters_RX.reshape(len(raters_RX), -1)
-    return np.array([np.isin(drawn_RP, labels).any(1).mean() for labels in classes])
-
-
 class _RaterDrawingMixin:
     """``load_case`` returns the segmentation of one rater, drawn uniformly among those the case has, instead of the
     consensus."""

@@ -40,6 +40,13 @@ def rater_masks(raters_R1X: np.ndarray, label_manager, k: int) -> np.ndarray:
     return np.isin(raters_R1X[:, 0], np.atleast_1d(labels))
 
 
+def rater_drawing_shares(raters_R1X: np.ndarray, label_manager) -> np.ndarray:
+    """Per foreground class/region, the share of the raters whose mask holds it anywhere."""
+    n_cls = len(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    return np.array([rater_masks(raters_R1X, label_manager, k).reshape(len(raters_R1X), -1).any(1).mean()
+                     for k in range(n_cls)])
+
+
 def case_multirater_metrics(case: str, samples_KN: np.ndarray, raters_R1X: np.ndarray, label_manager) -> dict:
     """``{"case": case, "<k>": {metric: value}}`` for each foreground class/region k."""
     out = {"case": case}
