@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -31,6 +32,16 @@ def _no_user_nnunet_folders():
         for key in NNUNET_FOLDERS:
             mp.delenv(key, raising=False)
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small networks on a shared 2-core machine: one thread is several times faster than threads fighting over busy
+    cores. Modules that train or sample in this process use it (``pytestmark``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

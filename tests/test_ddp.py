@@ -24,14 +24,6 @@ STEPS = 3
 WORLD_SIZE = 2
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("configuration, overrides", [
     ("arseg_2d", {}),  # the presets' recipe: the prefix from the decoder's latent stage, the decoder run on to full
     ("arseg_3d", {}),  # resolution for the head
@@ -39,7 +31,7 @@ def one_thread():
     ("arseg_2d", {"aux_full_resolution": False}),  # the decoder stops at the latent's stage
     ("arseg_2d", {"prefix_source": "encoder", "aux_head": False, "embedding": "svd"}),  # no decoder, encoder cut
 ])
-def test_what_never_reaches_the_loss_is_frozen(configuration, overrides, one_thread):
+def test_what_never_reaches_the_loss_is_frozen(configuration, overrides, one_torch_thread):
     """DDP without ``find_unused_parameters`` (nnU-Net's) needs a gradient for every parameter that trains: the frozen
     U-Net parts are exactly those that get none when nothing is frozen, and the rest all get one."""
     from test_network import build, plans_with_arseg

@@ -16,6 +16,8 @@ from nnunet_arseg.segmentor.presence import draw_presence
 from nnunet_arseg.sampling_window import EvalSampling
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_TOKENIZER = {"ch": 8, "num_res_blocks": 1, "z_channels": 16, "codebook_size": 64, "code_dim": 8,
                   "space_to_depth": 4, "latent_stride": 16}
 TINY_TRANSFORMER = {"width": 32, "depth": 2, "heads": 4, "dropout": 0.0}
@@ -74,15 +76,6 @@ def build(plans: dict, configuration: str, num_outputs: int) -> ARSegNetwork:
     pm = PlansManager(plans)
     return nnUNetTrainer.build_network_architecture(pm, pm.get_configuration(configuration), 1, num_outputs,
                                                     enable_deep_supervision=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: oversubscribed threads make small CPU workloads many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_build_arseg_architecture_keeps_stock_kwargs_and_is_json():

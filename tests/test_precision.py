@@ -10,13 +10,7 @@ from test_network import TINY_TOKENIZER, lidc_slices
 from nnunet_arseg.network import ARSegNetwork
 from nnunet_arseg.training import precision
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from PIL import Image
 from lidc_model import lidc_crops
 from nnunet_arseg.baselines.probunet import ProbUNetNetwork
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PY = sys.executable
 BIN = Path(PY).parent
 UNET = dict(n_stages=4, features_per_stage=[8, 16, 32, 32], conv_op="torch.nn.Conv2d", kernel_sizes=[[3, 3]] * 4,
@@ -28,15 +30,6 @@ UNET = dict(n_stages=4, features_per_stage=[8, 16, 32, 32], conv_op="torch.nn.Co
 def small_net(seed: int = 0) -> ProbUNetNetwork:
     torch.manual_seed(seed)
     return ProbUNetNetwork(1, 2, num_samples=4, **UNET)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The unit tests' networks are small: one thread is faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,9 @@ from nnunet_arseg.tokenizer import MaskTokenizer, MultiScaleQuantizer, default_s
 from nnunet_arseg.tokenizer.autoencoder import depth_to_space, latent_strides, space_to_depth
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, dihedral_augment, fit_tokenizer, reconstruction_scores
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = {"ch": 8, "ch_mult": (1, 1, 2, 2, 4), "z_channels": 16, "codebook_size": 64}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs on a shared CPU: several OpenMP threads fighting over busy cores are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lidc_masks(root, size: int = 128, patients=None) -> torch.Tensor:
