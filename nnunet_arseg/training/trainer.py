@@ -26,7 +26,7 @@ from nnunet_arseg.training import ddp, tokenizer_store
 from nnunet_arseg.training.base import MultiRaterTrainerBase
 from nnunet_arseg.training.plans import arseg_architecture, rewrite_plans_for_arseg, tokenizer_widths
 from nnunet_arseg.training.schedules import WarmupCosineLR, build_optimizer
-from nnunet_arseg.training.validation import final_validation
+from nnunet_arseg.training.validation import final_validation, foreground_classes
 
 
 class nnUNetTrainerARSeg(MultiRaterTrainerBase):
@@ -118,8 +118,8 @@ class nnUNetTrainerARSeg(MultiRaterTrainerBase):
             keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))[:500]]
             source = tokenizer_store.PreprocessedMasks(folder, keys, infer_dataset_class(folder), lm, cm.patch_size,
                                                        with_raters=False)
-            classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
-            return tokenizer_store.median_object_extent((m for k in keys for m in source.label_maps(k)[0]), classes)
+            return tokenizer_store.median_object_extent((m for k in keys for m in source.label_maps(k)[0]),
+                                                        foreground_classes(lm))
 
         return tokenizer_store.resolve_dataset_tokenizer(join(nnUNet_results, pm.dataset_name), pm.plans_name,
                                                          configuration, cm.patch_size, cm.spacing,
@@ -191,8 +191,7 @@ class nnUNetTrainerARSeg(MultiRaterTrainerBase):
             out = self.network(data, mask=mask, cls=cls_B, with_prediction=True)
         pred, ref = out["prediction"].float() > 0, mask > 0.5
         axes = tuple(range(1, pred.ndim))
-        n_cls = len(self.label_manager.foreground_regions if self.label_manager.has_regions
-                    else self.label_manager.foreground_labels)
+        n_cls = len(foreground_classes(self.label_manager))
         tp, fp, fn, drawn = (np.zeros(n_cls) for _ in range(4))
         tp_B, fp_B, fn_B = ((a & b).sum(axes).cpu().numpy() for a, b in ((pred, ref), (pred, ~ref), (~pred, ref)))
         for arr, per_b in ((tp, tp_B), (fp, fp_B), (fn, fn_B), (drawn, np.ones(len(cls_B)))):

@@ -34,15 +34,20 @@ from nnunet_arseg.training.raters import load_raters
 VALIDATION_SEED = 0
 
 
+def foreground_classes(label_manager) -> list:
+    """The classes the model segments: nnU-Net's foreground regions where the dataset has them, else its labels."""
+    return label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+
+
 def rater_masks(raters_R1X: np.ndarray, label_manager, k: int) -> np.ndarray:
     """Binary masks (R, *spatial) of foreground class/region ``k`` in each rater's label map."""
-    labels = label_manager.foreground_regions[k] if label_manager.has_regions else label_manager.foreground_labels[k]
+    labels = foreground_classes(label_manager)[k]
     return np.isin(raters_R1X[:, 0], np.atleast_1d(labels))
 
 
 def rater_drawing_shares(raters_R1X: np.ndarray, label_manager) -> np.ndarray:
     """Per foreground class/region, the share of the raters whose mask holds it anywhere."""
-    n_cls = len(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    n_cls = len(foreground_classes(label_manager))
     return np.array([rater_masks(raters_R1X, label_manager, k).reshape(len(raters_R1X), -1).any(1).mean()
                      for k in range(n_cls)])
 
@@ -145,7 +150,7 @@ def final_validation(trainer, num_samples: int, with_raters: bool, save_probabil
         metrics = compute_metrics_on_folder(join(trainer.preprocessed_dataset_folder_base, 'gt_segmentations'),
                                             validation_folder, join(validation_folder, 'summary.json'),
                                             pm.image_reader_writer_class(), trainer.dataset_json["file_ending"],
-                                            lm.foreground_regions if lm.has_regions else lm.foreground_labels,
+                                            foreground_classes(lm),
                                             lm.ignore_label, chill=True,
                                             num_processes=default_num_processes * dist.get_world_size()
                                             if trainer.is_ddp else default_num_processes)
