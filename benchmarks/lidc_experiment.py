@@ -320,9 +320,11 @@ def sampling_rows(trainer: str, model_dir: str) -> list[tuple[str, tuple[str, ..
     return [(trainer, ()), (f"{trainer}_head_anchored", ("--anchor_head",))]
 
 
-def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
+def plot_curves(curves: dict, path: str, ensemble: dict | None = None, styles: dict | None = None,
+                targets: dict | None = None) -> None:
     """The learning curves; ``ensemble`` (its row) adds the fold ensemble as one point at its folds' total minutes
-    (it has no snapshots: each fold trains a fifth of the budget)."""
+    (it has no snapshots: each fold trains a fifth of the budget); ``styles``: matplotlib keywords of a curve (by its
+    key); ``targets``: a dashed line at a metric's target value."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -330,8 +332,11 @@ def plot_curves(curves: dict, path: str, ensemble: dict | None = None) -> None:
     for ax, metric in zip(axes, ("GED", "HM-IoU", "Soft-Dice")):
         for trainer, points in curves.items():
             if points:
-                ax.plot([p["minutes"] for p in points], [p[metric] for p in points], "o-",
+                ax.plot([p["minutes"] for p in points], [p[metric] for p in points],
+                        **{"marker": "o", "linestyle": "-", **(styles or {}).get(trainer, {})},
                         label=LABELS.get(trainer, trainer))
+        if targets and metric in targets:
+            ax.axhline(targets[metric], color="0.4", linestyle="--", linewidth=1, label="target")
         if ensemble is not None:
             ax.plot([ensemble["training"]["epoch_minutes"]], [ensemble["metrics"][metric]], "k*", markersize=11,
                     label=LABELS[ENSEMBLE] + " (all test cases)")

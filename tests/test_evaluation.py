@@ -690,6 +690,20 @@ def test_anchor_scales_choice_keeps_the_most_sampling_within_a_tie(monkeypatch):
     assert choice.choose({"all": {"GED": 0.30}, "0": {"GED": 0.30}}, tie=0.0) == "0"
 
 
+def test_budget_curve_shares_the_trainings_out_evenly_over_the_lanes(monkeypatch):
+    """``benchmarks/lidc_budget_curve.py``: every (budget, seed) training in exactly one lane, the lanes' minutes as
+    even as the budgets allow, each lane's shortest training first."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    curve = _benchmark_module("lidc_budget_curve")
+    runs = [(b, s) for b in (60.0, 120.0, 240.0) for s in (0, 1, 2)]
+    queues = curve.share_out(runs, 2)
+    assert sorted(r for q in queues for r in q) == sorted(runs)
+    assert sorted(sum(b for b, _ in q) for q in queues) == [600.0, 660.0]
+    assert all(q == sorted(q) for q in queues)
+    assert curve.share_out(runs, 1) == [sorted(runs)]
+    assert curve.run_name(60.0, 2) == "b060_s2" and curve.run_name(240.0, 0) == "b240_s0"
+
+
 def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_path, monkeypatch):
     """``benchmarks/lidc_experiment.py``: patients outside a split and outside earlier draws, the same for the same
     seed; a model's rows by what its plans say it trained (the flags explicit, whatever the predictor's default)."""
