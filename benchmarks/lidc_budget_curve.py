@@ -1,20 +1,21 @@
-"""The recipe at longer budgets: ``nnUNetTrainerARSeg_small_budget`` trained from scratch for each of ``--budgets``
-minutes and each training seed on the patients of a finished ``lidc_experiment.py`` run, scored like its rows.
+"""Longer budgets: a from-scratch model of ``lidc_experiment.py`` (``--trainer``, by default the recipe
+``nnUNetTrainerARSeg_small_budget``) trained for each of ``--budgets`` minutes and each training seed on the patients
+of a finished run of that script, scored like its rows.
 
     python benchmarks/lidc_budget_curve.py --experiment lidc_experiment --budgets 60 120 240 --seeds 0 1 \\
         --work lidc_budget_curve
 
-The schedule anneals over the whole budget, so every budget is a training of its own, ``WORK/b<minutes>_s<seed>/``
-(its own ``nnUNet_results``, the experiment's tokenizer copied in), and a snapshot is not what a shorter budget
-trains: each curve shows how one training gets to its end. The trainings run in lanes, one per ``--cores`` core
-(one core each, ``nnUNet_n_proc_DA=0``, as in the experiment), shared out so that the lanes get about the same
-minutes, each lane's shortest first. Each trained model
-predicts all test cases with its default sampling (``--num-samples`` samples), scored by
+The schedule anneals over the whole budget, so every budget is a training of its own,
+``WORK/<trainer>_b<minutes>_s<seed>/`` (its own ``nnUNet_results``, the experiment's tokenizer copied in for AR-Seg),
+and a snapshot is not what a shorter budget trains: each curve shows how one training gets to its end. The trainings
+run in lanes, one per ``--cores`` core (one core each, ``nnUNet_n_proc_DA=0``, as in the experiment), shared out so
+that the lanes get about the same minutes, each lane's shortest first. Each trained model predicts all test cases as
+in the experiment (``--num-samples`` samples drawn its default way; nnU-Net's one mask), scored by
 ``nnUNetv2_arseg_evaluate``; its snapshots (every ``--snapshot-minutes``) are scored on the experiment's curve cases
 and each curve ends with the final checkpoint on those cases. A training whose ``checkpoint_final.pth`` exists is
 not run again; step markers as in ``lidc_experiment.py``: a rerun skips what is done and resumes an interrupted
 training with ``--c``. ``WORK/results.json``, ``results.md`` and ``budget_curves.png`` are rewritten after every
-model, keeping the rows of earlier invocations with the same ``--work``.
+model, keeping the rows of other invocations with the same ``--work`` (one per ``--trainer`` at the same time, say).
 """
 from __future__ import annotations
 
@@ -25,16 +26,17 @@ import threading
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p, subfiles
 
-from lidc_experiment import (AR, BIN, METRICS, evaluate, experiment_env, log, mean_over, plot_curves, predict,
-                             run_lanes, run_steps, sampling_rows, training_facts, write_text)
+from lidc_experiment import (AR, BIN, METRICS, PROBUNET, STOCK, evaluate, experiment_env, log, mean_over, plot_curves,
+                             predict, run_lanes, run_steps, sampling_rows, training_facts, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 
 TOKENIZER_PREFIX = "ARSegTokenizer"
 LINE_STYLES, MARKERS = ("-", "--", ":"), ("o", "^", "s")  # the longest budget first
+SHORT_LABELS = {AR: "AR-Seg", PROBUNET: "Prob. U-Net", STOCK: "nnU-Net"}
 
 
-def run_name(budget: float, seed: int) -> str:
-    return f"b{budget:03g}_s{seed}"
+def run_name(trainer: str, budget: float, seed: int) -> str:
+    return f"{trainer}_b{budget:03g}_s{seed}"
 
 
 def share_out(runs: list[tuple[float, int]], num_lanes: int) -> list[list[tuple[float, int]]]:
@@ -47,31 +49,37 @@ def share_out(runs: list[tuple[float, int]], num_lanes: int) -> list[list[tuple[
 
 
 def plot_budget_curves(rows: dict, curves: dict, path: str, targets: list[float] | None) -> None:
-    """The curves of ``rows``: a colour per training seed, a line style per budget."""
+    """The curves of ``rows``: a colour per model and training seed, a line style per budget."""
     budgets = sorted({r["budget_minutes"] for r in rows.values()}, reverse=True)
+    key = {n: (rows[n]["trainer"] != AR, rows[n]["trainer"], rows[n]["training_seed"]) for n in curves}
+    colours = sorted(set(key.values()))
     labels, styles = {}, {}
-    for name in sorted(curves, key=lambda n: (rows[n]["training_seed"], rows[n]["budget_minutes"])):
-        budget, seed = rows[name]["budget_minutes"], rows[name]["training_seed"]
-        labels[name] = f"{budget:g} min, training seed {seed}"
-        styles[labels[name]] = {"color": f"C{seed % 10}", "linestyle": LINE_STYLES[budgets.index(budget) % 3],
+    for name in sorted(curves, key=lambda n: (key[n], rows[n]["budget_minutes"])):
+        trainer, budget, seed = rows[name]["trainer"], rows[name]["budget_minutes"], rows[name]["training_seed"]
+        labels[name] = f"{SHORT_LABELS.get(trainer, trainer)}, {budget:g} min, training seed {seed}"
+        styles[labels[name]] = {"color": f"C{colours.index(key[name]) % 10}",
+                                "linestyle": LINE_STYLES[budgets.index(budget) % 3],
                                 "marker": MARKERS[budgets.index(budget) % 3]}
     plot_curves({labels[n]: curves[n] for n in labels}, path, styles=styles,
                 targets=dict(zip(("GED", "HM-IoU", "Soft-Dice"), targets)) if targets else None)
 
 
 def budget_table(rows: dict) -> str:
-    """The final checkpoints on all test cases, one row per budget and training seed."""
-    head = "| budget (min) | training seed | epochs | " + " | ".join(METRICS) + " |\n|---|---|---|" + \
+    """The final checkpoints on all test cases, one row per model, budget and training seed."""
+    head = "| model | budget (min) | training seed | epochs | " + " | ".join(METRICS) + " |\n|---|---|---|---|" + \
         "---|" * len(METRICS) + "\n"
     return head + "".join(
-        f"| {r['budget_minutes']:g} | {r['training_seed']} | {r['training']['epochs']} | "
+        f"| {SHORT_LABELS.get(r['trainer'], r['trainer'])} | {r['budget_minutes']:g} | {r['training_seed']} | "
+        f"{r['training']['epochs']} | "
         + " | ".join(f"{r['metrics'][m]:.3f}" if m in r["metrics"] else "" for m in METRICS) + " |\n"
-        for _, r in sorted(rows.items(), key=lambda kv: (kv[1]["budget_minutes"], kv[1]["training_seed"])))
+        for _, r in sorted(rows.items(), key=lambda kv: (kv[1]["trainer"] != AR, kv[1]["trainer"],
+                                                          kv[1]["budget_minutes"], kv[1]["training_seed"])))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", required=True, help="--work of the lidc_experiment.py run (patients, tokenizer)")
+    p.add_argument("--trainer", default=AR, choices=[AR, PROBUNET, STOCK], help="the model to train")
     p.add_argument("--budgets", type=float, nargs="+", default=[60.0, 120.0, 240.0], help="training minutes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (nnUNet_ARSEG_TRAINING_SEED)")
     p.add_argument("--snapshot-minutes", type=float, default=30.0)
@@ -98,12 +106,13 @@ def main() -> None:
         maybe_mkdir_p(join(work, sub))
 
     results_file = join(work, "results.json")
-    earlier = load_json(results_file) if isfile(results_file) else {}
-    rows, curves = earlier.get("results", {}), earlier.get("learning_curves", {})
     lock = threading.Lock()
 
     def record(name: str, row: dict, curve: list) -> None:
+        """Add the row to those on disk, which other invocations with this ``--work`` may have added to."""
         with lock:
+            earlier = load_json(results_file) if isfile(results_file) else {}
+            rows, curves = earlier.get("results", {}), earlier.get("learning_curves", {})
             rows[name], curves[name] = row, curve
             save_json_atomic({"experiment": experiment, "num_samples": args.num_samples, "device": device,
                               "results": rows, "learning_curves": curves}, results_file)
@@ -112,13 +121,14 @@ def main() -> None:
         log(f"{name}: " + " / ".join(f"{m} {row['metrics'][m]:.3f}" for m in ("GED", "HM-IoU", "Soft-Dice", "D_max")))
 
     def train_and_score(budget: float, seed: int, core: str | None) -> None:
-        name = run_name(budget, seed)
+        trainer = args.trainer
+        name = run_name(trainer, budget, seed)
         run_env = dict(env, nnUNet_results=join(work, name, "nnUNet_results"))
         results_dir = join(run_env["nnUNet_results"], dataset)
-        for tokenizer in tokenizers:
+        for tokenizer in tokenizers if trainer == AR else []:
             if not isdir(join(results_dir, tokenizer)):
                 shutil.copytree(join(env["nnUNet_results"], dataset, tokenizer), join(results_dir, tokenizer))
-        model_dir = join(results_dir, f"{AR}__nnUNetPlans__2d")
+        model_dir = join(results_dir, f"{trainer}__nnUNetPlans__2d")
         fold_dir = join(model_dir, "fold_all")
         if not isfile(join(fold_dir, "checkpoint_final.pth")):
             resume = ["--c"] if isfile(join(fold_dir, "checkpoint_latest.pth")) else []
@@ -126,19 +136,21 @@ def main() -> None:
             train_env = dict(run_env, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
                              nnUNet_ARSEG_BUDGET_MINUTES=str(budget), nnUNet_ARSEG_TRAINING_SEED=str(seed),
                              nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
-            run_steps([(f"train_{name}", pin + [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", AR,
+            run_steps([(f"train_{name}", pin + [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", trainer,
                                                 "-device", device] + resume, train_env)], work)
-        (_, extra), *_ = sampling_rows(AR, model_dir)  # its default sampling, the flags explicit
+        (_, extra), *_ = sampling_rows(trainer, model_dir)  # its default sampling, the flags explicit
         pred = join(work, "predictions", name)
-        predict(work, run_env, did, AR, images, pred, name, args.num_samples, device=device, core=core, extra=extra)
-        row = {"budget_minutes": budget, "training_seed": seed, "training": training_facts(fold_dir),
+        predict(work, run_env, did, trainer, images, pred, name, args.num_samples, device=device, core=core,
+                extra=extra)
+        row = {"trainer": trainer, "budget_minutes": budget, "training_seed": seed,
+               "training": training_facts(fold_dir),
                "metrics": evaluate(work, run_env, did, pred, name, args.num_samples)}
         curve = []
         for snap in sorted(subfiles(fold_dir, prefix="checkpoint_", suffix="min.pth", join=False)):
             minutes = int(snap[len("checkpoint_"):-len("min.pth")])
             tag = f"{name}_{minutes:03d}min"
             snap_pred = join(work, "curves", tag)
-            predict(work, run_env, did, AR, curve_images, snap_pred, tag, args.num_samples, checkpoint=snap,
+            predict(work, run_env, did, trainer, curve_images, snap_pred, tag, args.num_samples, checkpoint=snap,
                     device=device, core=core, extra=extra)
             curve.append({"minutes": minutes,
                           **evaluate(work, run_env, did, snap_pred, tag, args.num_samples, curve_images)})
@@ -157,7 +169,7 @@ def main() -> None:
         return run
 
     run_lanes([lane(k) for k in range(len(cores))], cores)
-    print(budget_table(rows))
+    print(budget_table(load_json(results_file)["results"]))
 
 
 if __name__ == "__main__":

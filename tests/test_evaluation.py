@@ -701,7 +701,7 @@ def test_budget_curve_shares_the_trainings_out_evenly_over_the_lanes(monkeypatch
     assert sorted(sum(b for b, _ in q) for q in queues) == [600.0, 660.0]
     assert all(q == sorted(q) for q in queues)
     assert curve.share_out(runs, 1) == [sorted(runs)]
-    assert curve.run_name(60.0, 2) == "b060_s2" and curve.run_name(240.0, 0) == "b240_s0"
+    assert curve.run_name("nnUNetTrainerProbUNet_budget", 60.0, 2) == "nnUNetTrainerProbUNet_budget_b060_s2"
 
 
 def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_path, monkeypatch):
