@@ -24,13 +24,13 @@ import os
 import shutil
 import threading
 
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p, subfiles
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p
 
-from lidc_experiment import (AR, BIN, METRICS, PROBUNET, STOCK, evaluate, experiment_env, log, mean_over, plot_curves,
-                             predict, run_lanes, run_steps, sampling_rows, training_facts, write_text)
+from lidc_experiment import (AR, BIN, METRICS, PROBUNET, STOCK, evaluate, experiment_env, learning_curve, log,
+                             plot_curves, predict, run_lanes, run_steps, sampling_rows, training_facts, write_text)
 from nnunet_arseg.atomic import save_json_atomic
+from nnunet_arseg.training.tokenizer_store import TOKENIZER_FOLDER_PREFIX
 
-TOKENIZER_PREFIX = "ARSegTokenizer"
 LINE_STYLES, MARKERS = ("-", "--", ":"), ("o", "^", "s")  # the longest budget first
 SHORT_LABELS = {AR: "AR-Seg", PROBUNET: "Prob. U-Net", STOCK: "nnU-Net"}
 
@@ -95,13 +95,11 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     experiment, work = os.path.abspath(args.experiment), os.path.abspath(args.work)
     env, dataset = experiment_env(experiment)
-    did = dataset[len("Dataset"):len("Dataset") + 3]
-    tokenizers = [d for d in os.listdir(join(env["nnUNet_results"], dataset)) if d.startswith(TOKENIZER_PREFIX)]
+    tokenizers = [d for d in os.listdir(join(env["nnUNet_results"], dataset)) if d.startswith(TOKENIZER_FOLDER_PREFIX)]
     if not tokenizers:
         raise SystemExit(f"{join(env['nnUNet_results'], dataset)}: no tokenizer; run lidc_experiment.py first")
     images = join(env["nnUNet_raw"], dataset, "imagesTs")
     curve_images = join(experiment, "curve_images")
-    curve_cases = {f[:-len("_0000.png")] for f in subfiles(curve_images, suffix="_0000.png", join=False)}
     for sub in ("done", "logs"):
         maybe_mkdir_p(join(work, sub))
 
@@ -136,27 +134,17 @@ def main() -> None:
             train_env = dict(run_env, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
                              nnUNet_ARSEG_BUDGET_MINUTES=str(budget), nnUNet_ARSEG_TRAINING_SEED=str(seed),
                              nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
-            run_steps([(f"train_{name}", pin + [join(BIN, "nnUNetv2_train"), did, "2d", "all", "-tr", trainer,
+            run_steps([(f"train_{name}", pin + [join(BIN, "nnUNetv2_train"), dataset, "2d", "all", "-tr", trainer,
                                                 "-device", device] + resume, train_env)], work)
         (_, extra), *_ = sampling_rows(trainer, model_dir)  # its default sampling, the flags explicit
         pred = join(work, "predictions", name)
-        predict(work, run_env, did, trainer, images, pred, name, args.num_samples, device=device, core=core,
+        predict(work, run_env, dataset, trainer, images, pred, name, args.num_samples, device=device, core=core,
                 extra=extra)
         row = {"trainer": trainer, "budget_minutes": budget, "training_seed": seed,
                "training": training_facts(fold_dir),
-               "metrics": evaluate(work, run_env, did, pred, name, args.num_samples)}
-        curve = []
-        for snap in sorted(subfiles(fold_dir, prefix="checkpoint_", suffix="min.pth", join=False)):
-            minutes = int(snap[len("checkpoint_"):-len("min.pth")])
-            tag = f"{name}_{minutes:03d}min"
-            snap_pred = join(work, "curves", tag)
-            predict(work, run_env, did, trainer, curve_images, snap_pred, tag, args.num_samples, checkpoint=snap,
-                    device=device, core=core, extra=extra)
-            curve.append({"minutes": minutes,
-                          **evaluate(work, run_env, did, snap_pred, tag, args.num_samples, curve_images)})
-        curve.append({"minutes": row["training"]["epoch_minutes"], "final": True,
-                      **mean_over(join(pred, "summary_arseg.json"), curve_cases)})
-        record(name, row, curve)
+               "metrics": evaluate(work, run_env, dataset, pred, name, args.num_samples)}
+        record(name, row, learning_curve(work, run_env, dataset, trainer, fold_dir, name, curve_images, row, pred,
+                                         args.num_samples, device, core, extra))
 
     cores = args.cores.split(",") if args.cores else [None]
     queues = share_out([(b, s) for b in args.budgets for s in args.seeds], len(cores))

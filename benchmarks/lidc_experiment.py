@@ -306,6 +306,25 @@ def predict_row(work: str, env: dict, did: str, trainer: str, model_dir: str, im
             "seconds_per_case": step_seconds(work, f"predict_{name}") / num_cases}
 
 
+def learning_curve(work: str, env: dict, did: str, trainer: str, fold_dir: str, name: str, curve_images: str,
+                   row: dict, pred: str, num_samples: int, device: str = "cpu", core: str | None = None,
+                   extra: tuple[str, ...] = ()) -> list[dict]:
+    """A trained model's learning curve: each ``checkpoint_<m>min.pth`` snapshot of ``fold_dir`` predicts and is
+    scored on ``curve_images`` (``WORK/curves/<name>_<m>min``), then the final checkpoint on the same cases, from the
+    per-case metrics of its full test prediction ``pred`` (``row``: its table row)."""
+    curve = []
+    for snap in sorted(subfiles(fold_dir, prefix="checkpoint_", suffix="min.pth", join=False)):
+        minutes = int(snap[len("checkpoint_"):-len("min.pth")])
+        tag = f"{name}_{minutes:03d}min"
+        snap_pred = join(work, "curves", tag)
+        predict(work, env, did, trainer, curve_images, snap_pred, tag, num_samples, checkpoint=snap, device=device,
+                core=core, extra=extra)
+        curve.append({"minutes": minutes, **evaluate(work, env, did, snap_pred, tag, num_samples, curve_images)})
+    curve_cases = {f[:-len("_0000.png")] for f in subfiles(curve_images, suffix="_0000.png", join=False)}
+    return curve + [{"minutes": row["training"]["epoch_minutes"], "final": True,
+                     **mean_over(join(pred, "summary_arseg.json"), curve_cases)}]
+
+
 def sampling_rows(trainer: str, model_dir: str) -> list[tuple[str, tuple[str, ...]]]:
     """The rows of a trained model (``model_dir``: its trainer folder), each ``(name, predictor flags)``, the flags
     explicit so that a row means the same whatever the predictor's default. An AR-Seg model with a full-resolution
@@ -482,17 +501,8 @@ def main() -> None:
         (name, extra), *variants = sampling_rows(trainer, os.path.dirname(fold_dir(trainer)))
         row = predict_row(work, env, did, trainer, fold_dir(trainer), images, name, args.num_samples, device, core,
                           extra)
-        curve = []
-        for snap in sorted(subfiles(fold_dir(trainer), prefix="checkpoint_", suffix="min.pth", join=False)):
-            minutes = int(snap[len("checkpoint_"):-len("min.pth")])
-            tag = f"{trainer}_{minutes:03d}min"
-            pred = join(work, "curves", tag)
-            predict(work, env, did, trainer, curve_images, pred, tag, args.num_samples, checkpoint=snap,
-                    device=device, core=core, extra=extra)
-            curve.append({"minutes": minutes, **evaluate(work, env, did, pred, tag, args.num_samples, curve_images)})
-        # the final checkpoint on the same cases, from the full test set's per-case metrics
-        curve.append({"minutes": row["training"]["epoch_minutes"], "final": True, **mean_over(
-            join(work, "predictions", name, "summary_arseg.json"), set(curve_cases))})
+        curve = learning_curve(work, env, did, trainer, fold_dir(trainer), trainer, curve_images, row,
+                               join(work, "predictions", name), args.num_samples, device, core, extra)
         record(name, row, curve)
         for name, extra in variants:
             predict_variant(name, trainer, core, extra)

@@ -23,14 +23,14 @@ from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, 
 from lidc_experiment import (LABELS, STOCK, convert_patients, draw_outside, evaluate, experiment_env, log,
                              predict_row, results_table, sampling_rows, write_empty_prediction, write_text)
 from nnunet_arseg.atomic import save_json_atomic
-
-TOKENIZER_PREFIX = "ARSegTokenizer"
+from nnunet_arseg.training.tokenizer_store import TOKENIZER_FOLDER_PREFIX
 
 
 def trained_models(results_dir: str) -> list[str]:
     """The trainers with a final fold-``all`` checkpoint in ``results_dir`` (nnU-Net first, then by name)."""
     found = [d.split("__")[0] for d in sorted(os.listdir(results_dir))
-             if not d.startswith(TOKENIZER_PREFIX) and isfile(join(results_dir, d, "fold_all", "checkpoint_final.pth"))]
+             if not d.startswith(TOKENIZER_FOLDER_PREFIX)
+             and isfile(join(results_dir, d, "fold_all", "checkpoint_final.pth"))]
     return sorted(found, key=lambda t: (t != STOCK, t))
 
 
