@@ -26,8 +26,8 @@ import threading
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p
 
-from lidc_experiment import (AR, BIN, METRICS, PROBUNET, STOCK, evaluate, experiment_env, learning_curve, log,
-                             plot_curves, predict, run_lanes, run_steps, sampling_rows, training_facts, write_text)
+from lidc_experiment import (AR, METRICS, PROBUNET, STOCK, evaluate, experiment_env, learning_curve, log, plot_curves,
+                             predict, run_lanes, run_steps, sampling_rows, train_cmd, training_facts, write_text)
 from nnunet_arseg.atomic import save_json_atomic
 from nnunet_arseg.training.tokenizer_store import TOKENIZER_FOLDER_PREFIX
 
@@ -129,13 +129,11 @@ def main() -> None:
         model_dir = join(results_dir, f"{trainer}__nnUNetPlans__2d")
         fold_dir = join(model_dir, "fold_all")
         if not isfile(join(fold_dir, "checkpoint_final.pth")):
-            resume = ["--c"] if isfile(join(fold_dir, "checkpoint_latest.pth")) else []
-            pin = ["taskset", "-c", core] if core else []
             train_env = dict(run_env, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
                              nnUNet_ARSEG_BUDGET_MINUTES=str(budget), nnUNet_ARSEG_TRAINING_SEED=str(seed),
                              nnUNet_ARSEG_SNAPSHOT_MINUTES=str(args.snapshot_minutes))
-            run_steps([(f"train_{name}", pin + [join(BIN, "nnUNetv2_train"), dataset, "2d", "all", "-tr", trainer,
-                                                "-device", device] + resume, train_env)], work)
+            run_steps([(f"train_{name}", train_cmd(dataset, trainer, "all", fold_dir, device, core), train_env)],
+                      work)
         (_, extra), *_ = sampling_rows(trainer, model_dir)  # its default sampling, the flags explicit
         pred = join(work, "predictions", name)
         predict(work, run_env, dataset, trainer, images, pred, name, args.num_samples, device=device, core=core,

@@ -306,6 +306,16 @@ def predict_row(work: str, env: dict, did: str, trainer: str, model_dir: str, im
             "seconds_per_case": step_seconds(work, f"predict_{name}") / num_cases}
 
 
+def train_cmd(did: str, trainer: str, fold: str, fold_dir: str, device: str, core: str | None = None,
+              extra: list[str] = ()) -> list[str]:
+    """``nnUNetv2_train`` of one fold, pinned to ``core``: with ``--c`` where ``fold_dir`` has a checkpoint to resume
+    from, else with ``extra``."""
+    resume = ["--c"] if isfile(join(fold_dir, "checkpoint_latest.pth")) else []
+    pin = ["taskset", "-c", core] if core else []
+    return pin + [join(BIN, "nnUNetv2_train"), did, "2d", fold, "-tr", trainer, "-device", device] + \
+        (resume or list(extra))
+
+
 def learning_curve(work: str, env: dict, did: str, trainer: str, fold_dir: str, name: str, curve_images: str,
                    row: dict, pred: str, num_samples: int, device: str = "cpu", core: str | None = None,
                    extra: tuple[str, ...] = ()) -> list[dict]:
@@ -449,12 +459,6 @@ def main() -> None:
     def fold_dir(trainer: str, fold: str = "all") -> str:
         return join(results_dir, f"{trainer}__nnUNetPlans__2d", f"fold_{fold}")
 
-    def train_cmd(trainer: str, core: str | None, extra: list[str], fold: str = "all") -> list[str]:
-        resume = ["--c"] if isfile(join(fold_dir(trainer, fold), "checkpoint_latest.pth")) else []
-        pin = ["taskset", "-c", core] if core else []
-        return pin + [join(BIN, "nnUNetv2_train"), did, "2d", fold, "-tr", trainer, "-device", device] + \
-            (resume or extra)
-
     run_steps([("tokenizer", [sys.executable, "-m", "nnunet_arseg.training.train_tokenizer", did, "2d", "-tr", AR,
                               "-device", device], env)], work)
     cores = args.cores.split(",") if args.cores else [None, None]
@@ -494,7 +498,8 @@ def main() -> None:
 
     def train(trainer: str, core: str | None, step_env: dict, extra: list[str] = (), fold: str = "all") -> None:
         run_steps([(f"train_{trainer}" + ("" if fold == "all" else f"_fold{fold}"),
-                    train_cmd(trainer, core, list(extra), fold=fold), step_env)], work)
+                    train_cmd(did, trainer, fold, fold_dir(trainer, fold), device, core, list(extra)), step_env)],
+                  work)
 
     def predict_and_evaluate(trainer: str, core: str | None) -> None:
         """The model's rows (``sampling_rows``), the first with its learning curve."""

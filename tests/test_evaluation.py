@@ -738,6 +738,19 @@ def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_pa
         ("latent", ()), ("latent_head_anchored", ("--anchor_head",))]
 
 
+def test_experiment_trains_from_its_flags_then_resumes_with_c(tmp_path, monkeypatch):
+    """``benchmarks/lidc_experiment.py``: a fold trains with its extra flags (a warm start) until it has a checkpoint,
+    then resumes with ``--c`` instead of starting again; pinned to a core where one is given."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    experiment = _benchmark_module("lidc_experiment")
+    warm = ["-pretrained_weights", "stock.pth"]
+    cmd = experiment.train_cmd("601", "T", "2", str(tmp_path), "cpu", "1", warm)
+    assert cmd[:3] == ["taskset", "-c", "1"] and cmd[4:] == ["601", "2d", "2", "-tr", "T", "-device", "cpu"] + warm
+    (tmp_path / "checkpoint_latest.pth").write_bytes(b"")
+    cmd = experiment.train_cmd("601", "T", "all", str(tmp_path), "cpu", None, warm)
+    assert cmd[0].endswith("nnUNetv2_train") and cmd[-1] == "--c" and "-pretrained_weights" not in cmd
+
+
 def test_dmax_split_separates_presence_from_shape():
     """``benchmarks/lidc_dmax_split.py``: per case, the sampler's drawn share, its drawn samples' D_max (shape) and
     D_max, against a one-mask reference, with the score an empty sample gets."""

@@ -57,20 +57,14 @@ class nnUNetTrainerARSeg_small(nnUNetTrainerARSeg):
         self.initial_lr = 1e-3
 
 
-class nnUNetTrainerARSeg_upgrade(nnUNetTrainerARSeg):
+class nnUNetTrainerARSeg_upgrade(nnUNetTrainerARSeg_small):
     """AR-Seg on top of a lab's trained nnU-Net: the ``small`` AR parts over the plans' own U-Net at its full width,
     whose encoder stays frozen. Train with ``-pretrained_weights`` of the stock ``nnUNetTrainer`` checkpoint of the
     same plans: its encoder and decoder initialise AR-Seg's (but the 1x1 segmentation layers, which nnU-Net never
     transfers), the rest starts from scratch."""
 
-    arseg_arch_overrides = {"preset": "small", "max_features_per_stage": None}
+    arseg_arch_overrides = {**nnUNetTrainerARSeg_small.arseg_arch_overrides, "max_features_per_stage": None}
     freeze_encoder = True
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.batch_size_cap = 8
-        self.initial_lr = 1e-3
 
 
 class nnUNetTrainerARSeg_tiny(nnUNetTrainerARSeg):
