@@ -498,8 +498,7 @@ def main() -> None:
 
     def train(trainer: str, core: str | None, step_env: dict, extra: list[str] = (), fold: str = "all") -> None:
         run_steps([(f"train_{trainer}" + ("" if fold == "all" else f"_fold{fold}"),
-                    train_cmd(did, trainer, fold, fold_dir(trainer, fold), device, core, list(extra)), step_env)],
-                  work)
+                    train_cmd(did, trainer, fold, fold_dir(trainer, fold), device, core, extra), step_env)], work)
 
     def predict_and_evaluate(trainer: str, core: str | None) -> None:
         """The model's rows (``sampling_rows``), the first with its learning curve."""
