@@ -1,6 +1,7 @@
 """Longer budgets: a from-scratch model of ``lidc_experiment.py`` (``--trainer``, by default the recipe
 ``nnUNetTrainerARSeg_small_budget``) trained for each of ``--budgets`` minutes and each training seed on the patients
-of a finished run of that script, scored like its rows.
+of a run of that script, scored like its rows. The rivals need only its data (split, preprocessing and curve cases,
+all written before its tokenizer), AR-Seg its tokenizer too.
 
     python benchmarks/lidc_budget_curve.py --experiment lidc_experiment --budgets 60 120 240 --seeds 0 1 \\
         --work lidc_budget_curve
@@ -48,6 +49,18 @@ def share_out(runs: list[tuple[float, int]], num_lanes: int) -> list[list[tuple[
     return [sorted(q) for q in queues]
 
 
+def experiment_tokenizers(results_dir: str, trainer: str) -> list[str]:
+    """The experiment's tokenizer folders that ``trainer`` needs: all of them for AR-Seg, none for the rivals."""
+    if trainer != AR:
+        return []
+    found = os.listdir(results_dir) if isdir(results_dir) else []
+    tokenizers = [d for d in found if d.startswith(TOKENIZER_FOLDER_PREFIX)]
+    if not tokenizers:
+        raise SystemExit(f"{results_dir}: no tokenizer; run lidc_experiment.py with this --work through its "
+                         "tokenizer step first")
+    return tokenizers
+
+
 def plot_budget_curves(rows: dict, curves: dict, path: str, targets: list[float] | None) -> None:
     """The curves of ``rows``: a colour per model and training seed, a line style per budget."""
     budgets = sorted({r["budget_minutes"] for r in rows.values()}, reverse=True)
@@ -78,7 +91,8 @@ def budget_table(rows: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiment", required=True, help="--work of the lidc_experiment.py run (patients, tokenizer)")
+    p.add_argument("--experiment", required=True,
+                   help="--work of the lidc_experiment.py run (patients; tokenizer for AR-Seg)")
     p.add_argument("--trainer", default=AR, choices=[AR, PROBUNET, STOCK], help="the model to train")
     p.add_argument("--budgets", type=float, nargs="+", default=[60.0, 120.0, 240.0], help="training minutes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (nnUNet_ARSEG_TRAINING_SEED)")
@@ -95,9 +109,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     experiment, work = os.path.abspath(args.experiment), os.path.abspath(args.work)
     env, dataset = experiment_env(experiment)
-    tokenizers = [d for d in os.listdir(join(env["nnUNet_results"], dataset)) if d.startswith(TOKENIZER_FOLDER_PREFIX)]
-    if not tokenizers:
-        raise SystemExit(f"{join(env['nnUNet_results'], dataset)}: no tokenizer; run lidc_experiment.py first")
+    tokenizers = experiment_tokenizers(join(env["nnUNet_results"], dataset), args.trainer)
     images = join(env["nnUNet_raw"], dataset, "imagesTs")
     curve_images = join(experiment, "curve_images")
     for sub in ("done", "logs"):
@@ -123,7 +135,7 @@ def main() -> None:
         name = run_name(trainer, budget, seed)
         run_env = dict(env, nnUNet_results=join(work, name, "nnUNet_results"))
         results_dir = join(run_env["nnUNet_results"], dataset)
-        for tokenizer in tokenizers if trainer == AR else []:
+        for tokenizer in tokenizers:
             if not isdir(join(results_dir, tokenizer)):
                 shutil.copytree(join(env["nnUNet_results"], dataset, tokenizer), join(results_dir, tokenizer))
         model_dir = join(results_dir, f"{trainer}__nnUNetPlans__2d")

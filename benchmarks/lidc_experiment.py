@@ -454,6 +454,17 @@ def main() -> None:
     run_steps([("plan", [join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", did, "-c", "2d", "-np", "1", "-npfp", "1",
                          "--verify_dataset_integrity", "--no_pbar"], env)], work)
 
+    # every curve_every-th test case for the learning curves (before the tokenizer, which only AR-Seg needs)
+    images = join(raw, "imagesTs")
+    cases = sorted(f[:-len("_0000.png")] for f in subfiles(images, suffix="_0000.png", join=False))
+    curve_images = join(work, "curve_images")
+    maybe_mkdir_p(curve_images)
+    curve_cases = cases[::args.curve_every]
+    for case in curve_cases:
+        link = join(curve_images, f"{case}_0000.png")
+        if not os.path.lexists(link):
+            os.symlink(join(images, f"{case}_0000.png"), link)
+
     results_dir = join(env["nnUNet_results"], name)
 
     def fold_dir(trainer: str, fold: str = "all") -> str:
@@ -468,17 +479,6 @@ def main() -> None:
     scratch_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes))
     fold_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.budget_minutes / NUM_FOLDS))
     upgrade_env = dict(train_env, nnUNet_ARSEG_BUDGET_MINUTES=str(args.upgrade_minutes))
-
-    # every curve_every-th test case for the learning curves
-    images = join(raw, "imagesTs")
-    cases = sorted(f[:-len("_0000.png")] for f in subfiles(images, suffix="_0000.png", join=False))
-    curve_images = join(work, "curve_images")
-    maybe_mkdir_p(curve_images)
-    curve_cases = cases[::args.curve_every]
-    for case in curve_cases:
-        link = join(curve_images, f"{case}_0000.png")
-        if not os.path.lexists(link):
-            os.symlink(join(images, f"{case}_0000.png"), link)
 
     rows, curves = {}, {}
     results_file = join(work, "results.json")

@@ -704,6 +704,21 @@ def test_budget_curve_shares_the_trainings_out_evenly_over_the_lanes(monkeypatch
     assert curve.run_name("nnUNetTrainerProbUNet_budget", 60.0, 2) == "nnUNetTrainerProbUNet_budget_b060_s2"
 
 
+def test_budget_curve_needs_the_tokenizer_for_ar_seg_only(tmp_path, monkeypatch):
+    """``benchmarks/lidc_budget_curve.py``: the rivals train on an experiment that has no tokenizer yet; AR-Seg is
+    refused there with the step to run, and copies every tokenizer folder once there is one."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    curve = _benchmark_module("lidc_budget_curve")
+    results = tmp_path / "nnUNet_results" / "Dataset601_LIDCExp"
+    for trainer in (curve.PROBUNET, curve.STOCK):
+        assert curve.experiment_tokenizers(str(results), trainer) == []
+    with pytest.raises(SystemExit, match="tokenizer step"):
+        curve.experiment_tokenizers(str(results), curve.AR)
+    (results / f"{curve.TOKENIZER_FOLDER_PREFIX}2d").mkdir(parents=True)
+    (results / f"{curve.PROBUNET}__nnUNetPlans__2d").mkdir()
+    assert curve.experiment_tokenizers(str(results), curve.AR) == [f"{curve.TOKENIZER_FOLDER_PREFIX}2d"]
+
+
 def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_path, monkeypatch):
     """``benchmarks/lidc_experiment.py``: patients outside a split and outside earlier draws, the same for the same
     seed; a model's rows by what its plans say it trained (the flags explicit, whatever the predictor's default)."""
