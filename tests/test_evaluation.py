@@ -706,7 +706,7 @@ def test_budget_curve_shares_the_trainings_out_evenly_over_the_lanes(monkeypatch
 
 def test_budget_curve_needs_the_tokenizer_for_ar_seg_only(tmp_path, monkeypatch):
     """``benchmarks/lidc_budget_curve.py``: the rivals train on an experiment that has no tokenizer yet; AR-Seg is
-    refused there with the step to run, and copies every tokenizer folder once there is one."""
+    refused there with the step to run, and gets the tokenizer folders (no model's) once there is one."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     curve = _benchmark_module("lidc_budget_curve")
     results = tmp_path / "nnUNet_results" / "Dataset601_LIDCExp"
