@@ -4,6 +4,7 @@
   default: the model's stored N (16).
 - ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
 - ``nnUNet_ARSEG_TEMPERATURE``: the factor on that sampling's per-scale temperatures; default 1 (the reference's).
+- ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``: the divisor of that sampling's presence logit; default 1.
 - ``nnUNet_ARSEG_MIRROR_HEAD``: 0 turns off that sampling's test-time mirroring of the U-Net head (what
   ``nnUNetv2_arseg_predict --disable_tta`` does; ``nnUNetv2_predict``'s flag cannot reach it); default 1.
 - ``nnUNet_ARSEG_TRAINING_SEED``: the seed of an AR-Seg or ProbUNet training (weights, batches, augmentation);
@@ -29,6 +30,7 @@ import socket
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
 TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
+PRESENCE_TEMPERATURE = "nnUNet_ARSEG_PRESENCE_TEMPERATURE"
 MIRROR_HEAD = "nnUNet_ARSEG_MIRROR_HEAD"
 TRAINING_SEED = "nnUNet_ARSEG_TRAINING_SEED"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
@@ -97,6 +99,10 @@ def training_seed(default: int | None) -> int | None:
 
 def sampling_temperature() -> float:
     return env_float(TEMPERATURE, "AR-Seg sampling", default=1.0)
+
+
+def presence_temperature() -> float:
+    return env_float(PRESENCE_TEMPERATURE, "AR-Seg sampling", default=1.0)
 
 
 def tokenizer_file() -> str | None:

@@ -368,9 +368,11 @@ class ARSegNetwork(nn.Module):
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
                with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
                anchor: torch.Tensor | None = None, anchor_scales: int | None = None,
-               anchor_head: bool | None = None, mirror_head: bool = True) -> dict:
+               anchor_head: bool | None = None, mirror_head: bool = True, presence_temperature: float = 1.0) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
         ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
+        ``presence_temperature`` divides the presence logit (``draw_presence``; below 1: the samples agree more often
+        on whether to draw).
         ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's masks: where a class's anchor is
         non-empty, its first ``anchor_scales`` token maps (None: all) are the anchor's own and the finer ones are
         drawn given them (method §3.3); presence is drawn as without it, and an empty anchor leaves the draws free.
@@ -387,6 +389,8 @@ class ARSegNetwork(nn.Module):
         n = self.num_samples if num_samples is None else int(num_samples)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not presence_temperature > 0:
+            raise ValueError(f"presence_temperature must be > 0, got {presence_temperature}")
         num_scales = len(self.tokenizer.scales)
         temperatures = [t * temperature for t in temperature_schedule(num_scales)]
         anchor_scales = num_scales if anchor_scales is None else int(anchor_scales)
@@ -423,7 +427,8 @@ class ARSegNetwork(nn.Module):
                         idx_anchor = self.tokenizer.mask_to_idx(mask_B1)[:anchor_scales]
                     given = ([idx.repeat_interleave(n, dim=0) for idx in idx_anchor],
                              mask_B1.flatten(1).amax(1).gt(0).repeat_interleave(n))
-                present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c)) if presence_BK is not None
+                present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c), presence_temperature)
+                              if presence_BK is not None
                               else torch.ones(B, n, dtype=torch.bool, device=x.device))
                 keep_N = present_BN.flatten()
                 shown_B = torch.arange(B, device=x.device) * n + first_drawn(present_BN)
@@ -523,7 +528,8 @@ class ARSegNetwork(nn.Module):
         Channels beyond the image's are an anchor label map, one channel per foreground label: nnU-Net's predictor
         appends them from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``
         and ``anchor_masks``. Without them, ``eval_sampling.anchor_head`` (None: ``samples_around_head``) anchors on
-        the model's own U-Net head (``--anchor_head``).
+        the model's own U-Net head (``--anchor_head``). ``eval_sampling.presence_temperature`` (None:
+        ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``, default 1) divides the presence logit (``sample``).
         """
         n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
@@ -531,13 +537,16 @@ class ARSegNetwork(nn.Module):
         anchor_head = getattr(self.eval_sampling, "anchor_head", None)
         mirror_head = getattr(self.eval_sampling, "mirror_head", None)
         mirror_head = env.mirror_head() if mirror_head is None else mirror_head
+        presence_temperature = getattr(self.eval_sampling, "presence_temperature", None)
+        presence_temperature = env.presence_temperature() if presence_temperature is None else presence_temperature
         anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
             with_scales = recorder is not None and recorder.wants_scales
             out = self.sample(x_1[:, :self.input_channels], n, content_seed(seed, x_1), with_scales=with_scales,
                               temperature=temperature, anchor=None if anchor is None else anchor[b:b + 1],
-                              anchor_scales=anchor_scales, anchor_head=anchor_head, mirror_head=mirror_head)
+                              anchor_scales=anchor_scales, anchor_head=anchor_head, mirror_head=mirror_head,
+                              presence_temperature=presence_temperature)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))

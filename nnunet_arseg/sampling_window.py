@@ -31,8 +31,9 @@ class EvalSampling:
     the network's own default, see ``ARSegNetwork.eval_settings``), a recorder for the samples, how many coarse
     scales an anchor mask fixes (None: all; used where the input carries anchor channels or with ``anchor_head``) and
     whether the anchor is the network's own U-Net head (``ARSegNetwork.head_masks``; None: the network's default,
-    ``ARSegNetwork.samples_around_head``) and whether that head is mirrored (None: ``nnUNet_ARSEG_MIRROR_HEAD``, on
-    unless set to 0)."""
+    ``ARSegNetwork.samples_around_head``), whether that head is mirrored (None: ``nnUNet_ARSEG_MIRROR_HEAD``, on
+    unless set to 0) and the presence temperature (None: ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` or 1;
+    ``ARSegNetwork.sample``)."""
 
     num_samples: int | None = None
     seed: int | None = None
@@ -41,6 +42,7 @@ class EvalSampling:
     anchor_scales: int | None = None
     anchor_head: bool | None = None
     mirror_head: bool | None = None
+    presence_temperature: float | None = None
 
 
 @dataclass
@@ -127,12 +129,15 @@ class SamplingPredictor(nnUNetPredictor):
 
     def __init__(self, *args, num_samples: int | None = None, seed: int | None = None,
                  temperature: float | None = None, with_scales: bool = False, anchor_scales: int | None = None,
-                 anchor_head: bool | None = None, mirror_head: bool | None = None, **kwargs):
+                 anchor_head: bool | None = None, mirror_head: bool | None = None,
+                 presence_temperature: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if num_samples is not None and int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if temperature is not None and not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if presence_temperature is not None and not float(presence_temperature) > 0:
+            raise ValueError(f"presence_temperature must be > 0, got {presence_temperature}")
         self.num_samples = None if num_samples is None else int(num_samples)
         self.seed = None if seed is None else int(seed)
         self.temperature = None if temperature is None else float(temperature)
@@ -140,6 +145,7 @@ class SamplingPredictor(nnUNetPredictor):
         self.anchor_scales = None if anchor_scales is None else int(anchor_scales)
         self.anchor_head = None if anchor_head is None else bool(anchor_head)
         self.mirror_head = None if mirror_head is None else bool(mirror_head)
+        self.presence_temperature = None if presence_temperature is None else float(presence_temperature)
         self._windows: list | None = None  # the samples of each model's window, while sample_case runs
         self._recorder: TileRecorder | None = None
 
@@ -172,7 +178,8 @@ class SamplingPredictor(nnUNetPredictor):
         recording = self._windows is not None
         self._recorder = TileRecorder(self.with_scales and not self._windows) if recording else None
         net.eval_sampling = EvalSampling(self.num_samples, self.seed, self.temperature, self._recorder,
-                                         self.anchor_scales, self.anchor_head, self.mirror_head)
+                                         self.anchor_scales, self.anchor_head, self.mirror_head,
+                                         self.presence_temperature)
         try:
             logits = super().predict_sliding_window_return_logits(input_image)
         finally:

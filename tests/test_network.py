@@ -287,6 +287,50 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         assert (pred < 0).all()
 
 
+def test_presence_temperature_reaches_the_draws_of_sample_and_of_the_eval_forward(monkeypatch):
+    """``presence_temperature`` divides the presence logit: near 0 every sample of an image follows p > 1/2, very
+    large it draws half of them; ``EvalSampling`` hands it to the eval forward (``nnUNetv2_arseg_predict``), else
+    ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` (the stock ``nnUNetv2_predict``)."""
+    monkeypatch.delenv("nnUNet_ARSEG_PRESENCE_TEMPERATURE", raising=False)
+    torch.manual_seed(0)
+    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    x = torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x).aux_logits.median()  # a non-empty head
+        net.presence_head.fc.bias.fill_(0.3)  # its weights start at 0: p = sigmoid(0.3) = 0.57 for every image
+    assert net.samples_around_head
+
+    def drawn_B(samples) -> list[int]:  # a present sample is the head's non-empty mask, an absent one empty
+        return samples[:, 0].flatten(2).any(-1).sum(1).tolist()
+
+    assert drawn_B(net.sample(x, num_samples=8, seed=1)["samples"]) in ([4, 4], [4, 5], [5, 4], [5, 5])
+    assert drawn_B(net.sample(x, num_samples=8, seed=1, presence_temperature=1e-3)["samples"]) == [8, 8]
+    assert drawn_B(net.sample(x, num_samples=8, seed=1, presence_temperature=1e3)["samples"]) == [4, 4]
+    with pytest.raises(ValueError, match="presence_temperature must be > 0"):
+        net.sample(x, num_samples=8, seed=1, presence_temperature=-1.0)
+
+    class Keep:  # the recorder role of ``TileRecorder``
+        wants_scales = False
+
+        def record(self, samples_KN, scales_KS=None):
+            kept.append(samples_KN)
+
+    kept = []
+    with torch.no_grad():
+        net.presence_head.fc.bias.fill_(-0.3)  # p = 0.43: near temperature 0 no sample draws
+    for temperature, variable, expected in ((None, None, None), (1e-3, None, 0), (None, "1e-3", 0)):
+        if variable is not None:
+            monkeypatch.setenv("nnUNet_ARSEG_PRESENCE_TEMPERATURE", variable)
+        net.eval_sampling = EvalSampling(num_samples=8, seed=0, recorder=Keep(), presence_temperature=temperature)
+        try:
+            with torch.inference_mode():
+                net(x[:1])
+        finally:
+            net.eval_sampling = None
+        count = int(kept[-1][0].flatten(1).any(-1).sum())
+        assert count == expected if expected is not None else count in (3, 4)
+
+
 def test_an_anchor_mask_is_kept_where_a_sample_is_present():
     net = build(plans_with_arseg(), "arseg_2d", 2).eval()
     x = torch.randn(2, 1, 128, 128)

@@ -208,3 +208,16 @@ def test_presence_draws_follow_the_probability_and_the_seed():
     # each sample on its own is present with probability p, over seeds
     share_N = torch.stack([draw_presence(logit_B[4:], 16, seed=s)[0] for s in range(2000)]).float().mean(0)
     assert (share_N - 0.3).abs().max() < 0.05
+
+
+def test_presence_temperature_moves_the_draws_away_from_or_towards_one_half():
+    from nnunet_arseg.segmentor.presence import draw_presence
+    logit_B = torch.tensor([-0.5, 0.5, 2.0])  # p = 0.38, 0.62, 0.88
+    assert torch.equal(draw_presence(logit_B, 16, seed=5, temperature=1.0), draw_presence(logit_B, 16, seed=5))
+    assert draw_presence(logit_B, 16, seed=5).sum(1).tolist() in ([6, 9, 14], [6, 10, 14], [7, 9, 14], [7, 10, 14])
+    assert draw_presence(logit_B, 16, seed=5, temperature=1e-4).sum(1).tolist() == [0, 16, 16]  # p > 1/2 decides
+    assert draw_presence(logit_B, 16, seed=5, temperature=1e4).sum(1).tolist() == [8, 8, 8]
+    sharper = draw_presence(logit_B, 16, seed=5, temperature=0.5).sum(1).tolist()  # p = 0.27, 0.73, 0.98
+    assert sharper[0] in (4, 5) and sharper[1] in (11, 12) and sharper[2] in (15, 16)
+    with pytest.raises(ValueError, match="presence temperature must be > 0"):
+        draw_presence(logit_B, 16, seed=5, temperature=0.0)

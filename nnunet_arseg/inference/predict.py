@@ -22,8 +22,8 @@ from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_tempora
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
-RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "anchor", "anchor_head",
-            "anchor_scales", "mirror_head", "step_size", "mirroring")
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "presence_temperature",
+            "anchor", "anchor_head", "anchor_scales", "mirror_head", "step_size", "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--temperature", type=float, default=None,
                       help="factor on the per-scale sampling temperatures (> 0; below 1: each sample closer to the "
                            "model's most likely mask, less diversity); default $nnUNet_ARSEG_TEMPERATURE or 1")
+    ours.add_argument("--presence_temperature", type=float, default=None, metavar="T",
+                      help="divides the logit of the model's presence head, whose probability p decides how many "
+                           "samples draw a mask at all (> 0; below 1: p moves away from 1/2, so the samples agree "
+                           "more often on whether there is an object: better single samples (D_max), less diversity "
+                           "(GED); near 0 every sample draws exactly when p > 1/2); default "
+                           "$nnUNet_ARSEG_PRESENCE_TEMPERATURE or 1")
     ours.add_argument("--anchor", default=None, metavar="FOLDER",
                       help="sample around these masks (FOLDER/<case><ext>, e.g. a stock nnU-Net's predictions of the "
                            "same images): each non-empty sample keeps the anchor's coarse scales and draws the finer "
@@ -110,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.temperature is not None and not args.temperature > 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.presence_temperature is not None and not args.presence_temperature > 0:
+        parser.error(f"--presence_temperature must be > 0, got {args.presence_temperature}")
     if args.anchor_scales is not None and args.anchor_scales < 0:
         parser.error(f"--anchor_scales must be >= 0, got {args.anchor_scales}")
     if args.anchor is not None and args.anchor_head:
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
                                temperature=args.temperature, anchor_scales=args.anchor_scales,
                                anchor_head=args.anchor_head, mirror_head=not args.disable_tta and env.mirror_head(),
-                               extras=extras)
+                               presence_temperature=args.presence_temperature, extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
     except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
@@ -192,6 +200,12 @@ def run(args: argparse.Namespace) -> None:
     if scale_flag and not hasattr(arseg_network(predictor.network), "tokenizer"):  # e.g. nnUNetTrainerProbUNet
         raise InputError(f"{scale_flag}: the model of -tr {args.tr} draws each mask at once, without the "
                          f"coarse-to-fine scales of AR-Seg's tokenizer that {scale_flag} needs; leave it out")
+    if args.presence_temperature is not None and getattr(arseg_network(predictor.network), "presence_head",
+                                                         None) is None:
+        raise InputError(f"--presence_temperature: the model in {folder} has no presence head (trained with presence "
+                         "off, or not AR-Seg), so nothing decides whether a sample draws a mask; leave it out")
+    presence_temperature = env.presence_temperature() if args.presence_temperature is None else \
+        args.presence_temperature
     if args.prev_stage_predictions is not None and predictor.configuration_manager.previous_stage_name is None:
         raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
                          "previous stage; to sample around these masks give them as --anchor")
@@ -222,6 +236,7 @@ def run(args: argparse.Namespace) -> None:
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
                 "num_samples": num_samples, "seed": seed, "temperature": temperature,
+                "presence_temperature": presence_temperature,
                 "anchor": None if args.anchor is None else os.path.abspath(args.anchor),
                 "anchor_head": anchor_head, "anchor_scales": anchor_scales,
                 "mirror_head": bool(anchor_head and predictor.mirror_head),
@@ -248,8 +263,9 @@ def run(args: argparse.Namespace) -> None:
         sampling = f", anchored on its {mirrored}U-Net head ({anchor_scales} coarse scale(s){default})"
     else:
         sampling = ""
+    presence = "" if presence_temperature == 1 else f", presence temperature {presence_temperature:g}"
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
-          f"temperature x{temperature:g}, mirroring axes {mirroring or 'none'}{sampling}")
+          f"temperature x{temperature:g}{presence}, mirroring axes {mirroring or 'none'}{sampling}")
     prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,

@@ -33,14 +33,17 @@ class PresenceHead(nn.Module):
         return self.fc(self.norm(pooled.float())).float()
 
 
-def draw_presence(logit_B: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
+def draw_presence(logit_B: torch.Tensor, num_samples: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
     """Presence of N samples per image, (B, N) bool, drawn systematically: sample n of image b is present when
-    (r_bn + u_b) / N < p_b, with p_b = sigmoid(logit_b), u_b uniform and r_b a random order of the N samples. Each
-    sample is present with probability p_b, and the image's count of present samples is p_b N rounded down or up
-    (independent draws would add binomial noise of up to 0.5 / sqrt(N) to the share). One generator seeded with
-    ``seed`` (salted, so it is not the token draws' stream)."""
+    (r_bn + u_b) / N < p_b, with p_b = sigmoid(logit_b / temperature), u_b uniform and r_b a random order of the N
+    samples. Each sample is present with probability p_b, and the image's count of present samples is p_b N rounded
+    down or up (independent draws would add binomial noise of up to 0.5 / sqrt(N) to the share). A temperature below
+    1 moves p_b away from 1/2 (the samples agree more often on whether to draw; near 0 all of them follow p > 1/2),
+    above 1 towards it. One generator seeded with ``seed`` (salted, so it is not the token draws' stream)."""
+    if not temperature > 0:
+        raise ValueError(f"presence temperature must be > 0, got {temperature}")
     generator = torch.Generator(device=logit_B.device).manual_seed((int(seed) ^ PRESENCE_SEED_SALT) % 2 ** 63)
     B = logit_B.shape[0]
     u_B1 = torch.rand(B, 1, generator=generator, device=logit_B.device)
     rank_BN = torch.rand(B, num_samples, generator=generator, device=logit_B.device).argsort(1)
-    return (rank_BN + u_B1) / num_samples < torch.sigmoid(logit_B.float()).unsqueeze(1)
+    return (rank_BN + u_B1) / num_samples < torch.sigmoid(logit_B.float() / temperature).unsqueeze(1)
