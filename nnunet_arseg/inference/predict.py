@@ -181,13 +181,15 @@ def run(args: argparse.Namespace) -> None:
 
     ensure_ext_trainer_env()
     extras = ExtraOutputs(args.save_samples, args.save_uncertainty, args.save_scales)
+    presence_temperature = env.presence_temperature() if args.presence_temperature is None else \
+        args.presence_temperature
     predictor = ARSegPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                                perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
                                temperature=args.temperature, anchor_scales=args.anchor_scales,
                                anchor_head=args.anchor_head, mirror_head=not args.disable_tta and env.mirror_head(),
-                               presence_temperature=args.presence_temperature, extras=extras)
+                               presence_temperature=presence_temperature, extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
     except Exception as e:  # a corrupt or incompatible checkpoint: say which, without a traceback
@@ -204,8 +206,6 @@ def run(args: argparse.Namespace) -> None:
                                                          None) is None:
         raise InputError(f"--presence_temperature: the model in {folder} has no presence head (trained with presence "
                          "off, or not AR-Seg), so nothing decides whether a sample draws a mask; leave it out")
-    presence_temperature = env.presence_temperature() if args.presence_temperature is None else \
-        args.presence_temperature
     if args.prev_stage_predictions is not None and predictor.configuration_manager.previous_stage_name is None:
         raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
                          "previous stage; to sample around these masks give them as --anchor")
