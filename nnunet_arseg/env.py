@@ -5,6 +5,8 @@
 - ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
 - ``nnUNet_ARSEG_TEMPERATURE``: the factor on that sampling's per-scale temperatures; default 1 (the reference's).
 - ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``: the divisor of that sampling's presence logit; default 1.
+- ``nnUNet_ARSEG_OUTLINE_SPREAD``: how far the levels of that sampling's samples drawn around the U-Net head spread
+  from 1/2, in [0, 0.5]; default 0.5.
 - ``nnUNet_ARSEG_MIRROR_HEAD``: 0 turns off that sampling's test-time mirroring of the U-Net head (what
   ``nnUNetv2_arseg_predict --disable_tta`` does; ``nnUNetv2_predict``'s flag cannot reach it); default 1.
 - ``nnUNet_ARSEG_TRAINING_SEED``: the seed of an AR-Seg or ProbUNet training (weights, batches, augmentation);
@@ -31,6 +33,7 @@ NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
 TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
 PRESENCE_TEMPERATURE = "nnUNet_ARSEG_PRESENCE_TEMPERATURE"
+OUTLINE_SPREAD = "nnUNet_ARSEG_OUTLINE_SPREAD"
 MIRROR_HEAD = "nnUNet_ARSEG_MIRROR_HEAD"
 TRAINING_SEED = "nnUNet_ARSEG_TRAINING_SEED"
 BUDGET_MINUTES = "nnUNet_ARSEG_BUDGET_MINUTES"
@@ -103,6 +106,13 @@ def sampling_temperature() -> float:
 
 def presence_temperature() -> float:
     return env_float(PRESENCE_TEMPERATURE, "AR-Seg sampling", default=1.0)
+
+
+def outline_spread(default: float) -> float:
+    value = env_float(OUTLINE_SPREAD, "AR-Seg sampling", default=default, low=-math.inf, high=0.5)
+    if not value >= 0:
+        raise RuntimeError(f"AR-Seg sampling: {OUTLINE_SPREAD}={_raw(OUTLINE_SPREAD)!r} must be a number in [0, 0.5]")
+    return value
 
 
 def tokenizer_file() -> str | None:

@@ -20,6 +20,7 @@ from nnunet_arseg import env
 from nnunet_arseg.config import REFERENCE_TOP_K_SHARE, ARSegConfig, preset
 from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
+from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD, check_outline_spread, outline_levels
 from nnunet_arseg.segmentor.presence import PresenceHead, draw_presence
 from nnunet_arseg.segmentor.sampling import sample_token_maps, temperature_schedule
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
@@ -368,7 +369,8 @@ class ARSegNetwork(nn.Module):
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
                with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
                anchor: torch.Tensor | None = None, anchor_scales: int | None = None,
-               anchor_head: bool | None = None, mirror_head: bool = True, presence_temperature: float = 1.0) -> dict:
+               anchor_head: bool | None = None, mirror_head: bool = True, presence_temperature: float = 1.0,
+               outline_spread: float = OUTLINE_SPREAD) -> dict:
         """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
         ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
         ``presence_temperature`` divides the presence logit (``draw_presence``; below 1: the samples agree more often
@@ -379,7 +381,10 @@ class ARSegNetwork(nn.Module):
         ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed;
         None: without ``anchor``, the model's default (``samples_around_head``). ``mirror_head``: the head's mask from
         its logits averaged over the image's mirrorings (``head_logits``), as nnU-Net's test-time mirroring.
-        Where every scale is anchored, a drawn sample is the anchor's mask itself, not its tokenized reconstruction.
+        Where every scale is anchored, a drawn sample is the anchor's mask itself, not its tokenized reconstruction;
+        around the head it is the head's probability map thresholded at the sample's own level, the levels of an
+        image's drawn samples spread evenly over 1/2 +- ``outline_spread`` (``segmentor/outline.py``; 0: the head's
+        mask at 1/2 in every drawn sample).
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of the first sample that draws a
@@ -391,6 +396,7 @@ class ARSegNetwork(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not presence_temperature > 0:
             raise ValueError(f"presence_temperature must be > 0, got {presence_temperature}")
+        outline_spread = check_outline_spread(outline_spread)
         num_scales = len(self.tokenizer.scales)
         temperatures = [t * temperature for t in temperature_schedule(num_scales)]
         anchor_scales = num_scales if anchor_scales is None else int(anchor_scales)
@@ -413,8 +419,10 @@ class ARSegNetwork(nn.Module):
         try:
             prefix_BND, aux_logits, presence_BND = self.encode_image(x)
             if anchor_head:
-                anchor = self.head_masks(self.head_logits(x, aux_logits) if mirror_head else aux_logits)
+                head_BK = self.head_at_patch(self.head_logits(x, aux_logits) if mirror_head else aux_logits)
+                anchor = head_BK > 0
             exact = anchor is not None and anchor_scales == num_scales
+            spread = outline_spread if anchor_head and exact else 0.0
             presence_BK = self.presence_head(presence_BND) if self.presence_head is not None else None
             B = x.shape[0]
             samples, scales = [], []
@@ -440,7 +448,11 @@ class ARSegNetwork(nn.Module):
                                                              active=keep_N if presence_BK is not None else None)
                 masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
                 copied_N = keep_N & given[1] if exact else torch.zeros_like(keep_N)
-                if copied_N.any():  # every token map given: the anchor's own mask, not its reconstruction
+                if copied_N.any() and spread > 0:  # the head's probability, each drawn sample at its own level
+                    level_N = torch.logit(outline_levels(present_BN, spread).flatten()[copied_N])
+                    image_N = torch.arange(B, device=x.device).repeat_interleave(n)[copied_N]
+                    masks_N[copied_N] = head_BK[image_N, c] > level_N.view(-1, *[1] * len(self.patch_size))
+                elif copied_N.any():  # every token map given: the anchor's own mask, not its reconstruction
                     masks_N[copied_N] = anchor[:, c].bool().repeat_interleave(n, dim=0)[copied_N]
                 drawn_N = keep_N & ~copied_N
                 if drawn_N.any():  # an absent sample is the empty mask: its token draw is never decoded
@@ -461,8 +473,8 @@ class ARSegNetwork(nn.Module):
     def samples_around_head(self) -> bool:
         """Whether the model samples (``sample``, the eval forward) around its own U-Net head unless told otherwise or
         given an outside anchor: a full-resolution head's masks are better shapes than the transformer's own draws at
-        the budgets measured (docs/results.md), so each drawn sample takes the head's mask and the samples differ in
-        presence (method §3.3)."""
+        the budgets measured (docs/results.md), so each drawn sample takes the head's mask (at a level of its own,
+        ``outline_spread``) and the samples differ in presence and outline (method §3.3)."""
         return self.aux_full_resolution
 
     def head_logits(self, x: torch.Tensor, aux_logits: torch.Tensor) -> torch.Tensor:
@@ -477,11 +489,16 @@ class ARSegNetwork(nn.Module):
             total = total + torch.flip(decode_to_stage(self.decoder, skips, self.head_stage())[1], dims).float()
         return total / (len(flips) + 1)
 
-    def head_masks(self, aux_logits: torch.Tensor) -> torch.Tensor:
-        """The U-Net head's masks (B, num_conditions, *patch) bool: its logits, at the resolution its decoder ran to,
-        interpolated to the patch and thresholded at 0 (probability 0.5)."""
+    def head_at_patch(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        """The U-Net head's logits (B, num_conditions, *patch) in fp32: those at the resolution its decoder ran to,
+        interpolated to the patch."""
         mode = "bilinear" if len(self.patch_size) == 2 else "trilinear"
-        return F.interpolate(aux_logits.float(), size=self.patch_size, mode=mode, align_corners=False) > 0
+        return F.interpolate(aux_logits.float(), size=self.patch_size, mode=mode, align_corners=False)
+
+    def head_masks(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        """The U-Net head's masks (B, num_conditions, *patch) bool: ``head_at_patch`` thresholded at 0 (probability
+        0.5)."""
+        return self.head_at_patch(aux_logits) > 0
 
     # what the eval forward draws: set by a predictor around its sliding window (``nnunet_arseg.sampling_window``)
     eval_sampling = None
@@ -529,7 +546,9 @@ class ARSegNetwork(nn.Module):
         appends them from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``
         and ``anchor_masks``. Without them, ``eval_sampling.anchor_head`` (None: ``samples_around_head``) anchors on
         the model's own U-Net head (``--anchor_head``). ``eval_sampling.presence_temperature`` (None:
-        ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``, default 1) divides the presence logit (``sample``).
+        ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``, default 1) divides the presence logit and
+        ``eval_sampling.outline_spread`` (None: ``nnUNet_ARSEG_OUTLINE_SPREAD``, default ``OUTLINE_SPREAD``) spreads
+        the levels of the samples drawn around the head (``sample``).
         """
         n, seed, temperature = self.eval_settings()
         recorder = getattr(self.eval_sampling, "recorder", None)
@@ -539,6 +558,8 @@ class ARSegNetwork(nn.Module):
         mirror_head = env.mirror_head() if mirror_head is None else mirror_head
         presence_temperature = getattr(self.eval_sampling, "presence_temperature", None)
         presence_temperature = env.presence_temperature() if presence_temperature is None else presence_temperature
+        outline_spread = getattr(self.eval_sampling, "outline_spread", None)
+        outline_spread = env.outline_spread(OUTLINE_SPREAD) if outline_spread is None else outline_spread
         anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
@@ -546,7 +567,7 @@ class ARSegNetwork(nn.Module):
             out = self.sample(x_1[:, :self.input_channels], n, content_seed(seed, x_1), with_scales=with_scales,
                               temperature=temperature, anchor=None if anchor is None else anchor[b:b + 1],
                               anchor_scales=anchor_scales, anchor_head=anchor_head, mirror_head=mirror_head,
-                              presence_temperature=presence_temperature)
+                              presence_temperature=presence_temperature, outline_spread=outline_spread)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))

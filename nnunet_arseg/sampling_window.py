@@ -22,6 +22,8 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
+from nnunet_arseg.segmentor.outline import check_outline_spread
+
 __all__ = ["EvalSampling", "TileRecorder", "CaseSamples", "SamplingPredictor", "arseg_network"]
 
 
@@ -32,7 +34,8 @@ class EvalSampling:
     scales an anchor mask fixes (None: all; used where the input carries anchor channels or with ``anchor_head``) and
     whether the anchor is the network's own U-Net head (``ARSegNetwork.head_masks``; None: the network's default,
     ``ARSegNetwork.samples_around_head``), whether that head is mirrored (None: ``nnUNet_ARSEG_MIRROR_HEAD``, on
-    unless set to 0) and the presence temperature (None: ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` or 1;
+    unless set to 0), the presence temperature (None: ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` or 1) and the outline
+    spread of the samples drawn around the head (None: ``nnUNet_ARSEG_OUTLINE_SPREAD`` or ``OUTLINE_SPREAD``;
     ``ARSegNetwork.sample``)."""
 
     num_samples: int | None = None
@@ -43,6 +46,7 @@ class EvalSampling:
     anchor_head: bool | None = None
     mirror_head: bool | None = None
     presence_temperature: float | None = None
+    outline_spread: float | None = None
 
 
 @dataclass
@@ -130,7 +134,7 @@ class SamplingPredictor(nnUNetPredictor):
     def __init__(self, *args, num_samples: int | None = None, seed: int | None = None,
                  temperature: float | None = None, with_scales: bool = False, anchor_scales: int | None = None,
                  anchor_head: bool | None = None, mirror_head: bool | None = None,
-                 presence_temperature: float | None = None, **kwargs):
+                 presence_temperature: float | None = None, outline_spread: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if num_samples is not None and int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -146,6 +150,7 @@ class SamplingPredictor(nnUNetPredictor):
         self.anchor_head = None if anchor_head is None else bool(anchor_head)
         self.mirror_head = None if mirror_head is None else bool(mirror_head)
         self.presence_temperature = None if presence_temperature is None else float(presence_temperature)
+        self.outline_spread = None if outline_spread is None else check_outline_spread(outline_spread)
         self._windows: list | None = None  # the samples of each model's window, while sample_case runs
         self._recorder: TileRecorder | None = None
 
@@ -179,7 +184,7 @@ class SamplingPredictor(nnUNetPredictor):
         self._recorder = TileRecorder(self.with_scales and not self._windows) if recording else None
         net.eval_sampling = EvalSampling(self.num_samples, self.seed, self.temperature, self._recorder,
                                          self.anchor_scales, self.anchor_head, self.mirror_head,
-                                         self.presence_temperature)
+                                         self.presence_temperature, self.outline_spread)
         try:
             logits = super().predict_sliding_window_return_logits(input_image)
         finally:

@@ -240,12 +240,16 @@ def test_both_predict_commands_on_the_trained_model(trained):
     assert "anchored on its U-Net head (3 coarse scale(s))" in log
     args = json.loads((trained["root"] / "pred_head" / ARGS_FILE).read_text())
     assert args["anchor_head"] is True and args["anchor_scales"] == 3 and args["mirror_head"] is False
-    # --presence_temperature reaches the predictor (what it draws: test_network.py); the default records 1
+    assert args["outline_spread"] is None and default["outline_spread"] == 0.5  # levels only where every scale is
+    # --presence_temperature and --outline_spread reach the predictor (what they draw: test_network.py); the
+    # defaults record 1 and 0.5
     assert default["presence_temperature"] == 1.0
     log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_presence"), *common,
-                "--num_samples", "2", "--presence_temperature", "0.5"], _env(trained["base"]))
-    assert "presence temperature 0.5" in log
-    assert json.loads((trained["root"] / "pred_presence" / ARGS_FILE).read_text())["presence_temperature"] == 0.5
+                "--num_samples", "2", "--presence_temperature", "0.5", "--outline_spread", "0.25"],
+               _env(trained["base"]))
+    assert "presence temperature 0.5" in log and "outline spread 0.25" in log
+    args = json.loads((trained["root"] / "pred_presence" / ARGS_FILE).read_text())
+    assert args["presence_temperature"] == 0.5 and args["outline_spread"] == 0.25
 
 
 def test_same_training_twice_gives_the_same_model(trained):

@@ -195,7 +195,7 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     net = build(plans, configuration, num_outputs).eval()
     patch = net.patch_size
     x = torch.randn(2, 1, *patch)
-    out = net.sample(x, num_samples=4, seed=7, with_scales=True)
+    out = net.sample(x, num_samples=4, seed=7, with_scales=True, outline_spread=0.0)  # present: non-empty
     K, S = net.num_conditions, len(net.tokenizer.scales)
     assert out["classes"] == list(range(K))
     assert out["samples"].shape == (2, K, 4, *patch) and out["samples"].dtype == torch.bool
@@ -204,7 +204,7 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     shown = out["samples"].gather(2, first_drawn(drawing.flatten(0, 1)).view(2, K, 1, *[1] * len(patch)).expand(
         2, K, 1, *patch))[:, :, 0]
     assert drawing.any() and torch.equal(out["scales"][:, :, -1], shown)
-    again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False)
+    again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False, outline_spread=0.0)
     assert torch.equal(again["samples"][:, 0], out["samples"][:, K - 1])  # uncached, one class: same draws
     monkeypatch.setenv("nnUNet_ARSEG_NUM_SAMPLES", "5")
     with torch.inference_mode():
@@ -260,6 +260,7 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         present = net.sample(x, num_samples=6, seed=3, with_scales=True)
         head, net.presence_head = net.presence_head, None
         without = net.sample(x, num_samples=6, seed=3, with_scales=True)
+        one_outline = net.sample(x, num_samples=6, seed=3, with_scales=True, outline_spread=0.0)
         net.presence_head = head
         assert torch.equal(present["samples"], without["samples"]) and present["samples"].any()
         assert torch.equal(present["scales"], without["scales"])
@@ -267,11 +268,11 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         absent = net.sample(x, num_samples=6, seed=3, with_scales=True)
         assert not absent["samples"].any() and not absent["scales"].any()
         bias.zero_()  # p = 1/2: some samples of the same draws are kept, the others emptied
-        drawn = net.sample(x, num_samples=6, seed=3, with_scales=True)
+        drawn = net.sample(x, num_samples=6, seed=3, with_scales=True, outline_spread=0.0)  # one mask per image
         half = drawn["samples"]
         kept = half.flatten(3).any(-1)
-        assert torch.equal(half, without["samples"] & kept[..., None, None])
-        assert 0 < kept.sum() < without["samples"].flatten(3).any(-1).sum()
+        assert torch.equal(half, one_outline["samples"] & kept[..., None, None])
+        assert 0 < kept.sum() < one_outline["samples"].flatten(3).any(-1).sum()
         # the coarse-to-fine masks shown are those of each image's first present sample
         present_BN = draw_presence(net.presence_head(net.encode_image(x).presence_BND)[:, 0], 6, class_seed(3, 0))
         shown_B = first_drawn(present_BN)
@@ -287,47 +288,62 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         assert (pred < 0).all()
 
 
+def head_net(batch: int = 1, presence_bias: float = 30.0) -> tuple[ARSegNetwork, torch.Tensor]:
+    """The recipe's network (a full-resolution head) and random images on which about half of the head's pixels are
+    foreground; every image's presence logit is ``presence_bias`` (its weights start at 0; 30: always present)."""
+    torch.manual_seed(0)
+    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
+    x = torch.randn(batch, 1, 128, 128)
+    with torch.no_grad():
+        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x).aux_logits.median()
+        net.presence_head.fc.bias.fill_(presence_bias)
+    return net, x
+
+
+class KeepDraws(list):
+    """The recorder role of ``TileRecorder``: keeps what the eval forward drew."""
+    wants_scales = False
+
+    def record(self, samples_KN, scales_KS=None):
+        self.append(samples_KN)
+
+
+def eval_draws(net: ARSegNetwork, x: torch.Tensor, num_samples: int, **sampling) -> torch.Tensor:
+    """The samples (K, N, *patch) the eval forward draws for the one image ``x`` with ``EvalSampling(**sampling)``."""
+    kept = KeepDraws()
+    net.eval_sampling = EvalSampling(num_samples=num_samples, seed=0, recorder=kept, **sampling)
+    try:
+        with torch.inference_mode():
+            net(x)
+    finally:
+        net.eval_sampling = None
+    return kept[0]
+
+
 def test_presence_temperature_reaches_the_draws_of_sample_and_of_the_eval_forward(monkeypatch):
     """``presence_temperature`` divides the presence logit: near 0 every sample of an image follows p > 1/2, very
     large it draws half of them; ``EvalSampling`` hands it to the eval forward (``nnUNetv2_arseg_predict``), else
     ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` (the stock ``nnUNetv2_predict``)."""
     monkeypatch.delenv("nnUNet_ARSEG_PRESENCE_TEMPERATURE", raising=False)
-    torch.manual_seed(0)
-    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
-    x = torch.randn(2, 1, 128, 128)
-    with torch.no_grad():
-        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x).aux_logits.median()  # a non-empty head
-        net.presence_head.fc.bias.fill_(0.3)  # its weights start at 0: p = sigmoid(0.3) = 0.57 for every image
+    net, x = head_net(batch=2, presence_bias=0.3)  # p = sigmoid(0.3) = 0.57 for every image
     assert net.samples_around_head
 
     def drawn_B(samples) -> list[int]:  # a present sample is the head's non-empty mask, an absent one empty
         return samples[:, 0].flatten(2).any(-1).sum(1).tolist()
 
-    assert drawn_B(net.sample(x, num_samples=8, seed=1)["samples"]) in ([4, 4], [4, 5], [5, 4], [5, 5])
-    assert drawn_B(net.sample(x, num_samples=8, seed=1, presence_temperature=1e-3)["samples"]) == [8, 8]
-    assert drawn_B(net.sample(x, num_samples=8, seed=1, presence_temperature=1e3)["samples"]) == [4, 4]
+    one = dict(num_samples=8, seed=1, outline_spread=0.0)  # one outline per image
+    assert drawn_B(net.sample(x, **one)["samples"]) in ([4, 4], [4, 5], [5, 4], [5, 5])
+    assert drawn_B(net.sample(x, **one, presence_temperature=1e-3)["samples"]) == [8, 8]
+    assert drawn_B(net.sample(x, **one, presence_temperature=1e3)["samples"]) == [4, 4]
     with pytest.raises(ValueError, match="presence_temperature must be > 0"):
-        net.sample(x, num_samples=8, seed=1, presence_temperature=-1.0)
-
-    class Keep:  # the recorder role of ``TileRecorder``
-        wants_scales = False
-
-        def record(self, samples_KN, scales_KS=None):
-            kept.append(samples_KN)
-
-    kept = []
+        net.sample(x, **one, presence_temperature=-1.0)
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(-0.3)  # p = 0.43: near temperature 0 no sample draws
     for temperature, variable, expected in ((None, None, None), (1e-3, None, 0), (None, "1e-3", 0)):
         if variable is not None:
             monkeypatch.setenv("nnUNet_ARSEG_PRESENCE_TEMPERATURE", variable)
-        net.eval_sampling = EvalSampling(num_samples=8, seed=0, recorder=Keep(), presence_temperature=temperature)
-        try:
-            with torch.inference_mode():
-                net(x[:1])
-        finally:
-            net.eval_sampling = None
-        count = int(kept[-1][0].flatten(1).any(-1).sum())
+        drawn = eval_draws(net, x[:1], 8, presence_temperature=temperature, outline_spread=0.0)
+        count = int(drawn[0].flatten(1).any(-1).sum())
         assert count == expected if expected is not None else count in (3, 4)
 
 
@@ -370,7 +386,8 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
 
 def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
     """``anchor_head``: the anchor is the U-Net head's mask at patch size (from its logits averaged over the image's
-    mirrorings unless ``mirror_head=False``), in ``sample`` and in the eval forward."""
+    mirrorings unless ``mirror_head=False``), in ``sample`` and in the eval forward; with one outline per image
+    (``outline_spread=0``) a drawn sample is that mask, as it is an outside anchor's."""
     net = build(plans_with_arseg(), "arseg_2d", 2).eval()
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
@@ -381,17 +398,18 @@ def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
         head = net.head_masks(net.head_logits(x, plain))
         assert head.shape == (2, 1, 128, 128) and 0.2 < head.float().mean() < 0.8
         assert not torch.equal(head, net.head_masks(plain))
-        assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor_head=True, mirror_head=False)["samples"],
+        one = dict(num_samples=4, seed=3, outline_spread=0.0)
+        assert torch.equal(net.sample(x, **one, anchor_head=True, mirror_head=False)["samples"],
                            net.sample(x, num_samples=4, seed=3, anchor=net.head_masks(plain))["samples"])
         # mirroring the image mirrors the mirrored head's logits (up to float rounding)
         flipped = net.head_logits(x.flip(3), net.encode_image(x.flip(3)).aux_logits)
         assert torch.allclose(flipped.flip(3), net.head_logits(x, plain), atol=1e-4)
-        out = net.sample(x, num_samples=4, seed=3, anchor_head=True)["samples"]
+        out = net.sample(x, **one, anchor_head=True)["samples"]
         assert torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor=head)["samples"])
         assert not torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor_head=False)["samples"])
         assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor_head=True, anchor_scales=2)["samples"],
                            net.sample(x, num_samples=4, seed=3, anchor=head, anchor_scales=2)["samples"])
-        net.eval_sampling = EvalSampling(num_samples=4, seed=0, anchor_head=True)
+        net.eval_sampling = EvalSampling(num_samples=4, seed=0, anchor_head=True, outline_spread=0.0)
         with torch.inference_mode():
             logits = net(x[:1])
         net.eval_sampling = None
@@ -403,55 +421,84 @@ def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
             net.sample(x, num_samples=2, anchor=head, anchor_head=True)
 
 
+def test_samples_around_the_head_threshold_its_probability_at_levels_of_their_own(monkeypatch):
+    """Around the head every drawn sample is the head's probability map thresholded at its own level, the drawn
+    samples' levels spread evenly over 1/2 +- ``outline_spread``: at 0.5 a pixel is in a share of them within 1/(2N)
+    of its probability, at 0 each is the head's mask; the eval forward takes the spread from ``EvalSampling``, else
+    ``nnUNet_ARSEG_OUTLINE_SPREAD``."""
+    monkeypatch.delenv("nnUNet_ARSEG_OUTLINE_SPREAD", raising=False)
+    net, x = head_net()  # always present
+    with torch.no_grad():
+        prob = torch.sigmoid(net.head_at_patch(net.head_logits(x, net.encode_image(x).aux_logits)))[0, 0]
+        full = net.sample(x, num_samples=8, seed=3, outline_spread=0.5)["samples"][0, 0]
+        one = net.sample(x, num_samples=8, seed=3, outline_spread=0.0)["samples"][0, 0]
+        tight = net.sample(x, num_samples=8, seed=3, outline_spread=0.25)["samples"][0, 0]
+    assert 0.05 < ((prob > 0.1) & (prob < 0.9)).float().mean()  # the map has levels to spread over
+
+    def at_level(mask, level) -> bool:  # up to pixels whose probability rounds to the level
+        return bool(((mask != (prob > level)) <= ((prob - level).abs() < 1e-5)).all())
+
+    for k in range(8):  # the k-th drawn sample: stratum j = (k + 4) % 8, level (j + 1/2) / 8 (spread 0.5)
+        j = (k + 4) % 8
+        assert at_level(full[k], (j + 0.5) / 8)
+        assert at_level(tight[k], 0.5 + 0.25 * (2 * (j + 0.5) / 8 - 1))
+        assert at_level(one[k], 0.5)
+    assert ((full.float().mean(0) - prob).abs() <= 1 / 16 + 1e-5).all()
+    assert full[4].sum() > tight[4].sum() > one[4].sum() > tight[3].sum() > full[3].sum()  # lowest, highest levels
+    with torch.no_grad():  # p = 1/2: the drawn samples share out the levels, the absent ones stay empty
+        net.presence_head.fc.bias.zero_()
+        half = net.sample(x, num_samples=8, seed=3, outline_spread=0.5)["samples"][0, 0]
+        present_N = draw_presence(net.presence_head(net.encode_image(x).presence_BND)[:, 0], 8, class_seed(3, 0))[0]
+    count = int(present_N.sum())
+    assert 0 < count < 8 and not half[~present_N].any()
+    for k, n in enumerate(present_N.nonzero()[:, 0].tolist()):
+        assert at_level(half[n], ((k + count // 2) % count + 0.5) / count)
+    with pytest.raises(ValueError, match=r"outline_spread must be in \[0, 0.5\]"):
+        net.sample(x, num_samples=8, outline_spread=0.6)
+    with torch.no_grad():
+        net.presence_head.fc.bias.fill_(30.0)
+    seed = content_seed(0, x)
+    for spread, variable, expected in ((None, None, 0.5), (0.0, None, 0.0), (None, "0", 0.0), (0.5, "0", 0.5)):
+        if variable is not None:
+            monkeypatch.setenv("nnUNet_ARSEG_OUTLINE_SPREAD", variable)
+        drawn = eval_draws(net, x, 8, outline_spread=spread)
+        with torch.no_grad():
+            assert torch.equal(drawn, net.sample(x, num_samples=8, seed=seed, outline_spread=expected)["samples"][0])
+
+
 def test_the_eval_forward_samples_around_a_full_resolution_head_unless_told_otherwise():
     """The recipe's model (a full-resolution head) samples around its head by default; ``anchor_head=False`` or
     ``anchor_scales=0`` gives the transformer's own draws, an outside anchor replaces the head; a model whose head
     stops at the latent draws on its own."""
-    torch.manual_seed(0)
-    net = build(plans_with_arseg(), "arseg_2d", 2).eval()
-    x = torch.randn(1, 1, 128, 128)
+    net, x = head_net()  # always present
     with torch.no_grad():
-        net.presence_head.fc.bias.fill_(30.0)  # always present
-        net.decoder.seg_layers[net.head_stage()].bias -= net.encode_image(x).aux_logits.median()  # half foreground
         head = net.head_masks(net.head_logits(x, net.encode_image(x).aux_logits))
     assert net.samples_around_head and 0.2 < head.float().mean() < 0.8
 
-    class Keep:  # the recorder role of ``TileRecorder``: keeps what the eval forward drew
-        wants_scales = False
+    def draws(model, inputs=x, **sampling):
+        return eval_draws(model, inputs, 4, **sampling)
 
-        def record(self, samples_KN, scales_KS=None):
-            drawn.append(samples_KN)
-
-    def eval_draws(model, inputs=x, **sampling):
-        drawn.clear()
-        model.eval_sampling = EvalSampling(num_samples=4, seed=0, recorder=Keep(), **sampling)
-        try:
-            with torch.inference_mode():
-                model(inputs)
-        finally:
-            model.eval_sampling = None
-        return drawn[0]
-
-    drawn = []
     seed = content_seed(0, x)
-    around_head = net.sample(x, num_samples=4, seed=seed, anchor=head)["samples"][0]
+    around_head = net.sample(x, num_samples=4, seed=seed, anchor_head=True)["samples"][0]
+    one_outline = net.sample(x, num_samples=4, seed=seed, anchor_head=True, outline_spread=0.0)["samples"][0]
+    assert torch.equal(one_outline, net.sample(x, num_samples=4, seed=seed, anchor=head)["samples"][0])
     own = net.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0]
     assert not torch.equal(around_head, own)
     assert torch.equal(net.sample(x, num_samples=4, seed=seed)["samples"][0], around_head)
     assert torch.equal(net.sample(x, num_samples=4, seed=seed, anchor_scales=0)["samples"][0], own)
-    assert torch.equal(eval_draws(net), around_head)
-    assert torch.equal(eval_draws(net, anchor_head=False), own)
-    assert torch.equal(eval_draws(net, anchor_scales=0), own)
+    assert torch.equal(draws(net), around_head)
+    assert torch.equal(draws(net, anchor_head=False), own)
+    assert torch.equal(draws(net, anchor_scales=0), own)
     outside = torch.zeros(1, 1, 128, 128)
     outside[..., 40:90, 30:100] = 1
     with_anchor = torch.cat([x, outside], 1)
     expected = net.sample(x, num_samples=4, seed=content_seed(0, with_anchor), anchor=outside.bool())["samples"][0]
-    assert torch.equal(eval_draws(net, with_anchor), expected)
+    assert torch.equal(draws(net, with_anchor), expected)
     latent = build(plans_with_arseg(aux_full_resolution=False), "arseg_2d", 2).eval()
     latent.load_state_dict(net.state_dict())
     assert not latent.samples_around_head
-    assert torch.equal(eval_draws(latent), latent.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0])
-    assert torch.equal(eval_draws(latent), latent.sample(x, num_samples=4, seed=seed)["samples"][0])
+    assert torch.equal(draws(latent), latent.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0])
+    assert torch.equal(draws(latent), latent.sample(x, num_samples=4, seed=seed)["samples"][0])
 
 
 def test_region_anchors_are_unions_of_their_labels():

@@ -246,6 +246,10 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     assert "--presence_temperature must be > 0" in err
     err = _refused(capsys, paths, tmp_path, "--presence_temperature", "0.5")  # this test model has no presence head
     assert "--presence_temperature" in err and "no presence head" in err and "leave it out" in err
+    err = _refused(capsys, paths, tmp_path, "--outline_spread", "0.6")
+    assert "--outline_spread must be in [0, 0.5]" in err
+    err = _refused(capsys, paths, tmp_path, "--outline_spread", "0.3")  # no U-Net head to threshold
+    assert "--outline_spread" in err and "does not sample around a U-Net head" in err and "leave it out" in err
     err = _refused(capsys, paths, tmp_path, "--anchor_scales", "2")  # a model that samples without an anchor
     assert "--anchor_scales 2" in err and "without an anchor" in err and "--anchor_head" in err
     assert "give one" in _refused(capsys, paths, tmp_path, "--anchor", tmp_path, "--anchor_head")

@@ -97,7 +97,8 @@ def test_multi_tile_stitching_and_folds():
 
 
 def test_anchor_head_reaches_the_network_through_the_window():
-    net, (_, ours) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=True)
+    one = dict(num_samples=4, seed=2, outline_spread=0.0)  # one outline per image: a drawn sample is the head's mask
+    net, (_, ours) = predictors(small_plans(), None, **one, anchor_head=True)
     data = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(5))
     tile = data[None, :, 0]
     plain = net.encode_image(tile).aux_logits
@@ -105,13 +106,19 @@ def test_anchor_head_reaches_the_network_through_the_window():
     assert head.any() and not head.all()  # random weights: a head mask of both values
     drawn = ours.sample_case(data)[1].samples_KN[:, :, 0]
     assert torch.equal(drawn, net.sample(tile, 4, content_seed(2, tile), anchor=head)["samples"][0])
-    _, (_, default) = predictors(small_plans(), None, num_samples=4, seed=2)  # the recipe's full-resolution head
+    _, (_, default) = predictors(small_plans(), None, **one)  # the recipe's full-resolution head
     assert torch.equal(default.sample_case(data)[1].samples_KN[:, :, 0], drawn)
     _, (_, own) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=False)
     assert not torch.equal(drawn, own.sample_case(data)[1].samples_KN[:, :, 0])
-    _, (_, unmirrored) = predictors(small_plans(), None, num_samples=4, seed=2, mirror_head=False)  # --disable_tta
+    _, (_, unmirrored) = predictors(small_plans(), None, **one, mirror_head=False)  # --disable_tta
     assert torch.equal(unmirrored.sample_case(data)[1].samples_KN[:, :, 0],
                        net.sample(tile, 4, content_seed(2, tile), anchor=net.head_masks(plain))["samples"][0])
+    # the outline spread reaches the network as well (what it draws: test_network.py)
+    _, (_, spread) = predictors(small_plans(), None, num_samples=4, seed=2, outline_spread=0.25)
+    levels = spread.sample_case(data)[1].samples_KN[:, :, 0]
+    assert torch.equal(levels, net.sample(tile, 4, content_seed(2, tile), outline_spread=0.25)["samples"][0])
+    assert not torch.equal(levels, net.sample(tile, 4, content_seed(2, tile))["samples"][0])  # the default: 0.5
+    assert not torch.equal(levels, drawn)
 
 
 def test_3d_tiles(monkeypatch):

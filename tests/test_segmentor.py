@@ -221,3 +221,17 @@ def test_presence_temperature_moves_the_draws_away_from_or_towards_one_half():
     assert sharper[0] in (4, 5) and sharper[1] in (11, 12) and sharper[2] in (15, 16)
     with pytest.raises(ValueError, match="presence temperature must be > 0"):
         draw_presence(logit_B, 16, seed=5, temperature=0.0)
+
+
+def test_outline_levels_spread_the_drawn_samples_evenly_and_leave_the_absent_at_one_half():
+    from nnunet_arseg.segmentor.outline import outline_levels
+    present_BN = torch.tensor([[True, False, True, True], [False, False, True, False], [False] * 4])
+    assert torch.allclose(outline_levels(present_BN, 0.5),
+                          torch.tensor([[1 / 2, 0.5, 5 / 6, 1 / 6], [0.5] * 4, [0.5] * 4]))
+    assert torch.allclose(outline_levels(present_BN, 0.25),
+                          torch.tensor([[1 / 2, 0.5, 2 / 3, 1 / 3], [0.5] * 4, [0.5] * 4]))
+    # the first drawn sample takes the middle stratum, the others from there up, then from the lowest
+    assert torch.allclose(outline_levels(torch.ones(1, 4, dtype=torch.bool), 0.5), torch.tensor([[5, 7, 1, 3]]) / 8)
+    assert torch.equal(outline_levels(present_BN, 0.0), torch.full((3, 4), 0.5))
+    with pytest.raises(ValueError, match=r"outline_spread must be in \[0, 0.5\]"):
+        outline_levels(present_BN, -0.1)

@@ -23,7 +23,7 @@ from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_tempora
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
 RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "presence_temperature",
-            "anchor", "anchor_head", "anchor_scales", "mirror_head", "step_size", "mirroring")
+            "anchor", "anchor_head", "anchor_scales", "outline_spread", "mirror_head", "step_size", "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how many coarse scales come from the anchor (--anchor, --anchor_head or a model's "
                            "full-resolution head): 0: none, the transformer's own draws; default: all, i.e. the "
                            "anchor's mask wherever a sample is present")
+    ours.add_argument("--outline_spread", type=float, default=None, metavar="W",
+                      help="where each drawn sample is the model's U-Net head's mask (the default sampling of the "
+                           "current recipe), it thresholds the head's probability map at a level of its own, the "
+                           "levels of an image's drawn samples spread evenly over 0.5 +- W (0 <= W <= 0.5; 0: one "
+                           "outline per image, the head's mask at 0.5; 0.5: a pixel is in a share of the drawn samples "
+                           "equal to the head's probability); default $nnUNet_ARSEG_OUTLINE_SPREAD or 0.5")
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
     ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
@@ -118,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.presence_temperature is not None and not args.presence_temperature > 0:
         parser.error(f"--presence_temperature must be > 0, got {args.presence_temperature}")
+    if args.outline_spread is not None and not 0 <= args.outline_spread <= 0.5:
+        parser.error(f"--outline_spread must be in [0, 0.5], got {args.outline_spread}")
     if args.anchor_scales is not None and args.anchor_scales < 0:
         parser.error(f"--anchor_scales must be >= 0, got {args.anchor_scales}")
     if args.anchor is not None and args.anchor_head:
@@ -178,6 +186,7 @@ def run(args: argparse.Namespace) -> None:
     from nnunet_arseg.atomic import save_json_atomic
     from nnunet_arseg.inference.predictor import ARSegPredictor
     from nnunet_arseg.nnunet_ext import ensure_ext_trainer_env
+    from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD
 
     ensure_ext_trainer_env()
     extras = ExtraOutputs(args.save_samples, args.save_uncertainty, args.save_scales)
@@ -233,12 +242,24 @@ def run(args: argparse.Namespace) -> None:
         if predictor.configuration_manager.previous_stage_name is not None:
             raise InputError(f"--anchor: configuration {args.c} is a cascade stage (it takes the previous stage's "
                              "predictions as input); anchor a configuration without a previous stage")
+    outline_spread = None  # where a drawn sample is the head's mask: its levels' spread
+    if anchor_head and anchor_scales == num_scales:
+        outline_spread = env.outline_spread(OUTLINE_SPREAD) if args.outline_spread is None else args.outline_spread
+    elif args.outline_spread is not None:
+        if args.anchor is not None:
+            why = "the samples take the --anchor masks, which have no probabilities to threshold"
+        elif anchor_head:
+            why = f"with --anchor_scales {anchor_scales} the transformer draws the finer scales and the outlines"
+        else:
+            why = f"the model in {folder} does not sample around a U-Net head of its own"
+        raise InputError(f"--outline_spread: {why}; leave it out")
+    predictor.outline_spread = outline_spread
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
                 "num_samples": num_samples, "seed": seed, "temperature": temperature,
                 "presence_temperature": presence_temperature,
                 "anchor": None if args.anchor is None else os.path.abspath(args.anchor),
-                "anchor_head": anchor_head, "anchor_scales": anchor_scales,
+                "anchor_head": anchor_head, "anchor_scales": anchor_scales, "outline_spread": outline_spread,
                 "mirror_head": bool(anchor_head and predictor.mirror_head),
                 "step_size": args.step_size,
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
@@ -260,7 +281,8 @@ def run(args: argparse.Namespace) -> None:
     elif anchor_head:
         default = "" if args.anchor_head else "; the model's default, --anchor_scales 0 for the transformer's own draws"
         mirrored = "mirrored " if predictor.mirror_head else ""
-        sampling = f", anchored on its {mirrored}U-Net head ({anchor_scales} coarse scale(s){default})"
+        spread = "" if outline_spread is None else f", outline spread {outline_spread:g}"
+        sampling = f", anchored on its {mirrored}U-Net head ({anchor_scales} coarse scale(s){spread}{default})"
     else:
         sampling = ""
     presence = "" if presence_temperature == 1 else f", presence temperature {presence_temperature:g}"
