@@ -240,7 +240,8 @@ def test_both_predict_commands_on_the_trained_model(trained):
     assert "anchored on its U-Net head (3 coarse scale(s))" in log
     args = json.loads((trained["root"] / "pred_head" / ARGS_FILE).read_text())
     assert args["anchor_head"] is True and args["anchor_scales"] == 3 and args["mirror_head"] is False
-    assert args["outline_spread"] is None and default["outline_spread"] == 0.5  # levels only where every scale is
+    # the levels spread only where every scale comes from the head (the default), not with --anchor_scales 3
+    assert args["outline_spread"] is None and default["outline_spread"] == 0.5
     # --presence_temperature and --outline_spread reach the predictor (what they draw: test_network.py); the
     # defaults record 1 and 0.5
     assert default["presence_temperature"] == 1.0
