@@ -422,7 +422,6 @@ class ARSegNetwork(nn.Module):
                 head_BK = self.head_at_patch(self.head_logits(x, aux_logits) if mirror_head else aux_logits)
                 anchor = head_BK > 0
             exact = anchor is not None and anchor_scales == num_scales
-            spread = outline_spread if anchor_head and exact else 0.0
             presence_BK = self.presence_head(presence_BND) if self.presence_head is not None else None
             B = x.shape[0]
             samples, scales = [], []
@@ -448,11 +447,13 @@ class ARSegNetwork(nn.Module):
                                                              active=keep_N if presence_BK is not None else None)
                 masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
                 copied_N = keep_N & given[1] if exact else torch.zeros_like(keep_N)
-                if copied_N.any() and spread > 0:  # the head's probability, each drawn sample at its own level
-                    level_N = torch.logit(outline_levels(present_BN, spread).flatten()[copied_N])
+                # every token map given: the anchor's own mask, not its reconstruction; around the head, its
+                # probability at each drawn sample's own level (1/2, the head's mask, for every one at spread 0)
+                if copied_N.any() and anchor_head:
+                    level_N = torch.logit(outline_levels(present_BN, outline_spread).flatten()[copied_N])
                     image_N = torch.arange(B, device=x.device).repeat_interleave(n)[copied_N]
                     masks_N[copied_N] = head_BK[image_N, c] > level_N.view(-1, *[1] * len(self.patch_size))
-                elif copied_N.any():  # every token map given: the anchor's own mask, not its reconstruction
+                elif copied_N.any():
                     masks_N[copied_N] = anchor[:, c].bool().repeat_interleave(n, dim=0)[copied_N]
                 drawn_N = keep_N & ~copied_N
                 if drawn_N.any():  # an absent sample is the empty mask: its token draw is never decoded
