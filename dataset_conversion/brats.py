@@ -34,8 +34,9 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from tqdm import tqdm
 
 from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_case_id, check_unique_cases,
-                                            converter_parser, copy_file, dataset_folder_name, name_list,
-                                            run_converter, staged_dataset, warn)
+                                            converter_parser, copy_file, dataset_folder_name, input_entries,
+                                            left_out_record, name_list, report_left_out, run_converter,
+                                            staged_dataset, warn)
 from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.io_checks import IncompleteFileError, check_complete
 
@@ -44,6 +45,10 @@ CHANNEL_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "Flair"}
 FILES_2015 = {"t1": "T1_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz",
               "t2": "T2_subtrMeanDivStd.nii.gz", "flair": "Flair_subtrMeanDivStd.nii.gz", "seg": "OTMultiClass.nii.gz"}
 SUFFIXES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
+EXTRAS_2015 = ("brainmask.nii.gz",)  # DeepMedic's brain mask: part of that layout, not converted
+LAYOUT_FILES = {"2021": "<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
+                "2023": "<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz",
+                "2015": "<case>/{T1,T1c,T2,Flair}_subtrMeanDivStd.nii.gz, OTMultiClass.nii.gz"}
 LABEL_VALUES = {"2021": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}, "2015": {0, 1, 2, 3, 4}}
 LABELS = {"background": 0, "whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
 REGIONS_CLASS_ORDER = (1, 2, 3)
@@ -75,7 +80,7 @@ def _case_2023(folder: Path, sequences: tuple[str, ...]) -> BratsCase:
 
 def _case_2015(folder: Path, sequences: tuple[str, ...]) -> BratsCase:
     seg = folder / FILES_2015["seg"]
-    test = _SPLITS_2015.get(folder.parent.name) == "test" or not seg.is_file()
+    test = _SPLITS_2015.get(folder.parent.name.lower()) == "test" or not seg.is_file()
     return BratsCase(check_case_id(folder.name, folder), "2015", {s: folder / FILES_2015[s] for s in sequences},
                      seg if seg.is_file() else None, test)
 
@@ -90,32 +95,50 @@ def _as_case(folder: Path, sequences: tuple[str, ...]) -> BratsCase | None:
     return None
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _layout_names(folder: Path, layout: str) -> set[str]:
+    """Every file name a case folder of ``layout`` may hold, the sequences not asked for included."""
+    if layout == "2021":
+        return {f"{folder.name}_{s}.nii.gz" for s in (*SEQUENCES, "seg")}
+    if layout == "2023":
+        return {f"{folder.name}-{s}.nii.gz" for s in SUFFIXES_2023.values()}
+    return {*FILES_2015.values(), *EXTRAS_2015}
 
 
-def find_brats_cases(root: str | Path, sequences: tuple[str, ...] = SEQUENCES) -> tuple[list[BratsCase], list[Path]]:
-    """Case folders of any layout directly below ``root`` or below its split folders, sorted by case id, and the
-    folders left out (neither a case nor a folder of cases)."""
+def _layouts_text() -> str:
+    return ", ".join(f"{files} ({layout})" for layout, files in LAYOUT_FILES.items())
+
+
+def find_brats_cases(root: str | Path, sequences: tuple[str, ...] = SEQUENCES
+                     ) -> tuple[list[BratsCase], dict[str, str]]:
+    """Case folders of any layout directly below ``root`` or below its split folders, sorted by case id, and what
+    was left out ({path: why}): folders that are neither a case nor a folder of cases, files beside them and files
+    of a case folder that its layout does not name."""
     root = Path(root)
     if not root.is_dir():
         raise ConversionError(f"input folder {root} does not exist; pass the folder with the BraTS cases with -i")
-    cases, left_out = [], []
-    for folder in _subfolders(root):
-        case = _as_case(folder, sequences)
+    found: list[tuple[Path, BratsCase]] = []
+    left_out: dict[str, str] = {}
+    for folder in input_entries(root, documents=False):
+        case = _as_case(folder, sequences) if folder.is_dir() else None
         if case is not None:
-            cases.append(case)
+            found.append((folder, case))
             continue
-        inner = {sub: _as_case(sub, sequences) for sub in _subfolders(folder)}
-        if any(inner.values()):
-            cases += [c for c in inner.values() if c is not None]
-            left_out += [sub for sub, c in inner.items() if c is None]
-        else:
-            left_out.append(folder)
+        inner = {sub: _as_case(sub, sequences) if sub.is_dir() else None
+                 for sub in input_entries(folder, documents=False)} if folder.is_dir() else {}
+        if not any(inner.values()):
+            inner = {folder: None}  # neither a case nor a folder of cases: left out as a whole
+        for sub, c in inner.items():
+            if c is not None:
+                found.append((sub, c))
+            else:
+                left_out[str(sub)] = "no BraTS case in it" if sub.is_dir() else "a file, not a case folder"
+    for folder, case in found:
+        names = _layout_names(folder, case.layout)
+        left_out.update({str(p): f"not a file of the {case.layout} layout ({LAYOUT_FILES[case.layout]})"
+                         for p in input_entries(folder, documents=False) if p.name not in names})
+    cases = [c for _, c in found]
     if not cases:
-        raise ConversionError(f"no BraTS case found in {root}: expected <case>/<case>_{{t1,t1ce,t2,flair,seg}}.nii.gz "
-                              "(BraTS 2021), <case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz (2023) or "
-                              "<case>/Flair_subtrMeanDivStd.nii.gz ... OTMultiClass.nii.gz (2015)")
+        raise ConversionError(f"no BraTS case found in {root}: expected {_layouts_text()}")
     sources: dict[str, list[str]] = {}
     for c in cases:
         sources.setdefault(c.case, []).append(str(next(iter(c.sequences.values())).parent))
@@ -214,11 +237,12 @@ def _write_case(c: BratsCase, out: Path, sequences: tuple[str, ...], labels: str
 
 def convert_brats(input_folder: str | Path, raw_folder: str | Path, dataset_id: int, name: str = "BraTS2021",
                   sequences: tuple[str, ...] = SEQUENCES, overwrite: bool = False, progress: bool = True,
-                  label_convention: str | None = None) -> Path:
+                  label_convention: str | None = None, strict: bool = False) -> Path:
     """Convert the BraTS cases below ``input_folder`` to ``raw_folder/DatasetXXX_NAME``; returns that folder.
 
     ``label_convention`` ("2021" or "2023") sets the labels of the 2021- and 2023-layout segmentations; default:
-    the one their file names imply.
+    the one their file names imply. What does not fit a layout is named in one warning before anything is written
+    (``report_left_out``); ``strict`` refuses instead.
     """
     sequences = tuple(sequences)
     if not sequences or len(set(sequences)) != len(sequences) or set(sequences) - set(SEQUENCES):
@@ -226,9 +250,7 @@ def convert_brats(input_folder: str | Path, raw_folder: str | Path, dataset_id: 
     if label_convention not in (None, "2021", "2023"):
         raise ConversionError(f"--label_convention {label_convention}: choose 2021 (0/1/2/4) or 2023 (0/1/2/3)")
     cases, left_out = find_brats_cases(input_folder, sequences)
-    if left_out:
-        warn(f"{len(left_out)} folder(s) of {input_folder} hold no BraTS case and were left out: "
-             f"{name_list([str(p) for p in left_out])}. Rename their files to a BraTS layout if they hold cases")
+    report_left_out(left_out, strict, f"Rename them to a BraTS layout ({_layouts_text()}) if they hold cases")
     no_seg = [c.case for c in cases if c.seg is None]
     if no_seg:
         warn(f"{len(no_seg)} of {len(cases)} case(s) have no segmentation and go to imagesTs without a label: "
@@ -250,7 +272,7 @@ def convert_brats(input_folder: str | Path, raw_folder: str | Path, dataset_id: 
                         "2015 label 3 (non-enhancing) merged into NCR/NET; 2023 label 3 (enhancing) read as 4",
             arseg_conversion={"input": str(Path(input_folder).resolve()), "sequences": list(sequences),
                               "layouts": sorted({c.layout for c in cases}), "label_conventions": labels_used,
-                              "left_out": [str(p) for p in left_out], "cases_without_seg": no_seg})
+                              "left_out": left_out_record(left_out), "cases_without_seg": no_seg})
     n_test = len(cases) - n_train
     n_test_labelled = sum(c.test and c.seg is not None for c in cases)
     final = Path(raw_folder) / dataset_folder_name(dataset_id, name)
@@ -318,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run_converter(parser, args, lambda raw: convert_brats(args.i, raw, args.d, args.n, tuple(args.sequences),
                                                           args.overwrite, progress=not args.disable_progress_bar,
-                                                          label_convention=args.label_convention))
+                                                          label_convention=args.label_convention,
+                                                          strict=args.strict))
 
 
 def main_back(argv: list[str] | None = None) -> None:

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from dataset_conversion.lidc import consensus, split_by_patient
 from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_case_id, converter_parser,
-                                            copy_file, dataset_folder_name, name_list, run_converter,
-                                            staged_dataset, warn)
+                                            copy_file, dataset_folder_name, input_entries, left_out_record,
+                                            name_list, report_left_out, run_converter, staged_dataset)
 from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.io_checks import IncompleteFileError, check_complete
 
@@ -58,21 +58,19 @@ def _split_ending(name: str) -> tuple[str, str] | None:
     return next(((name[:-len(e)], e) for e in _endings() if name.lower().endswith(e) and len(name) > len(e)), None)
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def _scan_images(folder: Path) -> tuple[str, dict[str, tuple[Path, ...]], list[str]]:
-    """(file ending, {case: channel files}, left-out files) of an ``images/`` folder."""
+def _scan_images(folder: Path) -> tuple[str, dict[str, tuple[Path, ...]], dict[str, str]]:
+    """(file ending, {case: channel files}, left out {path: why}) of an ``images/`` folder."""
     if not folder.is_dir():
         raise ConversionError(f"{folder}: no such folder; the input needs images/<case><ext> beside one folder per "
                               "rater (docs/your-data.md)")
     by_ending: dict[str, list[tuple[str, Path]]] = {}
-    left_out = []
-    for p in _files(folder):
+    left_out = {}
+    for p in input_entries(folder):
         split = _split_ending(p.name)
-        if split is None:
-            left_out.append(str(p))
+        if p.is_dir():
+            left_out[str(p)] = f"a folder; {IMAGES}/ holds one file per case (or per channel)"
+        elif split is None:
+            left_out[str(p)] = "not a file ending nnU-Net reads"
         else:
             by_ending.setdefault(split[1].lower(), []).append((split[0], p))
     if not by_ending:
@@ -105,13 +103,16 @@ def _scan_images(folder: Path) -> tuple[str, dict[str, tuple[Path, ...]], list[s
 
 
 def find_folder_cases(input_folder: str | Path, rater_names: list[str] | None = None
-                      ) -> tuple[str, list[FolderCase], list[str], list[str]]:
-    """(file ending, cases, rater folder names, left-out files) of an ``images/`` + rater folders input."""
+                      ) -> tuple[str, list[FolderCase], list[str], dict[str, str]]:
+    """(file ending, cases, rater folder names, left out {path: why}) of an ``images/`` + rater folders input.
+
+    Folders that ``rater_names`` leaves out are the user's choice and not reported."""
     root = Path(input_folder)
     ending, images, left_out = _scan_images(root / IMAGES)
+    top = input_entries(root, documents=False)
+    left_out.update({str(p): f"a file beside {IMAGES}/ and the rater folders" for p in top if not p.is_dir()})
     if rater_names is None:
-        rater_names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != IMAGES
-                             and not p.name.startswith("."))
+        rater_names = [p.name for p in top if p.is_dir() and p.name != IMAGES]
     if not rater_names:
         raise ConversionError(f"{root}: no rater folder beside {IMAGES}/; add one folder of masks per rater "
                               f"(<rater>/<case>{ending})")
@@ -124,10 +125,11 @@ def find_folder_cases(input_folder: str | Path, rater_names: list[str] | None = 
             raise ConversionError(f"{folder}: rater folder {name!r} does not exist in {root}; --raters takes the "
                                   f"names of subfolders of -i other than {IMAGES}")
         found = 0
-        for p in _files(folder):
+        for p in input_entries(folder):
             split = _split_ending(p.name)
-            if split is None or split[1].lower() != ending:
-                left_out.append(str(p))
+            if p.is_dir() or split is None or split[1].lower() != ending:
+                left_out[str(p)] = ("a folder; a rater folder holds one mask file per case" if p.is_dir() else
+                                    f"not a {ending} mask like the images")
                 continue
             if split[0] not in images:
                 raise ConversionError(f"{p}: rater mask of case {split[0]!r}, which has no image in {root / IMAGES}; "
@@ -282,11 +284,13 @@ def convert_folders(input_folder: str | Path, raw_folder: str | Path, dataset_id
                     patient_regex: str | None = None, patient_csv: str | Path | None = None,
                     channel_names: list[str] | None = None, test_fraction: float = 0.0,
                     test_input_folder: str | Path | None = None, seed: int = 12345,
-                    threshold: float | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                    threshold: float | None = None, overwrite: bool = False, progress: bool = True,
+                    strict: bool = False) -> Path:
     """Convert ``images/`` + rater folders to ``raw_folder/DatasetXXX_NAME``; returns that folder.
 
     Test cases: ``test_input_folder`` (same layout, same rater folders) or ``test_fraction`` of the patients
-    (seeded); by default every case is training data."""
+    (seeded); by default every case is training data. What does not fit the layout is named in one warning before
+    anything is written (``report_left_out``); ``strict`` refuses instead."""
     label_names, values = parse_labels(labels)
     ending, cases, rater_names, left_out = find_folder_cases(input_folder, rater_names)
     if test_input_folder is not None:
@@ -301,7 +305,9 @@ def convert_folders(input_folder: str | Path, raw_folder: str | Path, dataset_id
             raise ConversionError(f"case id {dup[0]!r} is in both {input_folder} and {test_input_folder}; each case "
                                   "must be in one of them")
         cases += [replace(c, test=True) for c in test_cases]
-        left_out += test_left_out
+        left_out.update(test_left_out)
+    report_left_out(left_out, strict, f"Rename them to the layout's names ({IMAGES}/<case>{ending}, "
+                                      f"<rater>/<case>{ending}) if they hold cases")
     patient_of_case = patients_of([c.case for c in cases], patient_regex, patient_csv)
     patient = patient_of_case or {c.case: c.case for c in cases}
     if test_fraction:
@@ -310,9 +316,6 @@ def convert_folders(input_folder: str | Path, raw_folder: str | Path, dataset_id
             raise ConversionError(f"--test_fraction {test_fraction} of {len(set(patient.values()))} patient(s) "
                                   "gives an empty test set; raise it, add patients or give --test_input")
         cases = [replace(c, test=patient[c.case] in test_patients) for c in cases]
-    if left_out:
-        warn(f"{len(left_out)} file(s) of the input are not {ending} images or masks and were left out: "
-             f"{name_list(left_out)}")
     rw = determine_reader_writer_from_file_ending(ending, str(cases[0].images[0]), verbose=False)()
     num_raters = len(rater_names)
 
@@ -361,7 +364,7 @@ def convert_folders(input_folder: str | Path, raw_folder: str | Path, dataset_id
                               "test_input": None if test_input_folder is None else str(Path(test_input_folder)
                                                                                         .resolve()),
                               "labels": labels, "threshold": threshold, "test_fraction": test_fraction,
-                              "seed": seed, "left_out": left_out})
+                              "seed": seed, "left_out": left_out_record(left_out)})
     final = Path(raw_folder) / dataset_folder_name(dataset_id, name)
     counts = Counter(len(c.raters) for c in cases)
     n_masks = sum(counts[r] * r for r in counts)
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     run_converter(parser, args, lambda raw: convert_folders(
         args.i, raw, args.d, args.n, args.raters, args.labels, args.patient_regex, args.patient_csv,
         args.channel_names, args.test_fraction, args.test_input, args.seed, args.threshold, args.overwrite,
-        progress=not args.disable_progress_bar))
+        progress=not args.disable_progress_bar, strict=args.strict))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from dataset_conversion.lidc_layouts import (NUM_RATERS, LidcSlice, RaterCase, find_lidc_slices,
                                              find_rater_cases)
 from dataset_conversion.raw_dataset import (CONVERTED_BY, ConversionError, check_unique_cases, converter_parser,
-                                            dataset_folder_name, name_list, run_converter, save_png, staged_dataset,
-                                            warn)
+                                            dataset_folder_name, left_out_record, name_list, report_left_out,
+                                            run_converter, save_png, staged_dataset)
 from nnunet_arseg.io_checks import IncompleteFileError, check_complete
 
 __all__ = ["LidcSlice", "find_lidc_slices", "consensus", "binarize_mask", "split_by_patient", "convert_lidc", "main"]
@@ -109,15 +109,15 @@ def split_by_patient(patients: list[str], test_fraction: float, seed: int) -> se
 def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: int, name: str = "LIDC",
                  test_fraction: float | None = None, seed: int = 12345, threshold: float | None = None,
                  no_crop: bool = False, overwrite: bool = False, progress: bool = True,
-                 test_input_folder: str | Path | None = None) -> Path:
+                 test_input_folder: str | Path | None = None, strict: bool = False) -> Path:
     """Convert one LIDC layout to ``raw_folder/DatasetXXX_NAME``; returns that folder.
 
     The layout's own split is kept unless ``test_fraction`` is given (then patients are re-split, seeded);
     layouts without a split use ``test_fraction`` (default 0.2). ``test_input_folder`` (same layout) gives the
-    test set explicitly: all of ``input_folder`` is then training data.
+    test set explicitly: all of ``input_folder`` is then training data. What does not fit the layout is named in
+    one warning before anything is written (``report_left_out``); ``strict`` refuses instead.
     """
     layout, cases, left_out = find_rater_cases(input_folder)
-    left_out = [str(Path(input_folder) / p) for p in left_out]
     if test_input_folder is not None:
         if test_fraction is not None:
             raise ConversionError("give either a test folder (--test_input) or --test_fraction, not both")
@@ -126,7 +126,8 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
             raise ConversionError(f"{test_input_folder} is in the {test_layout} layout but {input_folder} in the "
                                   f"{layout} layout; give both in the same layout")
         cases = [replace(rc, split="train") for rc in cases] + [replace(rc, split="test") for rc in test_cases]
-        left_out += [str(Path(test_input_folder) / p) for p in test_left_out]
+        left_out.update(test_left_out)
+    report_left_out(left_out, strict, f"Rename them to the {layout} layout's names if they hold cases")
     sources: dict[str, list[str]] = {}
     for rc in cases:
         sources.setdefault(rc.case, []).append(str(rc.image))
@@ -145,9 +146,6 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
         split_source = f"by patient, test_fraction={0.2 if test_fraction is None else test_fraction}, seed={seed}"
     if not any(is_test) and test_fraction != 0:
         raise ConversionError(_empty_test_set_message(input_folder, split_source, sorted(set(patients))))
-    if left_out:
-        warn(f"{len(left_out)} folder(s) or file(s) of the input do not fit the {layout} layout and were left out: "
-             f"{name_list(left_out)}. Rename them to the layout's names if they hold cases")
     crop = DEEPMIND_CROP if layout == "deepmind" and not no_crop else None
 
     with staged_dataset(raw_folder, dataset_id, name, overwrite) as out:
@@ -176,7 +174,7 @@ def convert_lidc(input_folder: str | Path, raw_folder: str | Path, dataset_id: i
                    "test_raters_folder": "labelsTs_raters",
                    "patient_of_case": {rc.case: rc.patient for rc in cases}},
             arseg_conversion={"input": str(Path(input_folder).resolve()), "layout": layout, "split": split_source,
-                              "threshold": threshold, "center_crop": crop, "left_out": left_out})
+                              "threshold": threshold, "center_crop": crop, "left_out": left_out_record(left_out)})
     final = Path(raw_folder) / dataset_folder_name(dataset_id, name)
     test_patients = {p for p, t in zip(patients, is_test) if t}
     print(f"Wrote {final}\n  layout {layout}; {len(cases)} cases from {len(set(patients))} patients, "
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run_converter(parser, args, lambda raw: convert_lidc(
         args.i, raw, args.d, args.n, args.test_fraction, args.seed, args.threshold, args.no_crop, args.overwrite,
-        progress=not args.disable_progress_bar, test_input_folder=args.test_input))
+        progress=not args.disable_progress_bar, test_input_folder=args.test_input, strict=args.strict))
 
 
 if __name__ == "__main__":

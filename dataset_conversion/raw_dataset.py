@@ -61,6 +61,49 @@ def warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+_LITTER = {"__macosx", "thumbs.db", "desktop.ini"}  # written by file managers and archivers, never data
+_DOCUMENT_ENDINGS = (".md", ".txt", ".rst", ".pdf", ".csv", ".tsv", ".json", ".html")
+_DOCUMENT_NAMES = ("readme", "license", "licence", "copying")
+
+
+def input_entries(folder: Path, documents: bool = True) -> list[Path]:
+    """The entries of ``folder`` a converter considers, sorted by name; everything else is never named as left out.
+
+    Hidden entries (``.DS_Store``, our own ``.tmp-*``) and file-manager litter (``__MACOSX``, ``Thumbs.db``,
+    ``desktop.ini``) are never inputs. ``documents=False`` also drops notes and licences (``README``, ``LICENSE``,
+    ``*.md``, ``*.txt``, ``*.pdf``, ``*.csv``, ``*.json``, ...): for the levels of a layout that hold folders or a
+    case's files, where such files sit beside the data; in a folder of images or masks every file counts.
+    """
+    def kept(p: Path) -> bool:
+        name = p.name.lower()
+        if name.startswith(".") or name in _LITTER:
+            return False
+        is_document = name.endswith(_DOCUMENT_ENDINGS) or name.split(".", 1)[0] in _DOCUMENT_NAMES
+        return documents or p.is_dir() or not is_document
+
+    return sorted(p for p in Path(folder).iterdir() if kept(p))
+
+
+def report_left_out(left_out: dict[str, str], strict: bool, fix: str) -> None:
+    """Name every input left out (``left_out``: path -> why) in one warning on stderr, or refuse under ``--strict``.
+
+    Called before anything is written; ``fix`` says how to bring the inputs in (e.g. the layout's names).
+    """
+    if not left_out:
+        return
+    listing = "\n".join(f"  {path}: {why}" for path, why in sorted(left_out.items()))
+    if strict:
+        raise ConversionError(f"--strict: {len(left_out)} folder(s) or file(s) of the input would be left out:\n"
+                              f"{listing}\n{fix}, or leave out --strict to convert without them")
+    warn(f"{len(left_out)} folder(s) or file(s) of the input were left out (not converted):\n{listing}\n{fix}; "
+         "--strict refuses instead")
+
+
+def left_out_record(left_out: dict[str, str]) -> list[str]:
+    """``dataset.json["arseg_conversion"]["left_out"]``: one ``"path: why"`` per input left out."""
+    return [f"{path}: {why}" for path, why in sorted(left_out.items())]
+
+
 def save_png(arr_HW: np.ndarray, path: str | Path) -> None:
     """A 2D uint8 (bool is stored as 0/1) or uint16 array as a lossless grey PNG."""
     from PIL import Image
@@ -147,13 +190,19 @@ def staged_dataset(raw_folder: str | Path, dataset_id: int, name: str, overwrite
 
 
 def converter_parser(prog: str, description: str, input_help: str, default_name: str) -> argparse.ArgumentParser:
-    """The flags every converter shares: ``-i -o -d -n --overwrite --disable_progress_bar``."""
+    """The flags every converter shares: ``-i -o -d -n --overwrite --strict --disable_progress_bar``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-i", required=True, help=input_help)
     parser.add_argument("-o", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
     parser.add_argument("-d", type=int, required=True, help="dataset id (1..999)")
     parser.add_argument("-n", default=default_name, help=f"dataset name (default {default_name})")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset this converter wrote before")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse (exit 1, listing them) when any folder or file of the input would be left out "
+                             "for not fitting the layout; default: convert the rest and name every one left out, "
+                             "with why, in one warning before writing. Hidden files (.DS_Store), __MACOSX and "
+                             "Thumbs.db are never inputs, nor are notes and licences (README, *.md, *.txt, *.pdf, "
+                             "*.csv, *.json) beside the folders")
     parser.add_argument("--disable_progress_bar", action="store_true")
     return parser
 

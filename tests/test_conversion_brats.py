@@ -14,6 +14,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.dataset_conversion.Dataset137_BraTS21 import convert_labels_back_to_BraTS
 
 from dataset_conversion.brats import FILES_2015, convert_brats, convert_brats_back
+from dataset_conversion.brats import main as brats_main
 from dataset_conversion.raw_dataset import ConversionError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,53 @@ def test_bad_inputs(brats15_small, tmp_path):
     convert_brats(src, raw, 210, sequences=("flair",), overwrite=True, progress=False)
     assert load_json(str(first / "dataset.json"))["channel_names"] == {"0": "Flair"}
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset210_BraTS2021"]
+
+
+def test_left_out_inputs_named_with_why_or_refused(brats21_small, brats15_small, tmp_path, capsys):
+    """Every input left out is named, with why, in one warning before anything is written; --strict refuses instead.
+    A README, hidden files and DeepMedic's brainmask.nii.gz are no inputs; split folders are read in any case."""
+    src = tmp_path / "in"
+    shutil.copytree(brats21_small, src)
+    (src / "BraTS2021_00001").rename(src / "BraTS2021_00001_rescan")  # its files keep the name BraTS2021_00001_*
+    seg = src / "BraTS2021_00002" / "BraTS2021_00002_seg.nii.gz"
+    seg.rename(seg.with_name("BraTS2021_00002_seg.NII.GZ"))
+    case3 = src / "BraTS2021_00003"
+    shutil.copy(case3 / "BraTS2021_00003_flair.nii.gz", case3 / "BraTS2021_00003_t2.nii")
+    (src / "BraTS2021_00004.zip").write_bytes(b"PK")
+    (src / "README.md").write_text("x")
+    (src / "BraTS2021_00000" / ".DS_Store").write_text("x")
+    layout = "not a file of the 2021 layout (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
+    expected = {src / "BraTS2021_00001_rescan": "no BraTS case in it",
+                src / "BraTS2021_00002" / "BraTS2021_00002_seg.NII.GZ": layout,
+                case3 / "BraTS2021_00003_t2.nii": layout,
+                src / "BraTS2021_00004.zip": "a file, not a case folder"}
+
+    ds = convert_brats(src, tmp_path / "raw", 213, sequences=("flair", "t1ce"), progress=False)
+    err = capsys.readouterr().err
+    assert f"WARNING: {len(expected)} folder(s) or file(s)" in err
+    for path, why in expected.items():
+        assert f"  {path}: {why}\n" in err
+    assert "README" not in err and "DS_Store" not in err
+    assert (ds / "imagesTs" / "BraTS2021_00002_0000.nii.gz").is_file()  # without its seg: a test image
+    assert len(load_json(ds / "dataset.json")["arseg_conversion"]["left_out"]) == len(expected)
+    with pytest.raises(SystemExit) as refused:
+        brats_main(["-i", str(src), "-o", str(tmp_path / "raw"), "-d", "214", "--sequences", "flair", "t1ce",
+                    "--strict", "--disable_progress_bar"])
+    message = str(refused.value.code)
+    assert message.startswith(f"nnUNetv2_arseg_convert_brats: error: --strict: {len(expected)} folder(s) or file(s)")
+    assert all(f"  {path}: {why}\n" in message for path, why in expected.items())
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset213_BraTS2021"]  # nothing written
+
+    src15 = tmp_path / "in15"
+    for split in ("train", "test"):
+        shutil.copytree(brats15_small / split, src15 / split.capitalize())
+    case = src15 / "Train" / "brats_2013_pat0005_1"
+    shutil.copy(case / FILES_2015["seg"], case / "brainmask.nii.gz")
+    (case / "License_CC_BY_NC_SA_3.0.txt").write_text("x")
+    ds15 = convert_brats(src15, tmp_path / "raw", 215, sequences=("flair",), progress=False, strict=True)
+    assert "WARNING" not in capsys.readouterr().err
+    assert sorted(p.name for p in (ds15 / "imagesTs").iterdir()) == [f"brats_2013_pat000{i}_1_0000.nii.gz"
+                                                                      for i in (1, 2)]
 
 
 def _cut_in_half(path: Path) -> bytes:

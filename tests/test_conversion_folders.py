@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from scipy import ndimage
 
 from dataset_conversion.folders import convert_folders
+from dataset_conversion.folders import main as folders_main
 from dataset_conversion.raw_dataset import ConversionError
 from nnunet_arseg.training import raters
 
@@ -188,6 +190,43 @@ def test_bad_input_names_the_file(lidc_demo, tmp_path, breaker, kwargs, message)
     with pytest.raises(ConversionError, match=message):
         convert_folders(root, tmp_path / "raw", 532, "Bad", progress=False, **kwargs)
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())  # nothing left behind
+
+
+def test_left_out_inputs_named_with_why_or_refused(lidc_demo, tmp_path, capsys):
+    """Every input left out is named, with why, in one warning before anything is written; --strict refuses instead.
+    A mask renamed to .PNG is read; a README, hidden files and Thumbs.db are no inputs."""
+    plan = {("LIDC-IDRI-0005", 0, 0): [0, 1], ("LIDC-IDRI-0005", 1, 0): [0, 1, 2]}
+    root = _build_2d(lidc_demo, tmp_path / "in", plan)
+    case0, case1 = _case("LIDC-IDRI-0005", 0, 0), _case("LIDC-IDRI-0005", 1, 0)
+    (root / "raterA" / f"{case0}.png").rename(root / "raterA" / f"{case0}.PNG")
+    (root / "raterB" / f"{case1}.png").rename(root / "raterB" / f"{case1}.jpeg")
+    (root / "images" / "rescan").mkdir()
+    shutil.copy(root / "images" / f"{case0}.png", root / "images" / "rescan" / f"{case0}.png")
+    (root / "raterC" / "round2").mkdir()
+    shutil.copy(root / "raterC" / f"{case1}.png", root / "raterC" / "round2" / f"{case1}.png")
+    shutil.copy(root / "images" / f"{case1}.png", root / f"{case1}.png")
+    for other in (root / "README.md", root / "images" / ".DS_Store", root / "raterA" / "Thumbs.db"):
+        other.write_text("x")
+    expected = {root / f"{case1}.png": "a file beside images/ and the rater folders",
+                root / "images" / "rescan": "a folder; images/ holds one file per case (or per channel)",
+                root / "raterB" / f"{case1}.jpeg": "not a .png mask like the images",
+                root / "raterC" / "round2": "a folder; a rater folder holds one mask file per case"}
+
+    out = convert_folders(root, tmp_path / "raw", 533, "LeftOut", progress=False)
+    err = capsys.readouterr().err
+    assert f"WARNING: {len(expected)} folder(s) or file(s)" in err
+    for path, why in expected.items():
+        assert f"  {path}: {why}\n" in err
+    assert "PNG" not in err and "README" not in err and "DS_Store" not in err and "Thumbs" not in err
+    raters_of_case = json.loads((out / "dataset.json").read_text())["arseg"]["raters_of_case"]
+    assert raters_of_case == {case0: [0, 1], case1: [0, 2]}
+    with pytest.raises(SystemExit) as refused:
+        folders_main(["-i", str(root), "-o", str(tmp_path / "raw"), "-d", "534", "--strict",
+                      "--disable_progress_bar"])
+    message = str(refused.value.code)
+    assert message.startswith(f"nnUNetv2_arseg_convert_folders: error: --strict: {len(expected)} folder(s)")
+    assert all(f"  {path}: {why}\n" in message for path, why in expected.items())
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset533_LeftOut"]  # nothing written
 
 
 # ---------------------------------------------------------------- end to end with the real nnU-Net commands

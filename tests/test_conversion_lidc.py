@@ -13,6 +13,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from PIL import Image
 
 from dataset_conversion.lidc import convert_lidc, find_lidc_slices, split_by_patient
+from dataset_conversion.lidc import main as lidc_main
 from dataset_conversion.raw_dataset import ConversionError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,6 +292,52 @@ def test_unusual_names_read_and_leftovers_named(lidc_demo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "WARNING: 2 folder(s) or file(s)" in err and "to_check" in err and "slice-1.txt" in err
     assert len(load_json(ds / "dataset.json")["arseg_conversion"]["left_out"]) == 2
+
+
+def test_left_out_inputs_named_with_why_or_refused(lidc_demo, tmp_path, capsys):
+    """Every input left out is named, with why, in one warning before anything is written; --strict refuses instead.
+    The renames of ``test_unusual_names_read_and_leftovers_named`` are read, so they are not named; hidden files,
+    ``__MACOSX`` and a README beside the patient folders are no inputs."""
+    src = tmp_path / "in"
+    shutil.copytree(lidc_demo / "LIDC-IDRI-0002", src / "LIDC-IDRI-0002_rescan")
+    for p in ("LIDC-IDRI-0005", "LIDC-IDRI-0006"):
+        shutil.copytree(lidc_demo / p, src / p)
+    shutil.copytree(lidc_demo / "LIDC-IDRI-0010", src / "LIDC_IDRI_0010")
+    (src / "LIDC-IDRI-0011.zip").write_bytes(b"PK")
+    (src / "LIDC-IDRI-0005" / "nodule-0" / "images").rename(src / "LIDC-IDRI-0005" / "nodule-0" / "Images")
+    (src / "LIDC-IDRI-0005" / "nodule-2" / "images").rename(src / "LIDC-IDRI-0005" / "nodule-2" / "imgs")
+    nod = src / "LIDC-IDRI-0006" / "nodule-0"
+    (nod / "images" / "slice-1.png").rename(nod / "images" / "slice-1.PNG")
+    (nod / "images" / "slice-0.png").rename(nod / "images" / "slice-0.jpg")
+    for hidden in (src / ".DS_Store", nod / "images" / ".DS_Store", src / "README.md"):
+        hidden.write_text("x")
+    (src / "__MACOSX").mkdir()
+    expected = {src / "LIDC-IDRI-0005" / "nodule-2": "no images/ folder in it",
+                nod / "images" / "slice-0.jpg": "not a slice-N.png image",
+                **{nod / f"mask-{k}" / "slice-0.png": "no image images/slice-0.png goes with this mask"
+                   for k in range(4)},
+                src / "LIDC-IDRI-0011.zip": "not a patient folder (LIDC-IDRI-XXXX/)",
+                src / "LIDC_IDRI_0010": "not a patient folder (LIDC-IDRI-XXXX/)"}
+    n_read = sum(s.patient in ("LIDC-IDRI-0002", "LIDC-IDRI-0005", "LIDC-IDRI-0006")
+                 for s in find_lidc_slices(lidc_demo)) - len(list((src / "LIDC-IDRI-0005" / "nodule-2" / "imgs")
+                                                                 .iterdir())) - 1
+
+    ds = _convert(src, tmp_path / "raw", 140, test_fraction=0.34)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and f"WARNING: {len(expected)} folder(s) or file(s)" in err
+    for path, why in expected.items():
+        assert f"  {path}: {why}\n" in err
+    for read in ("LIDC-IDRI-0002_rescan", "Images", "slice-1.PNG", "DS_Store", "README", "MACOSX"):
+        assert read not in err
+    assert len(load_json(ds / "dataset.json")["arseg"]["patient_of_case"]) == n_read
+    assert len(load_json(ds / "dataset.json")["arseg_conversion"]["left_out"]) == len(expected)
+
+    with pytest.raises(SystemExit) as refused:
+        lidc_main(["-i", str(src), "-o", str(tmp_path / "raw"), "-d", "141", "--strict", "--disable_progress_bar"])
+    message = str(refused.value.code)
+    assert message.startswith(f"nnUNetv2_arseg_convert_lidc: error: --strict: {len(expected)} folder(s) or file(s)")
+    assert all(f"  {path}: {why}\n" in message for path, why in expected.items())
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset140_LIDC"]  # nothing written
 
 
 def test_empty_test_set_is_an_error(lidc_demo, tmp_path):
