@@ -5,9 +5,9 @@ recipe before it ships.
         --exclude lidc_anchor_scales/val_patients.txt --work lidc_heldout
 
 ``--num-test`` patients of ``--pool`` outside the experiment's split (training and test patients) and outside the
-``--exclude`` lists (the validation patients of ``lidc_anchor_scales.py``) are drawn with ``--heldout-seed``, linked
-into ``WORK/heldout/`` and converted as a dataset of their own (id ``--heldout-id``). Every from-scratch model the
-experiment trained (fold ``all``; ``--trainers`` to choose) predicts them as in the experiment: nnU-Net's one mask,
+``--exclude`` lists (the validation patients of ``research/lidc_anchor_scales.py``) are drawn with ``--heldout-seed``,
+linked into ``WORK/heldout/`` and converted as a dataset of their own (id ``--heldout-id``). Every from-scratch model
+the experiment trained (fold ``all``; ``--trainers`` to choose) predicts them as in the experiment: nnU-Net's one mask,
 the sampling models' ``--num-samples`` samples, an AR-Seg model both with and without its U-Net head
 (``lidc_experiment.sampling_rows``). The empty mask is the reference row. Every row is scored by
 ``nnUNetv2_arseg_evaluate``; ``WORK/results.json`` and ``results.md`` are rewritten after each. Step markers as in

@@ -609,15 +609,18 @@ def test_nan_mean_ignores_undefined_values_without_warning():
 
 
 def _benchmark_module(name: str):
+    """``benchmarks/<name>.py`` (or a research one-off, ``benchmarks/research/<name>.py``) as a module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    path = REPO / "benchmarks" / f"{name}.py"
+    path = path if path.is_file() else REPO / "benchmarks" / "research" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_presence_floor_bounds_an_oracle_sampler():
-    """``benchmarks/presence_floor.py``: the gap of a sampler that knows each image's rate of drawing a mask."""
+    """``research/presence_floor.py``: the gap of a sampler that knows each image's rate of drawing a mask."""
     floor = _benchmark_module("presence_floor")
     assert floor.oracle_gap_bounds([0, 0, 0, 0, 50])["calibrated"] == pytest.approx((0.0, 0.0), abs=1e-9)
     # every image at p = 1/2 (binomial counts): E|1/2 - S/4| = 3/16, a value inside the bounds
@@ -638,7 +641,7 @@ def test_presence_floor_bounds_an_oracle_sampler():
 
 
 def test_presence_floor_bounds_the_dmax_an_oracle_presence_gives_a_predictions_own_shapes():
-    """``benchmarks/presence_floor.py``: the non-empty samples' quality is recovered from the evaluator's D_max, and
+    """``research/presence_floor.py``: the non-empty samples' quality is recovered from the evaluator's D_max, and
     the oracle's D_max follows from its rate of drawing them."""
     from nnunet_arseg.evaluation.multirater import multirater_metrics_batch
     floor = _benchmark_module("presence_floor")
@@ -680,7 +683,7 @@ def test_presence_floor_bounds_the_dmax_an_oracle_presence_gives_a_predictions_o
 
 
 def test_anchor_scales_choice_keeps_the_most_sampling_within_a_tie(monkeypatch):
-    """``benchmarks/lidc_anchor_scales.py``: the lowest GED wins unless fewer scales from the head come within the
+    """``research/lidc_anchor_scales.py``: the lowest GED wins unless fewer scales from the head come within the
     tie; ``all`` (every scale from the head) counts as the most."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     choice = _benchmark_module("lidc_anchor_scales")
@@ -767,7 +770,7 @@ def test_experiment_trains_from_its_flags_then_resumes_with_c(tmp_path, monkeypa
 
 
 def test_dmax_split_separates_presence_from_shape():
-    """``benchmarks/lidc_dmax_split.py``: per case, the sampler's drawn share, its drawn samples' D_max (shape) and
+    """``research/lidc_dmax_split.py``: per case, the sampler's drawn share, its drawn samples' D_max (shape) and
     D_max, against a one-mask reference, with the score an empty sample gets."""
     bench = _benchmark_module("lidc_dmax_split")
     raters = np.zeros((4, 8, 8), dtype=bool)
@@ -786,7 +789,7 @@ def test_dmax_split_separates_presence_from_shape():
 
 
 def test_presence_from_masks_parts(lidc_demo):
-    """``benchmarks/presence_from_masks.py``: the systematic sampler's expected gap, and what the object features
+    """``research/presence_from_masks.py``: the systematic sampler's expected gap, and what the object features
     say of a real nodule."""
     bench = _benchmark_module("presence_from_masks")
     share = np.array([0.25, 0.5, 1.0])
@@ -826,8 +829,9 @@ def test_presence_from_masks_runs_on_a_converted_dataset(lidc_demo, tmp_path):
     present_te = bench.load_cases(str(raw), ds, "imagesTs", "labelsTs_raters")[2]
     blind = bench.systematic_gap(np.full(len(present_te), present_tr.mean()), present_te.mean(1), 16)
     for options in ([], ["--nodule"]):
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "presence_from_masks.py"), "-raw", str(raw),
-                               *options], capture_output=True, text=True, cwd=REPO)
+        script = REPO / "benchmarks" / "research" / "presence_from_masks.py"
+        proc = subprocess.run([sys.executable, str(script), "-raw", str(raw), *options], capture_output=True, text=True,
+                              cwd=REPO)
         assert proc.returncode == 0, proc.stderr
         for split, images in (("train", "imagesTr"), ("test", "imagesTs")):
             assert f"{split}: {len(list((raw / images).glob('*_0000.png')))} cases" in proc.stdout

@@ -1,6 +1,6 @@
 """How much of the raters' presence the object they drew tells: the presence gap of a sampler that knows its outline.
 
-    python benchmarks/presence_from_masks.py -raw RAW_DATASET_FOLDER
+    python benchmarks/research/presence_from_masks.py -raw RAW_DATASET_FOLDER
 
 The presence gap of ``nnUNetv2_arseg_evaluate`` asks a sampler to draw as many non-empty masks as the image's raters
 did. ``presence_floor.py`` bounds it for raters who draw independently given the image. This script asks how far

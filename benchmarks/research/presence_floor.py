@@ -1,6 +1,6 @@
 """How low the presence gap can go: the gap of an oracle sampler on the same raters' counts.
 
-    python benchmarks/presence_floor.py PRED/summary_arseg.json [MORE/summary_arseg.json ...]
+    python benchmarks/research/presence_floor.py PRED/summary_arseg.json [MORE/summary_arseg.json ...]
 
 The presence gap (``nnUNetv2_arseg_evaluate``) compares the share of non-empty samples of an image with the share of
 its M raters who drew anything. Raters drawn independently given the image, each with the image's own probability p,

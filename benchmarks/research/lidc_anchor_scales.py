@@ -1,7 +1,8 @@
 """How many coarse scales a model with a full-resolution U-Net head should take from its head (``--anchor_head
 --anchor_scales S``), chosen on validation patients that neither trained the model nor test it.
 
-    python benchmarks/lidc_anchor_scales.py --experiment lidc_experiment --pool LIDC_DEV --work lidc_anchor_scales
+    python benchmarks/research/lidc_anchor_scales.py --experiment lidc_experiment --pool LIDC_DEV \\
+        --work lidc_anchor_scales
 
 ``--experiment``: the ``--work`` of a finished ``lidc_experiment.py`` run that trained ``--trainer`` (fold ``all``;
 default: its AR-Seg model). ``--num-val`` patients of ``--pool`` outside that run's split (its ``split/split.json``) are
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, maybe_mkdir_p, subfiles
 
-from lidc_experiment import (AR, convert_patients, draw_outside, evaluate, experiment_env, log, predict, results_table,
-                             step_seconds, write_text)
-from nnunet_arseg.atomic import save_json_atomic
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/, for lidc_experiment
+from lidc_experiment import (AR, convert_patients, draw_outside, evaluate, experiment_env, log, predict,  # noqa: E402
+                             results_table, step_seconds, write_text)
+from nnunet_arseg.atomic import save_json_atomic  # noqa: E402
 
 
 def scales_label(s: str) -> str:

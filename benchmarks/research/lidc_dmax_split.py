@@ -7,7 +7,7 @@ the sampler (``--samples``: an ``nnUNetv2_arseg_predict --save_samples`` folder)
 one mask per case, e.g. ``nnUNetv2_predict``'s), then the D_max the sampler's shapes would score with the reference's
 presence decision and with presence drawn at the raters' own share.
 
-    python benchmarks/lidc_dmax_split.py --samples PRED_ARSEG --reference PRED_NNUNET -d DATASET [-n 16]
+    python benchmarks/research/lidc_dmax_split.py --samples PRED_ARSEG --reference PRED_NNUNET -d DATASET [-n 16]
 
 Raters and file ending come from the raw dataset (``nnUNet_raw``), as for ``nnUNetv2_arseg_evaluate``.
 """
