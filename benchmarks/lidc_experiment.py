@@ -17,8 +17,8 @@ interrupted training with ``--c`` (so the runs may span several sittings). Steps
    training has its core to itself, so equal budgets buy equal compute):
 
    - lane A: the ``--candidates`` and ``nnUNetTrainerARSeg_small_budget``, each from scratch for
-     ``--budget-minutes``, each sampled both ways an AR-Seg model samples (``sampling_rows``: around its U-Net head,
-     ``--anchor_head``, and with the transformer's own draws); folds 1 and 2 of the fold ensemble (below);
+     ``--budget-minutes``, each sampled both ways an AR-Seg model samples (``sampling_rows``: the transformer's own
+     draws, the default, and ``--sampler head``); folds 1 and 2 of the fold ensemble (below);
    - lane B: ``nnUNetTrainerBudget`` (nnU-Net's own trainer under our budget) from scratch for ``--budget-minutes``;
      the Probabilistic U-Net baseline ``nnUNetTrainerProbUNet_budget`` (method §6; the same data, one rater per
      example, sampled like AR-Seg) for ``--budget-minutes``; folds 0, 3 and 4 of the fold ensemble; the upgrade:
@@ -66,11 +66,12 @@ ENSEMBLE = f"{STOCK}_{NUM_FOLDS}folds"
 PROBUNET = "nnUNetTrainerProbUNet_budget"
 METRICS = ("GED", "HM-IoU", "Soft-Dice", "D_max", "D_consensus", "presence_gap", "presence_correlation")
 ANCHORED = f"{UPGRADE}_anchored"
-OWN_DRAWS = "_own_draws"  # suffix of a full-resolution-head model's row without its head (--anchor_scales 0)
-LABELS = {AR: "AR-Seg from scratch", STOCK: "nnU-Net (stock)", UPGRADE: "AR-Seg upgrade of the nnU-Net model",
+HEAD = "_head"  # suffix of an AR-Seg model's row sampled by its U-Net head's thresholds (--sampler head)
+LABELS = {AR: "AR-Seg from scratch (its own draws, the default)", STOCK: "nnU-Net (stock)",
+          UPGRADE: "AR-Seg upgrade of the nnU-Net model (its own draws, the default)",
           ANCHORED: "AR-Seg upgrade, sampled around the nnU-Net masks (--anchor)",
-          AR + OWN_DRAWS: "AR-Seg from scratch, the transformer's own draws (--anchor_scales 0)",
-          UPGRADE + OWN_DRAWS: "AR-Seg upgrade, the transformer's own draws (--anchor_scales 0)",
+          AR + HEAD: "AR-Seg from scratch, U-Net head + presence, threshold levels (--sampler head)",
+          UPGRADE + HEAD: "AR-Seg upgrade, U-Net head + presence, threshold levels (--sampler head)",
           ENSEMBLE: f"nnU-Net {NUM_FOLDS}-fold ensemble (1/{NUM_FOLDS} of the budget per fold), one sample per fold",
           PROBUNET: "Probabilistic U-Net (Kohl et al. 2018) from scratch", "empty": "empty mask (reference)"}
 
@@ -337,16 +338,13 @@ def learning_curve(work: str, env: dict, did: str, trainer: str, fold_dir: str, 
 
 def sampling_rows(trainer: str, model_dir: str) -> list[tuple[str, tuple[str, ...]]]:
     """The rows of a trained model (``model_dir``: its trainer folder), each ``(name, predictor flags)``, the flags
-    explicit so that a row means the same whatever the predictor's default. An AR-Seg model with a full-resolution
-    U-Net head: around its head (its default, row ``trainer``) and the transformer's own draws (``trainer`` +
-    ``OWN_DRAWS``); one whose head stops at the latent: its own draws (``trainer``) and around its head
-    (``trainer_head_anchored``); any other model: its own prediction or samples."""
+    explicit so that a row means the same whatever the predictor's default. An AR-Seg model with a U-Net head: the
+    transformer's own draws (the default sampler, row ``trainer``) and the head's thresholds (the baseline sampler,
+    ``trainer`` + ``HEAD``); any other model: its own prediction or samples."""
     kwargs = load_json(join(model_dir, "plans.json"))["configurations"]["2d"]["architecture"].get("arch_kwargs", {})
     if not kwargs.get("aux_head"):
         return [(trainer, ())]
-    if kwargs.get("aux_full_resolution"):
-        return [(trainer, ("--anchor_head",)), (trainer + OWN_DRAWS, ("--anchor_head", "--anchor_scales", "0"))]
-    return [(trainer, ()), (f"{trainer}_head_anchored", ("--anchor_head",))]
+    return [(trainer, ("--sampler", "autoregressive")), (trainer + HEAD, ("--sampler", "head"))]
 
 
 def plot_curves(curves: dict, path: str, ensemble: dict | None = None, styles: dict | None = None,

@@ -103,9 +103,9 @@ def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
         sync()
         t2 = time.perf_counter()
         if keep_N is None:
-            network._decode(f_hat, idx_list)
+            network.decode_masks(f_hat, idx_list)
         elif keep_N.any():
-            network._decode(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
+            network.decode_masks(f_hat[keep_N], [idx[keep_N] for idx in idx_list])
         sync()
         t3 = time.perf_counter()
     present = num_samples if keep_N is None else int(keep_N.sum())

@@ -26,8 +26,8 @@ class ARSegConfig:
         (the U-Net decoder stage at the tokenizer's latent resolution; needs ``aux_head``).
     aux_head, aux_weight: train the plans' U-Net decoder on the same mask (Dice + BCE), a dense signal.
     aux_full_resolution: with the decoder prefix, run the decoder past the prefix's stage to full resolution for the
-        head; else the head stops at the prefix's stage. A model with a full-resolution head samples around it by
-        default (``--anchor_head``, method §3.3; ``--anchor_scales 0``: the transformer's own draws).
+        head; else the head stops at the prefix's stage. The head trains the image model with a dense signal and is
+        what ``--sampler head`` thresholds (method §3.3).
     presence: each sample first draws whether its mask is non-empty, from a presence head on the image prefix; the
         transformer then learns the non-empty masks only (``segmentor/presence.py``). presence_weight: the weight of
         its BCE in the loss. presence_source: what the presence head pools, ``"prefix"`` (the image prefix) or
@@ -81,9 +81,8 @@ class ARSegConfig:
 
 
 # What the measurements favour (docs/results.md), shared by every preset: the prefix from the U-Net decoder at the
-# latent resolution, the U-Net decoder trained as a dense auxiliary head run to full resolution (the mask each drawn
-# sample takes its shape from), the presence head, a linear prefix embedding. The presets differ only in sizes (a test
-# asserts it).
+# latent resolution, the U-Net decoder trained as a dense auxiliary head run to full resolution, the presence head, a
+# linear prefix embedding. The presets differ only in sizes (a test asserts it).
 RECIPE = {"embedding": "linear", "prefix_source": "decoder", "aux_head": True, "aux_full_resolution": True,
           "presence": True}
 SIZE_FIELDS = ("tokenizer", "transformer", "max_features_per_stage", "num_prefix_tokens")

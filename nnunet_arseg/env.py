@@ -2,6 +2,8 @@
 
 - ``nnUNet_ARSEG_NUM_SAMPLES``: N samples per image of the network's eval forward (the stock ``nnUNetv2_predict``);
   default: the model's stored N (16).
+- ``nnUNet_ARSEG_SAMPLER``: how that sampling draws (``autoregressive``, ``head`` or ``anchored``, see
+  ``segmentor/samplers``); default ``autoregressive`` (``anchored`` where the input carries anchor masks).
 - ``nnUNet_ARSEG_SEED``: the seed of that sampling; default 0.
 - ``nnUNet_ARSEG_TEMPERATURE``: the factor on that sampling's per-scale temperatures; default 1 (the reference's).
 - ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``: the divisor of that sampling's presence logit; default 1.
@@ -29,6 +31,7 @@ import math
 import os
 import socket
 
+SAMPLER = "nnUNet_ARSEG_SAMPLER"
 NUM_SAMPLES = "nnUNet_ARSEG_NUM_SAMPLES"
 SEED = "nnUNet_ARSEG_SEED"
 TEMPERATURE = "nnUNet_ARSEG_TEMPERATURE"
@@ -83,6 +86,10 @@ def env_float(name: str, what: str, default: float | None = None, low: float = 0
 
 def num_samples(default: int) -> int:
     return env_int(NUM_SAMPLES, default, low=1)
+
+
+def sampler() -> str | None:
+    return _raw(SAMPLER)
 
 
 def sampling_seed() -> int:

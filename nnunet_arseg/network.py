@@ -20,11 +20,12 @@ from nnunet_arseg import env
 from nnunet_arseg.config import REFERENCE_TOP_K_SHARE, ARSegConfig, preset
 from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
-from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD, check_outline_spread, outline_levels
+from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD
 from nnunet_arseg.segmentor.presence import PresenceHead, draw_presence
-from nnunet_arseg.segmentor.sampling import sample_token_maps, temperature_schedule
+from nnunet_arseg.segmentor.samplers import DEFAULT_SAMPLER, SAMPLERS, ClassDraw, SamplingOptions, get_sampler
+from nnunet_arseg.segmentor.samplers.base import first_drawn  # noqa: F401 (the shown sample, part of this API)
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
-from nnunet_arseg.tokenizer import MaskTokenizer
+from nnunet_arseg.tokenizer import MaskTokenizer, tokenizer_precision
 
 __all__ = ["ARSegNetwork", "ImageEncoding", "build_arseg_architecture", "unwrap_network", "PREFIX_SOURCES",
            "PRESENCE_SOURCES"]
@@ -98,12 +99,6 @@ def pool_to(x: torch.Tensor, shape) -> torch.Tensor:
     return (F.adaptive_avg_pool2d if len(shape) == 2 else F.adaptive_avg_pool3d)(x, tuple(shape))
 
 
-def tokenizer_precision(device: torch.device):
-    """Autocast off: the tokenizer encodes and decodes in fp32, the precision it was fitted in, also inside a
-    trainer's or predictor's autocast (bf16/fp16 would change the tokens of a mask and the pixels of a decode)."""
-    return torch.autocast(device.type, enabled=False)
-
-
 class ARSegNetwork(nn.Module):
     """AR-Seg (docs/method.md) for one nnU-Net configuration; every default is ``ARSegConfig``'s.
 
@@ -125,8 +120,7 @@ class ARSegNetwork(nn.Module):
         aux_head, aux_weight: train the U-Net decoder (as far as it runs, see ``encode_image``) on the same mask
             (Dice + BCE): a dense signal for the image model.
         aux_full_resolution: with the decoder prefix, the head runs the decoder to full resolution (else it stops at
-            the prefix's stage); the model then samples around the head's mask unless told otherwise
-            (``samples_around_head``).
+            the prefix's stage).
         presence: a presence head (``segmentor/presence.py``): each sample first draws whether the mask is
             non-empty; the transformer is trained on non-empty masks only. presence_weight: its BCE's weight.
             presence_source: what it pools, ``"prefix"`` (the prefix tokens) or ``"head"`` (the U-Net decoder features
@@ -351,8 +345,8 @@ class ARSegNetwork(nn.Module):
         return logs
 
     # ---- sampling ----
-    def _decode(self, f_hat_BCz: torch.Tensor, idx_list: list[torch.Tensor] | None = None,
-                chunk: int = 8) -> torch.Tensor:
+    def decode_masks(self, f_hat_BCz: torch.Tensor, idx_list: list[torch.Tensor] | None = None,
+                     chunk: int = 8) -> torch.Tensor:
         """Binary masks (B, *patch) of f_hats, decoded a few at a time. With the token maps that made them, each
         distinct token map is decoded once (samples often repeat, e.g. every empty mask is one token sequence)."""
         if idx_list is not None:
@@ -361,122 +355,64 @@ class ARSegNetwork(nn.Module):
             if len(unique_UL) < len(tokens_BL):
                 first_U = torch.full((len(unique_UL),), len(tokens_BL), dtype=torch.long, device=tokens_BL.device)
                 first_U.scatter_reduce_(0, inverse_B, torch.arange(len(tokens_BL), device=tokens_BL.device), "amin")
-                return self._decode(f_hat_BCz[first_U])[inverse_B]
+                return self.decode_masks(f_hat_BCz[first_U])[inverse_B]
         with tokenizer_precision(f_hat_BCz.device):
             return torch.cat([self.tokenizer.decode_f_hat(f.float()) > 0 for f in f_hat_BCz.split(chunk)])[:, 0]
 
+    samplers = tuple(SAMPLERS)  # the names ``sample`` takes (``segmentor/samplers``)
+    default_sampler = DEFAULT_SAMPLER
+
     @torch.no_grad()
     def sample(self, x: torch.Tensor, num_samples: int | None = None, seed: int = 0, classes=None,
-               with_scales: bool = False, use_cache: bool = True, temperature: float = 1.0,
-               anchor: torch.Tensor | None = None, anchor_scales: int | None = None,
-               anchor_head: bool | None = None, mirror_head: bool = True, presence_temperature: float = 1.0,
-               outline_spread: float = OUTLINE_SPREAD) -> dict:
-        """Draw N samples per image and class (method §3.1), the image encoded once; seed ``seed`` fixes them.
-        ``temperature`` multiplies the per-scale temperatures (below 1: closer to the most likely mask, less diverse).
-        ``presence_temperature`` divides the presence logit (``draw_presence``; below 1: the samples agree more often
-        on whether to draw).
-        ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's masks: where a class's anchor is
-        non-empty, its first ``anchor_scales`` token maps (None: all) are the anchor's own and the finer ones are
-        drawn given them (method §3.3); presence is drawn as without it, and an empty anchor leaves the draws free.
-        ``anchor_head``: the anchor is the model's own U-Net head's mask (``head_masks``), no outside mask needed;
-        None: without ``anchor``, the model's default (``samples_around_head``). ``mirror_head``: the head's mask from
-        its logits averaged over the image's mirrorings (``head_logits``), as nnU-Net's test-time mirroring.
-        Where every scale is anchored, a drawn sample is the anchor's mask itself, not its tokenized reconstruction;
-        around the head it is the head's probability map thresholded at the sample's own level, the levels of an
-        image's drawn samples spread evenly over 1/2 +- ``outline_spread`` (``segmentor/outline.py``; 0: the head's
-        mask at 1/2 in every drawn sample).
+               with_scales: bool = False, sampler: str = DEFAULT_SAMPLER, anchor: torch.Tensor | None = None,
+               **options) -> dict:
+        """Draw N samples per image and class with ``sampler`` (method §3), the image encoded once; ``seed`` fixes
+        them. Each sample first draws whether it shows a mask at all (the presence head, where the model has one;
+        an absent sample is the empty mask), then the sampler draws the present ones (``segmentor/samplers``):
+
+        - ``"autoregressive"`` (the default, AR-Seg): the transformer draws every scale, the tokenizer decodes;
+        - ``"head"`` (a baseline): the U-Net head's probability map at a level of its own per sample;
+        - ``"anchored"``: the coarse scales from ``anchor`` (B, num_conditions, *patch) bool, e.g. a stock nnU-Net's
+          masks, or without it from the model's own head's mask; the transformer draws the finer ones.
+
+        ``options``: the fields of ``SamplingOptions`` (temperature, presence_temperature, outline_spread,
+        anchor_scales, mirror_head, use_cache).
 
         Returns a dict: ``classes`` (the condition indices K), ``samples`` (B, K, N, *patch) bool and, with
         ``with_scales``, ``scales`` (B, K, S, *patch) bool, the coarse-to-fine masks of the first sample that draws a
-        mask (``first_drawn``; empty at every scale when none does). Consensus, soft map,
-        uncertainty and logits are derived from the samples in ``nnunet_arseg.consensus``.
+        mask (``first_drawn``; scale k decodes its token maps 1..k; empty at every scale when no sample draws).
+        Consensus, soft map, uncertainty and logits are derived from the samples in ``nnunet_arseg.consensus``.
         """
         n = self.num_samples if num_samples is None else int(num_samples)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not presence_temperature > 0:
-            raise ValueError(f"presence_temperature must be > 0, got {presence_temperature}")
-        outline_spread = check_outline_spread(outline_spread)
-        num_scales = len(self.tokenizer.scales)
-        temperatures = [t * temperature for t in temperature_schedule(num_scales)]
-        anchor_scales = num_scales if anchor_scales is None else int(anchor_scales)
-        if anchor_head is None:
-            anchor_head = anchor is None and self.samples_around_head
-        if not 0 <= anchor_scales <= num_scales:
-            raise ValueError(f"anchor_scales must be in 0 .. {num_scales} (the tokenizer's scales), got "
-                             f"{anchor_scales}")
-        if anchor_head and anchor is not None:
-            raise ValueError("give anchor or anchor_head, not both")
-        if anchor_head and not self.aux_head:
-            raise ValueError("anchor_head samples around the model's U-Net head, which this model does not have "
-                             "(aux_head=False)")
-        if anchor is not None and tuple(anchor.shape) != (x.shape[0], self.num_conditions, *self.patch_size):
-            raise ValueError(f"anchor must have the shape (B, {self.num_conditions}, *{self.patch_size}) (one mask per "
-                             f"condition class), got {tuple(anchor.shape)}")
+        options = SamplingOptions(**options)
+        drawer = get_sampler(sampler)
+        drawer.check(self, anchor, options, with_scales)
         classes = list(range(self.num_conditions)) if classes is None else [int(c) for c in classes]
         was_training = self.training
         self.eval()
         try:
-            prefix_BND, aux_logits, presence_BND = self.encode_image(x)
-            if anchor_head:
-                head_BK = self.head_at_patch(self.head_logits(x, aux_logits) if mirror_head else aux_logits)
-                anchor = head_BK > 0
-            exact = anchor is not None and anchor_scales == num_scales
-            presence_BK = self.presence_head(presence_BND) if self.presence_head is not None else None
-            B = x.shape[0]
+            image = self.encode_image(x)
+            guide_BK = drawer.prepare(self, x, image, anchor, options)
+            presence_BK = self.presence_head(image.presence_BND) if self.presence_head is not None else None
+            B, dims = x.shape[0], len(self.patch_size)
             samples, scales = [], []
             for c in classes:
-                cls_B = torch.full((B,), c, dtype=torch.long, device=x.device)
-                given = None
-                if anchor is not None and anchor_scales > 0:
-                    mask_B1 = anchor[:, c:c + 1].float()
-                    with tokenizer_precision(x.device):
-                        idx_anchor = self.tokenizer.mask_to_idx(mask_B1)[:anchor_scales]
-                    given = ([idx.repeat_interleave(n, dim=0) for idx in idx_anchor],
-                             mask_B1.flatten(1).amax(1).gt(0).repeat_interleave(n))
-                present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c), presence_temperature)
+                present_BN = (draw_presence(presence_BK[:, c], n, class_seed(seed, c), options.presence_temperature)
                               if presence_BK is not None
                               else torch.ones(B, n, dtype=torch.bool, device=x.device))
-                keep_N = present_BN.flatten()
-                shown_B = torch.arange(B, device=x.device) * n + first_drawn(present_BN)
-                # the transformer runs for the present samples only (their draws: those of a run for all)
-                idx_list, f_hat, partial = sample_token_maps(self.transformer, self.tokenizer.quantizer, prefix_BND,
-                                                             cls_B, n, seed=class_seed(seed, c), top_k=self.top_k,
-                                                             temperatures=temperatures, use_cache=use_cache,
-                                                             keep_rows=shown_B if with_scales else None, anchor=given,
-                                                             active=keep_N if presence_BK is not None else None)
-                masks_N = torch.zeros(B * n, *self.patch_size, dtype=torch.bool, device=x.device)
-                copied_N = keep_N & given[1] if exact else torch.zeros_like(keep_N)
-                # every token map given: the anchor's own mask, not its reconstruction; around the head, its
-                # probability at each drawn sample's own level (1/2, the head's mask, for every one at spread 0)
-                if copied_N.any() and anchor_head:
-                    level_N = torch.logit(outline_levels(present_BN, outline_spread).flatten()[copied_N])
-                    image_N = torch.arange(B, device=x.device).repeat_interleave(n)[copied_N]
-                    masks_N[copied_N] = head_BK[image_N, c] > level_N.view(-1, *[1] * len(self.patch_size))
-                elif copied_N.any():
-                    masks_N[copied_N] = anchor[:, c].bool().repeat_interleave(n, dim=0)[copied_N]
-                drawn_N = keep_N & ~copied_N
-                if drawn_N.any():  # an absent sample is the empty mask: its token draw is never decoded
-                    masks_N[drawn_N] = self._decode(f_hat[drawn_N], [idx[drawn_N] for idx in idx_list])
+                d = ClassDraw(self, image, c, n, class_seed(seed, c), present_BN, with_scales, options)
+                masks_N, partial = drawer.draw(d, None if guide_BK is None else guide_BK[:, c])
                 samples.append(masks_N.view(B, n, *self.patch_size))
                 if with_scales:  # the shown sample's coarse-to-fine masks, empty at every scale when it is absent
-                    scales_BS = torch.stack([self._decode(f) for f in partial], dim=1)
-                    scales_BS[:, -1] = masks_N[shown_B]
-                    scales.append(scales_BS & keep_N[shown_B].view(B, 1, *[1] * len(self.patch_size)))
+                    scales_BS = torch.stack([self.decode_masks(f) for f in partial], dim=1)
+                    scales_BS[:, -1] = masks_N[d.shown_N]
+                    scales.append(scales_BS & d.present_N[d.shown_N].view(B, 1, *[1] * dims))
         finally:
             self.train(was_training)
         out = {"classes": classes, "samples": torch.stack(samples, dim=1)}
         if with_scales:
             out["scales"] = torch.stack(scales, dim=1)
         return out
-
-    @property
-    def samples_around_head(self) -> bool:
-        """Whether the model samples (``sample``, the eval forward) around its own U-Net head unless told otherwise or
-        given an outside anchor: a full-resolution head's masks are better shapes than the transformer's own draws at
-        the budgets measured (docs/results.md), so each drawn sample takes the head's mask (at a level of its own,
-        ``outline_spread``) and the samples differ in presence and outline (method §3.3)."""
-        return self.aux_full_resolution
 
     def head_logits(self, x: torch.Tensor, aux_logits: torch.Tensor) -> torch.Tensor:
         """The U-Net head's logits of ``x`` (``aux_logits``: those of the image as it is) averaged over its mirrorings
@@ -535,6 +471,21 @@ class ARSegNetwork(nn.Module):
                              f"as an anchor label map they must be one per foreground label ({len(labels)}: {labels})")
         return torch.stack([labels_BL[:, [labels.index(i) for i in r if i != 0]].any(1) for r in self.regions], 1)
 
+    def eval_sampler(self, with_anchor: bool = False) -> str:
+        """The sampler of the eval forward: ``eval_sampling.sampler`` where a predictor set it, else
+        ``nnUNet_ARSEG_SAMPLER``, else ``"anchored"`` for an input with anchor channels and ``default_sampler``
+        for one without."""
+        name = getattr(self.eval_sampling, "sampler", None) or env.sampler()
+        if name is None:
+            return "anchored" if with_anchor else self.default_sampler
+        if name not in self.samplers:
+            raise ValueError(f"AR-Seg sampling: sampler {name!r} (nnUNet_ARSEG_SAMPLER or the predictor) must be one "
+                             f"of {list(self.samplers)}")
+        if with_anchor and name != "anchored":
+            raise ValueError(f"the input carries anchor masks (-prev_stage_predictions, --anchor), which only the "
+                             f"'anchored' sampler takes, but the sampler is {name!r}")
+        return name
+
     def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval output (B, num_classes, *patch): the consensus logits of N samples per image (``consensus.py``), so
         nnU-Net's export writes the consensus.
@@ -543,42 +494,35 @@ class ARSegNetwork(nn.Module):
         (``content_seed``): whoever tiles a case (``nnUNetv2_predict``, ``nnUNetv2_arseg_predict``, the final
         validation) draws the same samples for the same tile. A recorder in ``eval_sampling`` receives them.
 
-        Channels beyond the image's are an anchor label map, one channel per foreground label: nnU-Net's predictor
-        appends them from ``folder_with_segs_from_prev_stage`` (``nnUNetv2_arseg_predict --anchor``); see ``sample``
-        and ``anchor_masks``. Without them, ``eval_sampling.anchor_head`` (None: ``samples_around_head``) anchors on
-        the model's own U-Net head (``--anchor_head``). ``eval_sampling.presence_temperature`` (None:
-        ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``, default 1) divides the presence logit and
-        ``eval_sampling.outline_spread`` (None: ``nnUNet_ARSEG_OUTLINE_SPREAD``, default ``OUTLINE_SPREAD``) spreads
-        the levels of the samples drawn around the head (``sample``).
+        The sampler is ``eval_sampler``'s. Channels beyond the image's are an anchor label map, one channel per
+        foreground label: nnU-Net's predictor appends them from ``folder_with_segs_from_prev_stage``
+        (``nnUNetv2_arseg_predict --anchor``); see ``sample`` and ``anchor_masks``. The other options come from
+        ``eval_sampling`` where set, else from the environment (``env.py``: ``nnUNet_ARSEG_PRESENCE_TEMPERATURE``,
+        ``_OUTLINE_SPREAD``, ``_MIRROR_HEAD``).
         """
         n, seed, temperature = self.eval_settings()
-        recorder = getattr(self.eval_sampling, "recorder", None)
-        anchor_scales = getattr(self.eval_sampling, "anchor_scales", None)
-        anchor_head = getattr(self.eval_sampling, "anchor_head", None)
-        mirror_head = getattr(self.eval_sampling, "mirror_head", None)
-        mirror_head = env.mirror_head() if mirror_head is None else mirror_head
-        presence_temperature = getattr(self.eval_sampling, "presence_temperature", None)
-        presence_temperature = env.presence_temperature() if presence_temperature is None else presence_temperature
-        outline_spread = getattr(self.eval_sampling, "outline_spread", None)
-        outline_spread = env.outline_spread(OUTLINE_SPREAD) if outline_spread is None else outline_spread
-        anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if x.shape[1] > self.input_channels else None
+        request = self.eval_sampling
+        recorder = getattr(request, "recorder", None)
+        with_anchor = x.shape[1] > self.input_channels
+        sampler = self.eval_sampler(with_anchor)
+        mirror_head = getattr(request, "mirror_head", None)
+        presence_temperature = getattr(request, "presence_temperature", None)
+        outline_spread = getattr(request, "outline_spread", None)
+        options = {"temperature": temperature, "anchor_scales": getattr(request, "anchor_scales", None),
+                   "mirror_head": env.mirror_head() if mirror_head is None else mirror_head,
+                   "presence_temperature": (env.presence_temperature() if presence_temperature is None
+                                            else presence_temperature),
+                   "outline_spread": env.outline_spread(OUTLINE_SPREAD) if outline_spread is None else outline_spread}
+        anchor = self.anchor_masks(x[:, self.input_channels:] > 0.5) if with_anchor else None
         logits = []
         for b, x_1 in enumerate(x.split(1)):  # the seed is of the whole input, anchor channels included
             with_scales = recorder is not None and recorder.wants_scales
             out = self.sample(x_1[:, :self.input_channels], n, content_seed(seed, x_1), with_scales=with_scales,
-                              temperature=temperature, anchor=None if anchor is None else anchor[b:b + 1],
-                              anchor_scales=anchor_scales, anchor_head=anchor_head, mirror_head=mirror_head,
-                              presence_temperature=presence_temperature, outline_spread=outline_spread)
+                              sampler=sampler, anchor=None if anchor is None else anchor[b:b + 1], **options)
             if recorder is not None:
                 recorder.record(out["samples"][0], out["scales"][0] if with_scales else None)
             logits.append(consensus_logits(out["samples"], self.has_regions, sample_dim=2, class_dim=1))
         return torch.cat(logits)
-
-
-def first_drawn(present_BN: torch.Tensor) -> torch.Tensor:
-    """Per image, the index of its first sample that draws a mask (0 when none does): the sample whose
-    coarse-to-fine masks ``sample(with_scales=True)`` shows."""
-    return present_BN.to(torch.uint8).argmax(1)
 
 
 def class_seed(seed: int, cls: int) -> int:

@@ -29,21 +29,18 @@ __all__ = ["EvalSampling", "TileRecorder", "CaseSamples", "SamplingPredictor", "
 
 @dataclass
 class EvalSampling:
-    """What ``ARSegNetwork``'s eval forward draws while a predictor runs: N, base seed and temperature factor (None:
-    the network's own default, see ``ARSegNetwork.eval_settings``), a recorder for the samples, how many coarse
-    scales an anchor mask fixes (None: all; used where the input carries anchor channels or with ``anchor_head``) and
-    whether the anchor is the network's own U-Net head (``ARSegNetwork.head_masks``; None: the network's default,
-    ``ARSegNetwork.samples_around_head``), whether that head is mirrored (None: ``nnUNet_ARSEG_MIRROR_HEAD``, on
-    unless set to 0), the presence temperature (None: ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` or 1) and the outline
-    spread of the samples drawn around the head (None: ``nnUNet_ARSEG_OUTLINE_SPREAD`` or ``OUTLINE_SPREAD``;
-    ``ARSegNetwork.sample``)."""
+    """What ``ARSegNetwork``'s eval forward draws while a predictor runs; None leaves a setting to the network
+    (``ARSegNetwork.eval_settings`` / ``eval_sampler``: the environment, else the defaults): N, base seed and
+    temperature factor, a recorder for the samples, the sampler (``segmentor/samplers``), how many coarse scales an
+    anchor fixes (``anchored``; None: all), whether the U-Net head is mirrored, the presence temperature and the
+    outline spread (``head``)."""
 
     num_samples: int | None = None
     seed: int | None = None
     temperature: float | None = None
     recorder: TileRecorder | None = None
+    sampler: str | None = None
     anchor_scales: int | None = None
-    anchor_head: bool | None = None
     mirror_head: bool | None = None
     presence_temperature: float | None = None
     outline_spread: float | None = None
@@ -132,8 +129,8 @@ class SamplingPredictor(nnUNetPredictor):
     samples. Everything else (tiling, mirroring, fold averaging, export) is nnU-Net's."""
 
     def __init__(self, *args, num_samples: int | None = None, seed: int | None = None,
-                 temperature: float | None = None, with_scales: bool = False, anchor_scales: int | None = None,
-                 anchor_head: bool | None = None, mirror_head: bool | None = None,
+                 temperature: float | None = None, with_scales: bool = False, sampler: str | None = None,
+                 anchor_scales: int | None = None, mirror_head: bool | None = None,
                  presence_temperature: float | None = None, outline_spread: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if num_samples is not None and int(num_samples) < 1:
@@ -147,7 +144,7 @@ class SamplingPredictor(nnUNetPredictor):
         self.temperature = None if temperature is None else float(temperature)
         self.with_scales = with_scales
         self.anchor_scales = None if anchor_scales is None else int(anchor_scales)
-        self.anchor_head = None if anchor_head is None else bool(anchor_head)
+        self.sampler = sampler
         self.mirror_head = None if mirror_head is None else bool(mirror_head)
         self.presence_temperature = None if presence_temperature is None else float(presence_temperature)
         self.outline_spread = None if outline_spread is None else check_outline_spread(outline_spread)
@@ -160,6 +157,15 @@ class SamplingPredictor(nnUNetPredictor):
         previous, net.eval_sampling = net.eval_sampling, EvalSampling(self.num_samples, self.seed, self.temperature)
         try:
             return net.eval_settings()
+        finally:
+            net.eval_sampling = previous
+
+    def eval_sampler(self, with_anchor: bool = False) -> str:
+        """The name of the sampler this predictor draws with (``ARSegNetwork.eval_sampler``)."""
+        net = arseg_network(self.network)
+        previous, net.eval_sampling = net.eval_sampling, EvalSampling(sampler=self.sampler)
+        try:
+            return net.eval_sampler(with_anchor)
         finally:
             net.eval_sampling = previous
 
@@ -182,9 +188,9 @@ class SamplingPredictor(nnUNetPredictor):
         net = arseg_network(self.network)
         recording = self._windows is not None
         self._recorder = TileRecorder(self.with_scales and not self._windows) if recording else None
-        net.eval_sampling = EvalSampling(self.num_samples, self.seed, self.temperature, self._recorder,
-                                         self.anchor_scales, self.anchor_head, self.mirror_head,
-                                         self.presence_temperature, self.outline_spread)
+        net.eval_sampling = EvalSampling(self.num_samples, self.seed, self.temperature, self._recorder, self.sampler,
+                                         self.anchor_scales, self.mirror_head, self.presence_temperature,
+                                         self.outline_spread)
         try:
             logits = super().predict_sliding_window_return_logits(input_image)
         finally:

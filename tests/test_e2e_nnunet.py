@@ -210,6 +210,7 @@ def test_final_validation_and_val_flag(trained):
     import json
     s = json.loads(summary.read_text())
     assert s["num_samples"] == 4 and set(s["mean"]["0"]) >= {"GED", "HM-IoU", "Soft-Dice"}
+    assert s["sampler"] == "autoregressive"  # the final validation draws with the default sampler
     assert all(np.isfinite(s["mean"]["0"][k]) for k in ("GED", "HM-IoU", "Soft-Dice"))
 
 
@@ -230,27 +231,70 @@ def test_both_predict_commands_on_the_trained_model(trained):
         name = case.replace("_0000", "")
         np.testing.assert_array_equal(_read_png(ours / name), _read_png(stock / name))
         assert len(list((ours / "samples").glob(f"{name[:-4]}_sample*.png"))) == 2
-    # the recipe's model samples around its full-resolution head by default, in both commands (same consensus above)
+    # the default sampler is autoregressive, in both commands (same consensus above)
     default = json.loads((ours / ARGS_FILE).read_text())
-    assert default["anchor_head"] is True and default["anchor_scales"] > 3  # every scale of the tokenizer
-    assert default["mirror_head"] is True  # the head's test-time mirroring, as nnU-Net's default
-    # --anchor_head and --disable_tta reach the predictor (what they draw: test_network.py, test_sampling_window.py)
-    log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_head"), *common,
-                "--num_samples", "2", "--anchor_head", "--anchor_scales", "3", "--disable_tta"], _env(trained["base"]))
-    assert "anchored on its U-Net head (3 coarse scale(s))" in log
-    args = json.loads((trained["root"] / "pred_head" / ARGS_FILE).read_text())
-    assert args["anchor_head"] is True and args["anchor_scales"] == 3 and args["mirror_head"] is False
-    # the levels spread only where every scale comes from the head (the default), not with --anchor_scales 3
-    assert args["outline_spread"] is None and default["outline_spread"] == 0.5
-    # --presence_temperature and --outline_spread reach the predictor (what they draw: test_network.py); the
-    # defaults record 1 and 0.5
+    assert default["sampler"] == "autoregressive" and default["anchor_scales"] is None
+    assert default["outline_spread"] is None and default["mirror_head"] is False  # no head involved
     assert default["presence_temperature"] == 1.0
-    log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_presence"), *common,
-                "--num_samples", "2", "--presence_temperature", "0.5", "--outline_spread", "0.25"],
+    # --sampler anchored (around its own head) and --disable_tta reach the predictor (what they draw:
+    # test_network.py, test_sampling_window.py)
+    log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_head"), *common,
+                "--num_samples", "2", "--sampler", "anchored", "--anchor_scales", "3", "--disable_tta"],
                _env(trained["base"]))
-    assert "presence temperature 0.5" in log and "outline spread 0.25" in log
+    assert "sampler anchored on its U-Net head (3 coarse scale(s)" in log
+    args = json.loads((trained["root"] / "pred_head" / ARGS_FILE).read_text())
+    assert args["sampler"] == "anchored" and args["anchor_scales"] == 3 and args["mirror_head"] is False
+    assert args["outline_spread"] is None
+    # --sampler head with --presence_temperature and --outline_spread (what they draw: test_network.py)
+    log = _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(trained["root"] / "pred_presence"), *common,
+                "--num_samples", "2", "--sampler", "head", "--presence_temperature", "0.5", "--outline_spread", "0.25"],
+               _env(trained["base"]))
+    assert "sampler head" in log and "presence temperature 0.5" in log and "outline spread 0.25" in log
     args = json.loads((trained["root"] / "pred_presence" / ARGS_FILE).read_text())
-    assert args["presence_temperature"] == 0.5 and args["outline_spread"] == 0.25
+    assert args["sampler"] == "head" and args["presence_temperature"] == 0.5 and args["outline_spread"] == 0.25
+    assert args["mirror_head"] is True
+
+
+def _with_noisy_transformer(trained, results: Path) -> dict:
+    """A copy of the trained model (its results folder) whose transformer weights carry noise of a third of each
+    tensor's spread; the environment that predicts with it."""
+    import shutil
+    model = trained["fold"].parent
+    copy = results / DATASET / model.name
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("validation", "checkpoint_latest.pth"))
+    checkpoint = torch.load(copy / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    weights = checkpoint["network_weights"]
+    noisy = [k for k in weights if k.startswith("transformer.") and weights[k].is_floating_point()]
+    assert len(noisy) > 10
+    for k in noisy:
+        spread = max(weights[k].std().item() if weights[k].numel() > 1 else 0.0, 0.02)  # LayerNorm weights are 1
+        weights[k] = weights[k] + torch.randn(weights[k].shape, generator=generator) * spread / 3
+    torch.save(checkpoint, copy / "fold_0" / "checkpoint_final.pth")
+    return _env(trained["base"], nnUNet_results=str(results))
+
+
+def test_the_default_samples_change_with_the_transformer_and_the_head_baselines_hardly(trained):
+    """The product is autoregressive: with noise on every transformer weight of the trained model, most non-empty
+    default samples change (through the real predict command, same seed); the head sampler's samples, which take
+    the U-Net head's probabilities, change far less."""
+    raw = Path(trained["paths"]["nnUNet_raw"]) / DATASET
+    common = ["-i", str(raw / "imagesTs"), "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "-device",
+              "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar", "--num_samples", "8", "--save_samples"]
+    noisy_env = _with_noisy_transformer(trained, trained["root"] / "noisy_results")
+    changed = {}
+    for sampler in ("autoregressive", "head"):
+        pairs = []
+        for tag, env in (("plain", _env(trained["base"])), ("noisy", noisy_env)):
+            out = trained["root"] / f"pred_{sampler}_{tag}"
+            _run([PY, "-m", "nnunet_arseg.inference.predict", "-o", str(out), *common, "--sampler", sampler], env)
+            pairs.append({p.name: _read_png(p) for p in sorted((out / "samples").glob("*.png"))})
+        plain, noisy = pairs
+        assert plain.keys() == noisy.keys() and len(plain) >= 16
+        drawn = [name for name in plain if plain[name].any() or noisy[name].any()]
+        assert len(drawn) >= 8, f"{sampler}: only {len(drawn)} of {len(plain)} samples draw a mask"
+        changed[sampler] = np.mean([not np.array_equal(plain[name], noisy[name]) for name in drawn])
+    assert changed["autoregressive"] > 0.5 and changed["head"] < changed["autoregressive"], changed
 
 
 def test_same_training_twice_gives_the_same_model(trained):

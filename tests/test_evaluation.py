@@ -750,10 +750,9 @@ def test_experiment_draws_new_patients_and_names_each_way_a_model_samples(tmp_pa
         return str(folder)
 
     assert experiment.sampling_rows("stock", model("stock", n_stages=6)) == [("stock", ())]
-    assert experiment.sampling_rows("full", model("full", aux_head=True, aux_full_resolution=True)) == [
-        ("full", ("--anchor_head",)), ("full_own_draws", ("--anchor_head", "--anchor_scales", "0"))]
-    assert experiment.sampling_rows("latent", model("latent", aux_head=True, aux_full_resolution=False)) == [
-        ("latent", ()), ("latent_head_anchored", ("--anchor_head",))]
+    for name, full in (("full", True), ("latent", False)):  # the default sampler first, then the head baseline
+        assert experiment.sampling_rows(name, model(name, aux_head=True, aux_full_resolution=full)) == [
+            (name, ("--sampler", "autoregressive")), (f"{name}_head", ("--sampler", "head"))]
 
 
 def test_experiment_trains_from_its_flags_then_resumes_with_c(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_arseg.consensus import fuse_labels, majority_vote, vote_frequency
 from nnunet_arseg.network import ARSegNetwork, build_arseg_architecture, class_seed, content_seed, first_drawn
 from nnunet_arseg.segmentor.presence import draw_presence
+from nnunet_arseg.segmentor.sampling import sample_token_maps
 from nnunet_arseg.sampling_window import EvalSampling
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer
 
@@ -146,7 +147,7 @@ def test_training_losses_2d_labels_with_aux_head():
 
 def test_a_full_resolution_head_beside_the_decoder_prefix():
     """``aux_full_resolution``: the prefix is the same decoder stage's (same weights, same prefix), the head's logits
-    come from the decoder's last stage at the patch size, the mask ``--anchor_head`` samples around."""
+    come from the decoder's last stage at the patch size, the mask ``--sampler head`` thresholds."""
     torch.manual_seed(0)
     latent = build(plans_with_arseg(aux_full_resolution=False), "arseg_2d", 2).eval()
     full = build(plans_with_arseg(), "arseg_2d", 2).eval()  # the recipe's head
@@ -195,7 +196,7 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     net = build(plans, configuration, num_outputs).eval()
     patch = net.patch_size
     x = torch.randn(2, 1, *patch)
-    out = net.sample(x, num_samples=4, seed=7, with_scales=True, outline_spread=0.0)  # present: non-empty
+    out = net.sample(x, num_samples=4, seed=7, with_scales=True)  # the transformer's own draws
     K, S = net.num_conditions, len(net.tokenizer.scales)
     assert out["classes"] == list(range(K))
     assert out["samples"].shape == (2, K, 4, *patch) and out["samples"].dtype == torch.bool
@@ -204,7 +205,7 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
     shown = out["samples"].gather(2, first_drawn(drawing.flatten(0, 1)).view(2, K, 1, *[1] * len(patch)).expand(
         2, K, 1, *patch))[:, :, 0]
     assert drawing.any() and torch.equal(out["scales"][:, :, -1], shown)
-    again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False, outline_spread=0.0)
+    again = net.sample(x, num_samples=4, seed=7, classes=[K - 1], use_cache=False)
     assert torch.equal(again["samples"][:, 0], out["samples"][:, K - 1])  # uncached, one class: same draws
     monkeypatch.setenv("nnUNet_ARSEG_NUM_SAMPLES", "5")
     with torch.inference_mode():
@@ -217,8 +218,8 @@ def test_sample_and_eval_logits(configuration, num_outputs, regions, monkeypatch
         assert torch.equal(logits.sigmoid() > 0.5, soft > 0.5)
     else:
         assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(soft, class_dim=1))
-    # a random network's samples depend on the seed: the zero-initialised presence head keeps 2 or 3 of the 5 head
-    # masks per class, which of the two by the seed's draw
+    # a random network's samples depend on the seed: the zero-initialised presence head keeps 2 or 3 of the 5 draws
+    # per class, which of them by the seed's draw
     reseeded = []
     for seed in ("1", "2", "3"):
         monkeypatch.setenv("nnUNet_ARSEG_SEED", seed)
@@ -260,7 +261,6 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         present = net.sample(x, num_samples=6, seed=3, with_scales=True)
         head, net.presence_head = net.presence_head, None
         without = net.sample(x, num_samples=6, seed=3, with_scales=True)
-        one_outline = net.sample(x, num_samples=6, seed=3, with_scales=True, outline_spread=0.0)
         net.presence_head = head
         assert torch.equal(present["samples"], without["samples"]) and present["samples"].any()
         assert torch.equal(present["scales"], without["scales"])
@@ -268,11 +268,11 @@ def test_presence_head_gates_the_samples_and_learns_from_empty_masks():
         absent = net.sample(x, num_samples=6, seed=3, with_scales=True)
         assert not absent["samples"].any() and not absent["scales"].any()
         bias.zero_()  # p = 1/2: some samples of the same draws are kept, the others emptied
-        drawn = net.sample(x, num_samples=6, seed=3, with_scales=True, outline_spread=0.0)  # one mask per image
+        drawn = net.sample(x, num_samples=6, seed=3, with_scales=True)
         half = drawn["samples"]
         kept = half.flatten(3).any(-1)
-        assert torch.equal(half, one_outline["samples"] & kept[..., None, None])
-        assert 0 < kept.sum() < one_outline["samples"].flatten(3).any(-1).sum()
+        assert torch.equal(half, present["samples"] & kept[..., None, None])  # the draws of the kept samples
+        assert 0 < kept.sum() < present["samples"].flatten(3).any(-1).sum()
         # the coarse-to-fine masks shown are those of each image's first present sample
         present_BN = draw_presence(net.presence_head(net.encode_image(x).presence_BND)[:, 0], 6, class_seed(3, 0))
         shown_B = first_drawn(present_BN)
@@ -320,18 +320,44 @@ def eval_draws(net: ARSegNetwork, x: torch.Tensor, num_samples: int, **sampling)
     return kept[0]
 
 
+def test_the_default_samples_are_the_transformers_draws_and_the_scales_their_partial_decodes():
+    """The default sampler is autoregressive: a present sample is the tokenizer's decode of the token maps the
+    transformer draws with the class's seed (``sample_token_maps``), an absent one is empty, and the coarse-to-fine
+    masks shown are the partial decodes of the shown sample's own token maps (scale k: its maps 1..k). This pins the
+    seeding too: the same seed keeps its samples."""
+    net, x = head_net(batch=2, presence_bias=0.3)  # p = 0.57: some samples absent
+    out = net.sample(x, num_samples=6, seed=4, with_scales=True)
+    with torch.no_grad():
+        image = net.encode_image(x)
+        present_BN = draw_presence(net.presence_head(image.presence_BND)[:, 0], 6, class_seed(4, 0))
+        idx_list, f_hat, _ = sample_token_maps(net.transformer, net.tokenizer.quantizer, image.prefix_BND,
+                                               torch.zeros(2, dtype=torch.long), 6, seed=class_seed(4, 0),
+                                               top_k=net.top_k, active=present_BN.flatten())
+        decoded = (net.tokenizer.decode_f_hat(f_hat) > 0)[:, 0].view(2, 6, *net.patch_size)
+        expected = decoded & present_BN[..., None, None]
+        assert 0 < present_BN.sum() < 12 and expected.flatten(2).any(-1).sum() >= 4  # drawn masks, not empties
+        assert torch.equal(out["samples"][:, 0], expected)
+        shown_B = first_drawn(present_BN)
+        for b in range(2):
+            row = b * 6 + int(shown_B[b])
+            partial = net.tokenizer.idx_to_scale_logits([idx[row:row + 1] for idx in idx_list])
+            assert len(partial) == out["scales"].shape[2]
+            for k, logits in enumerate(partial):
+                assert torch.equal(out["scales"][b, 0, k], logits[0, 0] > 0)
+        assert not torch.equal(out["scales"][0, 0, 0], out["scales"][0, 0, -1])  # the picture builds up
+
+
 def test_presence_temperature_reaches_the_draws_of_sample_and_of_the_eval_forward(monkeypatch):
     """``presence_temperature`` divides the presence logit: near 0 every sample of an image follows p > 1/2, very
     large it draws half of them; ``EvalSampling`` hands it to the eval forward (``nnUNetv2_arseg_predict``), else
     ``nnUNet_ARSEG_PRESENCE_TEMPERATURE`` (the stock ``nnUNetv2_predict``)."""
     monkeypatch.delenv("nnUNet_ARSEG_PRESENCE_TEMPERATURE", raising=False)
     net, x = head_net(batch=2, presence_bias=0.3)  # p = sigmoid(0.3) = 0.57 for every image
-    assert net.samples_around_head
 
     def drawn_B(samples) -> list[int]:  # a present sample is the head's non-empty mask, an absent one empty
         return samples[:, 0].flatten(2).any(-1).sum(1).tolist()
 
-    one = dict(num_samples=8, seed=1, outline_spread=0.0)  # one outline per image
+    one = dict(num_samples=8, seed=1, sampler="head", outline_spread=0.0)  # one outline per image
     assert drawn_B(net.sample(x, **one)["samples"]) in ([4, 4], [4, 5], [5, 4], [5, 5])
     assert drawn_B(net.sample(x, **one, presence_temperature=1e-3)["samples"]) == [8, 8]
     assert drawn_B(net.sample(x, **one, presence_temperature=1e3)["samples"]) == [4, 4]
@@ -342,7 +368,7 @@ def test_presence_temperature_reaches_the_draws_of_sample_and_of_the_eval_forwar
     for temperature, variable, expected in ((None, None, None), (1e-3, None, 0), (None, "1e-3", 0)):
         if variable is not None:
             monkeypatch.setenv("nnUNet_ARSEG_PRESENCE_TEMPERATURE", variable)
-        drawn = eval_draws(net, x[:1], 8, presence_temperature=temperature, outline_spread=0.0)
+        drawn = eval_draws(net, x[:1], 8, presence_temperature=temperature, sampler="head", outline_spread=0.0)
         count = int(drawn[0].flatten(1).any(-1).sum())
         assert count == expected if expected is not None else count in (3, 4)
 
@@ -355,8 +381,9 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
     bias = net.presence_head.fc.bias
     with torch.no_grad():
         bias.fill_(30.0)  # always present
-        free = net.sample(x, num_samples=4, seed=3, anchor_head=False)["samples"]  # the transformer's own draws
-        drawn = net.sample(x, num_samples=4, seed=3, anchor=anchor, with_scales=True)  # every scale from the anchor
+        free = net.sample(x, num_samples=4, seed=3)["samples"]  # the transformer's own draws
+        around = dict(num_samples=4, seed=3, sampler="anchored", anchor=anchor)
+        drawn = net.sample(x, **around, with_scales=True)  # every scale from the anchor
         out = drawn["samples"]
         assert torch.equal(out[0, 0], anchor[0, 0].expand(4, -1, -1))  # the anchor's own mask, not a reconstruction
         assert torch.equal(drawn["scales"][0, 0, -1], anchor[0, 0])  # the finest scale shown is the sample
@@ -365,15 +392,15 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
         assert not torch.equal(out[0], free[0])
         assert torch.equal(out[1], free[1])  # an empty anchor leaves the draws free
         # with only the coarse scales given, the finer ones are drawn and decoded
-        coarse = net.sample(x, num_samples=4, seed=3, anchor=anchor, anchor_scales=2)["samples"]
+        coarse = net.sample(x, **around, anchor_scales=2)["samples"]
         assert not torch.equal(coarse[0, 0], out[0, 0])
-        assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor=anchor, anchor_scales=0)["samples"], free)
+        assert torch.equal(net.sample(x, **around, anchor_scales=0)["samples"], free)
         bias.fill_(-30.0)  # presence is still the model's: never present, no mask
-        assert not net.sample(x, num_samples=4, seed=3, anchor=anchor)["samples"].any()
+        assert not net.sample(x, **around)["samples"].any()
         bias.fill_(30.0)
         # the eval forward takes anchors as the channels after the image's (nnU-Net's previous-stage channels)
         x_anchor = torch.cat((x[:1], anchor[:1].float()), 1)
-        drawn = net.sample(x[:1], num_samples=net.num_samples, seed=content_seed(0, x_anchor),
+        drawn = net.sample(x[:1], num_samples=net.num_samples, seed=content_seed(0, x_anchor), sampler="anchored",
                            anchor=anchor[:1])["samples"]
         with torch.inference_mode():
             logits = net(x_anchor)
@@ -381,13 +408,15 @@ def test_an_anchor_mask_is_kept_where_a_sample_is_present():
         with pytest.raises(ValueError, match="one per foreground label"):
             net(torch.cat((x_anchor, x_anchor[:, 1:]), 1))
         with pytest.raises(ValueError, match="anchor_scales"):
-            net.sample(x, num_samples=2, anchor=anchor, anchor_scales=len(net.tokenizer.scales) + 1)
+            net.sample(x, **around, anchor_scales=len(net.tokenizer.scales) + 1)
+        with pytest.raises(ValueError, match="takes no anchor masks"):
+            net.sample(x, num_samples=2, anchor=anchor)  # anchors are the anchored sampler's
 
 
-def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
-    """``anchor_head``: the anchor is the U-Net head's mask at patch size (from its logits averaged over the image's
-    mirrorings unless ``mirror_head=False``), in ``sample`` and in the eval forward; with one outline per image
-    (``outline_spread=0``) a drawn sample is that mask, as it is an outside anchor's."""
+def test_the_anchored_sampler_takes_the_models_own_head_where_no_anchor_is_given():
+    """``sampler="anchored"`` without anchor masks samples around the U-Net head's mask at patch size (from its logits
+    averaged over the image's mirrorings unless ``mirror_head=False``), in ``sample`` and in the eval forward, as
+    around an outside mask; the head sampler at one outline per image (``outline_spread=0``) gives the same masks."""
     net = build(plans_with_arseg(), "arseg_2d", 2).eval()
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
@@ -398,27 +427,29 @@ def test_a_model_samples_around_its_own_head_as_around_an_outside_mask():
         head = net.head_masks(net.head_logits(x, plain))
         assert head.shape == (2, 1, 128, 128) and 0.2 < head.float().mean() < 0.8
         assert not torch.equal(head, net.head_masks(plain))
-        one = dict(num_samples=4, seed=3, outline_spread=0.0)
-        assert torch.equal(net.sample(x, **one, anchor_head=True, mirror_head=False)["samples"],
-                           net.sample(x, num_samples=4, seed=3, anchor=net.head_masks(plain))["samples"])
+        one = dict(num_samples=4, seed=3, sampler="anchored")
+        assert torch.equal(net.sample(x, **one, mirror_head=False)["samples"],
+                           net.sample(x, **one, anchor=net.head_masks(plain))["samples"])
         # mirroring the image mirrors the mirrored head's logits (up to float rounding)
         flipped = net.head_logits(x.flip(3), net.encode_image(x.flip(3)).aux_logits)
         assert torch.allclose(flipped.flip(3), net.head_logits(x, plain), atol=1e-4)
-        out = net.sample(x, **one, anchor_head=True)["samples"]
-        assert torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor=head)["samples"])
-        assert not torch.equal(out, net.sample(x, num_samples=4, seed=3, anchor_head=False)["samples"])
-        assert torch.equal(net.sample(x, num_samples=4, seed=3, anchor_head=True, anchor_scales=2)["samples"],
-                           net.sample(x, num_samples=4, seed=3, anchor=head, anchor_scales=2)["samples"])
-        net.eval_sampling = EvalSampling(num_samples=4, seed=0, anchor_head=True, outline_spread=0.0)
+        out = net.sample(x, **one)["samples"]
+        assert torch.equal(out, net.sample(x, **one, anchor=head)["samples"])
+        assert torch.equal(out, net.sample(x, num_samples=4, seed=3, sampler="head", outline_spread=0.0)["samples"])
+        assert not torch.equal(out, net.sample(x, num_samples=4, seed=3)["samples"])
+        assert torch.equal(net.sample(x, **one, anchor_scales=2)["samples"],
+                           net.sample(x, **one, anchor=head, anchor_scales=2)["samples"])
+        net.eval_sampling = EvalSampling(num_samples=4, seed=0, sampler="anchored")
         with torch.inference_mode():
             logits = net(x[:1])
         net.eval_sampling = None
         # the head of the one image as the eval forward computes it (a batch of two may round a pixel otherwise)
         head_1 = net.head_masks(net.head_logits(x[:1], net.encode_image(x[:1]).aux_logits))
-        drawn = net.sample(x[:1], num_samples=4, seed=content_seed(0, x[:1]), anchor=head_1)["samples"]
+        drawn = net.sample(x[:1], num_samples=4, seed=content_seed(0, x[:1]), sampler="anchored",
+                           anchor=head_1)["samples"]
         assert torch.equal(logits.softmax(1).argmax(1), fuse_labels(vote_frequency(drawn, dim=2), class_dim=1))
-        with pytest.raises(ValueError, match="not both"):
-            net.sample(x, num_samples=2, anchor=head, anchor_head=True)
+        with pytest.raises(ValueError, match="sampler 'head' takes no anchor masks"):
+            net.sample(x, num_samples=2, sampler="head", anchor=head)
 
 
 def test_samples_around_the_head_threshold_its_probability_at_levels_of_their_own(monkeypatch):
@@ -430,9 +461,9 @@ def test_samples_around_the_head_threshold_its_probability_at_levels_of_their_ow
     net, x = head_net()  # always present
     with torch.no_grad():
         prob = torch.sigmoid(net.head_at_patch(net.head_logits(x, net.encode_image(x).aux_logits)))[0, 0]
-        full = net.sample(x, num_samples=8, seed=3, outline_spread=0.5)["samples"][0, 0]
-        one = net.sample(x, num_samples=8, seed=3, outline_spread=0.0)["samples"][0, 0]
-        tight = net.sample(x, num_samples=8, seed=3, outline_spread=0.25)["samples"][0, 0]
+        full = net.sample(x, num_samples=8, seed=3, sampler="head", outline_spread=0.5)["samples"][0, 0]
+        one = net.sample(x, num_samples=8, seed=3, sampler="head", outline_spread=0.0)["samples"][0, 0]
+        tight = net.sample(x, num_samples=8, seed=3, sampler="head", outline_spread=0.25)["samples"][0, 0]
     assert 0.05 < ((prob > 0.1) & (prob < 0.9)).float().mean()  # the map has levels to spread over
 
     def at_level(mask, level) -> bool:  # up to pixels whose probability rounds to the level
@@ -447,57 +478,60 @@ def test_samples_around_the_head_threshold_its_probability_at_levels_of_their_ow
     assert full[4].sum() > tight[4].sum() > one[4].sum() > tight[3].sum() > full[3].sum()  # lowest, highest levels
     with torch.no_grad():  # p = 1/2: the drawn samples share out the levels, the absent ones stay empty
         net.presence_head.fc.bias.zero_()
-        half = net.sample(x, num_samples=8, seed=3, outline_spread=0.5)["samples"][0, 0]
+        half = net.sample(x, num_samples=8, seed=3, sampler="head", outline_spread=0.5)["samples"][0, 0]
         present_N = draw_presence(net.presence_head(net.encode_image(x).presence_BND)[:, 0], 8, class_seed(3, 0))[0]
     count = int(present_N.sum())
     assert 0 < count < 8 and not half[~present_N].any()
     for k, n in enumerate(present_N.nonzero()[:, 0].tolist()):
         assert at_level(half[n], ((k + count // 2) % count + 0.5) / count)
     with pytest.raises(ValueError, match=r"outline_spread must be in \[0, 0.5\]"):
-        net.sample(x, num_samples=8, outline_spread=0.6)
+        net.sample(x, num_samples=8, sampler="head", outline_spread=0.6)
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(30.0)
     seed = content_seed(0, x)
     for spread, variable, expected in ((None, None, 0.5), (0.0, None, 0.0), (None, "0", 0.0), (0.5, "0", 0.5)):
         if variable is not None:
             monkeypatch.setenv("nnUNet_ARSEG_OUTLINE_SPREAD", variable)
-        drawn = eval_draws(net, x, 8, outline_spread=spread)
+        drawn = eval_draws(net, x, 8, sampler="head", outline_spread=spread)
         with torch.no_grad():
-            assert torch.equal(drawn, net.sample(x, num_samples=8, seed=seed, outline_spread=expected)["samples"][0])
+            assert torch.equal(drawn, net.sample(x, num_samples=8, seed=seed, sampler="head",
+                                                 outline_spread=expected)["samples"][0])
 
 
-def test_the_eval_forward_samples_around_a_full_resolution_head_unless_told_otherwise():
-    """The recipe's model (a full-resolution head) samples around its head by default; ``anchor_head=False`` or
-    ``anchor_scales=0`` gives the transformer's own draws, an outside anchor replaces the head; a model whose head
-    stops at the latent draws on its own."""
+def test_the_eval_forward_draws_autoregressively_unless_told_otherwise(monkeypatch):
+    """Every model's eval forward (``nnUNetv2_predict``, the final validation) draws with the autoregressive sampler,
+    the transformer's own draws, whatever its head; ``EvalSampling.sampler``, else ``nnUNet_ARSEG_SAMPLER``, names
+    another; anchor channels in the input mean the anchored sampler, and refuse any other."""
+    monkeypatch.delenv("nnUNet_ARSEG_SAMPLER", raising=False)
     net, x = head_net()  # always present
-    with torch.no_grad():
-        head = net.head_masks(net.head_logits(x, net.encode_image(x).aux_logits))
-    assert net.samples_around_head and 0.2 < head.float().mean() < 0.8
 
     def draws(model, inputs=x, **sampling):
         return eval_draws(model, inputs, 4, **sampling)
 
     seed = content_seed(0, x)
-    around_head = net.sample(x, num_samples=4, seed=seed, anchor_head=True)["samples"][0]
-    one_outline = net.sample(x, num_samples=4, seed=seed, anchor_head=True, outline_spread=0.0)["samples"][0]
-    assert torch.equal(one_outline, net.sample(x, num_samples=4, seed=seed, anchor=head)["samples"][0])
-    own = net.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0]
+    own = net.sample(x, num_samples=4, seed=seed)["samples"][0]
+    around_head = net.sample(x, num_samples=4, seed=seed, sampler="head")["samples"][0]
     assert not torch.equal(around_head, own)
-    assert torch.equal(net.sample(x, num_samples=4, seed=seed)["samples"][0], around_head)
-    assert torch.equal(net.sample(x, num_samples=4, seed=seed, anchor_scales=0)["samples"][0], own)
+    assert torch.equal(draws(net), own)
+    assert torch.equal(draws(net, sampler="autoregressive"), own)
+    assert torch.equal(draws(net, sampler="head"), around_head)
+    monkeypatch.setenv("nnUNet_ARSEG_SAMPLER", "head")
     assert torch.equal(draws(net), around_head)
-    assert torch.equal(draws(net, anchor_head=False), own)
-    assert torch.equal(draws(net, anchor_scales=0), own)
+    assert torch.equal(draws(net, sampler="autoregressive"), own)  # the predictor's choice comes first
+    monkeypatch.setenv("nnUNet_ARSEG_SAMPLER", "heads")
+    with pytest.raises(ValueError, match="sampler 'heads'"):
+        draws(net)
+    monkeypatch.delenv("nnUNet_ARSEG_SAMPLER")
     outside = torch.zeros(1, 1, 128, 128)
     outside[..., 40:90, 30:100] = 1
     with_anchor = torch.cat([x, outside], 1)
-    expected = net.sample(x, num_samples=4, seed=content_seed(0, with_anchor), anchor=outside.bool())["samples"][0]
+    expected = net.sample(x, num_samples=4, seed=content_seed(0, with_anchor), sampler="anchored",
+                          anchor=outside.bool())["samples"][0]
     assert torch.equal(draws(net, with_anchor), expected)
+    with pytest.raises(ValueError, match="only the 'anchored' sampler takes"):
+        draws(net, with_anchor, sampler="head")
     latent = build(plans_with_arseg(aux_full_resolution=False), "arseg_2d", 2).eval()
     latent.load_state_dict(net.state_dict())
-    assert not latent.samples_around_head
-    assert torch.equal(draws(latent), latent.sample(x, num_samples=4, seed=seed, anchor_head=False)["samples"][0])
     assert torch.equal(draws(latent), latent.sample(x, num_samples=4, seed=seed)["samples"][0])
 
 
@@ -514,7 +548,8 @@ def test_region_anchors_are_unions_of_their_labels():
     x_anchor = torch.cat((x, labels), 1)
     with torch.no_grad():
         net.presence_head.fc.bias.fill_(30.0)  # always present
-        drawn = net.sample(x, num_samples=3, seed=content_seed(0, x_anchor), anchor=regions)["samples"]
+        drawn = net.sample(x, num_samples=3, seed=content_seed(0, x_anchor), sampler="anchored",
+                           anchor=regions)["samples"]
         for k in range(2):  # every sample: its region's anchor
             assert torch.equal(drawn[0, k], regions[0, k].expand(3, *net.patch_size))
         with torch.inference_mode():
@@ -599,8 +634,8 @@ def test_each_distinct_token_map_is_decoded_once_with_the_same_masks():
     calls = []
     hook = net.tokenizer.decoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     with torch.no_grad():
-        deduped = net._decode(f_hat, idx_list)
+        deduped = net.decode_masks(f_hat, idx_list)
         hook.remove()
-        every_row = net._decode(f_hat)
+        every_row = net.decode_masks(f_hat)
     assert sum(calls) == 3 and torch.equal(deduped, every_row)
     assert deduped.shape == (6, *net.patch_size)

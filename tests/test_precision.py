@@ -70,9 +70,9 @@ def test_sampling_under_autocast(net_and_slices):
     autocast. Free draws: the transformer's bf16 logits move few draws."""
     net, x, m = net_and_slices
     net.eval()
-    anchored = net.sample(x, 2, seed=0, anchor=m.bool())["samples"]
+    anchored = net.sample(x, 2, seed=0, sampler="anchored", anchor=m.bool())["samples"]
     free = net.sample(x, 4, seed=0)["samples"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(net.sample(x, 2, seed=0, anchor=m.bool())["samples"], anchored)
+        assert torch.equal(net.sample(x, 2, seed=0, sampler="anchored", anchor=m.bool())["samples"], anchored)
         free_bf16 = net.sample(x, 4, seed=0)["samples"]
     assert (free_bf16 == free).float().mean() > 0.8

@@ -142,6 +142,7 @@ def test_anchor_samples_around_given_masks(lidc2d, tmp_path):
         np.testing.assert_array_equal(samples, np.broadcast_to(anchor, samples.shape), err_msg=case)
     args = json.loads((tmp_path / "all" / ARGS_FILE).read_text())
     assert args["anchor"] == str(anchors) and args["anchor_scales"] > 2  # all of the tokenizer's scales
+    assert args["sampler"] == "anchored"  # what --anchor samples with
     stock = tmp_path / "stock"  # nnU-Net's own previous-stage input is the same anchor
     _run([BIN / "nnUNetv2_predict", "-i", lidc2d["images"], "-o", stock, "-d", lidc2d["dataset_id"], "-c", "2d",
           "-f", "0", "-tr", lidc_model.TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta",
@@ -248,13 +249,21 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     assert "--presence_temperature" in err and "no presence head" in err and "leave it out" in err
     err = _refused(capsys, paths, tmp_path, "--outline_spread", "0.6")
     assert "--outline_spread must be in [0, 0.5]" in err
-    err = _refused(capsys, paths, tmp_path, "--outline_spread", "0.3")  # no U-Net head to threshold
-    assert "--outline_spread" in err and "does not sample around a U-Net head" in err and "leave it out" in err
-    err = _refused(capsys, paths, tmp_path, "--anchor_scales", "2")  # a model that samples without an anchor
-    assert "--anchor_scales 2" in err and "without an anchor" in err and "--anchor_head" in err
-    assert "give one" in _refused(capsys, paths, tmp_path, "--anchor", tmp_path, "--anchor_head")
-    err = _refused(capsys, paths, tmp_path, "--anchor_head")  # this test model has no U-Net head
-    assert "--anchor_head" in err and "without its U-Net head" in err
+    err = _refused(capsys, paths, tmp_path, "--outline_spread", "0.3")  # the default sampler thresholds nothing
+    assert "--outline_spread" in err and "only --sampler head" in err and "the sampler is autoregressive" in err
+    err = _refused(capsys, paths, tmp_path, "--anchor_scales", "2")  # no anchor to take scales from
+    assert "--anchor_scales 2" in err and "only --sampler anchored" in err and "add --sampler anchored" in err
+    err = _refused(capsys, paths, tmp_path, "--sampler", "head")  # this test model has no U-Net head
+    assert "--sampler head" in err and "without its U-Net head" in err
+    err = _refused(capsys, paths, tmp_path, "--sampler", "anchored")
+    assert "--sampler anchored" in err and "without its U-Net head" in err and "give --anchor FOLDER" in err
+    err = _refused(capsys, paths, tmp_path, "--sampler", "prior")  # the Probabilistic U-Net's, not AR-Seg's
+    assert "--sampler prior" in err and "draws with autoregressive, head, anchored" in err
+    assert "--sampler must be autoregressive, head or anchored" in _refused(capsys, paths, tmp_path, "--sampler", "ar")
+    err = _refused(capsys, paths, tmp_path, "--sampler", "head", "--anchor", tmp_path)
+    assert "--anchor FOLDER samples with --sampler anchored" in err
+    err = _refused(capsys, paths, tmp_path, "--anchor_head")  # the flag of 0.2
+    assert "--anchor_head is gone" in err and "--sampler head" in err and "--sampler anchored" in err
     err = _refused(capsys, paths, tmp_path, "--anchor", tmp_path / "nothing")
     assert "--anchor" in err and "no such folder" in err
     anchors = tmp_path / "anchors"

@@ -96,29 +96,32 @@ def test_multi_tile_stitching_and_folds():
     torch.testing.assert_close(logits2, logits)
 
 
-def test_anchor_head_reaches_the_network_through_the_window():
-    one = dict(num_samples=4, seed=2, outline_spread=0.0)  # one outline per image: a drawn sample is the head's mask
-    net, (_, ours) = predictors(small_plans(), None, **one, anchor_head=True)
+def test_the_sampler_and_its_options_reach_the_network_through_the_window():
+    """``SamplingPredictor(sampler=...)`` draws with that sampler (what each draws: test_network.py); without it, the
+    autoregressive default; ``mirror_head=False`` (``--disable_tta``) and the outline spread reach it too."""
+    net, (_, ours) = predictors(small_plans(), None, num_samples=4, seed=2, sampler="anchored")
     data = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(5))
     tile = data[None, :, 0]
     plain = net.encode_image(tile).aux_logits
     head = net.head_masks(net.head_logits(tile, plain))  # averaged over the tile's mirrorings
     assert head.any() and not head.all()  # random weights: a head mask of both values
+    around = dict(num_samples=4, seed=content_seed(2, tile), sampler="anchored")
     drawn = ours.sample_case(data)[1].samples_KN[:, :, 0]
-    assert torch.equal(drawn, net.sample(tile, 4, content_seed(2, tile), anchor=head)["samples"][0])
-    _, (_, default) = predictors(small_plans(), None, **one)  # the recipe's full-resolution head
-    assert torch.equal(default.sample_case(data)[1].samples_KN[:, :, 0], drawn)
-    _, (_, own) = predictors(small_plans(), None, num_samples=4, seed=2, anchor_head=False)
-    assert not torch.equal(drawn, own.sample_case(data)[1].samples_KN[:, :, 0])
-    _, (_, unmirrored) = predictors(small_plans(), None, **one, mirror_head=False)  # --disable_tta
+    assert torch.equal(drawn, net.sample(tile, **around, anchor=head)["samples"][0])
+    _, (_, default) = predictors(small_plans(), None, num_samples=4, seed=2)
+    own = default.sample_case(data)[1].samples_KN[:, :, 0]
+    assert torch.equal(own, net.sample(tile, 4, content_seed(2, tile))["samples"][0])
+    assert not torch.equal(drawn, own)
+    _, (_, unmirrored) = predictors(small_plans(), None, num_samples=4, seed=2, sampler="anchored",
+                                    mirror_head=False)  # --disable_tta
     assert torch.equal(unmirrored.sample_case(data)[1].samples_KN[:, :, 0],
-                       net.sample(tile, 4, content_seed(2, tile), anchor=net.head_masks(plain))["samples"][0])
-    # the outline spread reaches the network as well (what it draws: test_network.py)
-    _, (_, spread) = predictors(small_plans(), None, num_samples=4, seed=2, outline_spread=0.25)
+                       net.sample(tile, **around, anchor=net.head_masks(plain))["samples"][0])
+    _, (_, spread) = predictors(small_plans(), None, num_samples=4, seed=2, sampler="head", outline_spread=0.25)
     levels = spread.sample_case(data)[1].samples_KN[:, :, 0]
-    assert torch.equal(levels, net.sample(tile, 4, content_seed(2, tile), outline_spread=0.25)["samples"][0])
-    assert not torch.equal(levels, net.sample(tile, 4, content_seed(2, tile))["samples"][0])  # the default: 0.5
-    assert not torch.equal(levels, drawn)
+    head_draws = dict(num_samples=4, seed=content_seed(2, tile), sampler="head")
+    assert torch.equal(levels, net.sample(tile, **head_draws, outline_spread=0.25)["samples"][0])
+    assert not torch.equal(levels, net.sample(tile, **head_draws)["samples"][0])  # the default spread: 0.5
+    assert spread.eval_sampler() == "head" and default.eval_sampler() == "autoregressive"
 
 
 def test_3d_tiles(monkeypatch):

@@ -1,4 +1,4 @@
-"""How many coarse scales a model with a full-resolution U-Net head should take from its head (``--anchor_head
+"""How many coarse scales a model with a full-resolution U-Net head should take from its head (``--sampler anchored
 --anchor_scales S``), chosen on validation patients that neither trained the model nor test it.
 
     python benchmarks/research/lidc_anchor_scales.py --experiment lidc_experiment --pool LIDC_DEV \\
@@ -75,7 +75,7 @@ def main() -> None:
     rows = {}
     for s in args.scales:
         name = f"{args.trainer}_anchor_scales_{s}"
-        extra = ("--anchor_head",) + (() if s == "all" else ("--anchor_scales", s))
+        extra = ("--sampler", "anchored") + (() if s == "all" else ("--anchor_scales", s))
         pred = join(work, "predictions", name)
         predict(work, env, dataset, args.trainer, images, pred, name, args.num_samples, device=device,
                 core=args.core or None, extra=extra)
@@ -88,7 +88,7 @@ def main() -> None:
                       "val_seed": args.val_seed, "num_val_patients": len(val), "num_val_cases": len(cases),
                       "num_samples": args.num_samples, "tie": args.tie, "results": rows, "chosen": chosen},
                      join(work, "results.json"))
-    table = results_table({f"--anchor_head, {scales_label(s)}": row for s, row in rows.items()})
+    table = results_table({f"--sampler anchored, {scales_label(s)}": row for s, row in rows.items()})
     write_text(join(work, "results.md"), table + f"\nchosen: {scales_label(chosen)}\n")
     print(table + f"\nchosen: {scales_label(chosen)}")
 

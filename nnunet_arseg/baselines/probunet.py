@@ -175,6 +175,10 @@ class ProbUNetNetwork(nn.Module):
     eval_sampling = None
     # N, base seed and temperature factor of the eval forward, read as AR-Seg reads them (the factor scales sigma)
     eval_settings = ARSegNetwork.eval_settings
+    # one way to sample: z from the prior net (the sampler recorded with a prediction)
+    samplers = ("prior",)
+    default_sampler = "prior"
+    eval_sampler = ARSegNetwork.eval_sampler
 
     def consensus_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval output (B, num_classes, *spatial): the consensus logits of N samples per image (``consensus.py``),

@@ -22,8 +22,9 @@ from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_tempora
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
-RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "temperature", "presence_temperature",
-            "anchor", "anchor_head", "anchor_scales", "outline_spread", "mirror_head", "step_size", "mirroring")
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "sampler", "temperature",
+            "presence_temperature", "anchor", "anchor_scales", "outline_spread", "mirror_head", "step_size",
+            "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,11 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--num_samples", type=int, default=None,
                       help="samples per image and fold (>= 1); default $nnUNet_ARSEG_NUM_SAMPLES or the model's own")
     ours.add_argument("-num_samples", dest="num_samples_deprecated", type=int, default=None, help=argparse.SUPPRESS)
+    ours.add_argument("--sampler", default=None, metavar="{autoregressive,head,anchored}",
+                      help="how each sample is drawn, after the model's presence head has drawn whether it shows a "
+                           "mask at all: autoregressive (AR-Seg: its token maps drawn scale by scale, coarse to fine, "
+                           "by the next-scale transformer and decoded by the mask tokenizer), head (a baseline: the "
+                           "model's U-Net head's probability map thresholded at a level of its own per sample, "
+                           "--outline_spread), anchored (the coarse scales from the masks of --anchor FOLDER, else "
+                           "of the model's own U-Net head, the finer ones drawn by the transformer, --anchor_scales); "
+                           "default $nnUNet_ARSEG_SAMPLER or autoregressive (anchored with --anchor)")
     ours.add_argument("--seed", type=int, default=None,
                       help="base seed of the sampling (same seed, same samples); default $nnUNet_ARSEG_SEED or 0")
     ours.add_argument("--temperature", type=float, default=None,
-                      help="factor on the per-scale sampling temperatures (> 0; below 1: each sample closer to the "
-                           "model's most likely mask, less diversity); default $nnUNet_ARSEG_TEMPERATURE or 1")
+                      help="factor on the transformer's per-scale sampling temperatures (> 0; below 1: each sample "
+                           "closer to the model's most likely mask, less diversity); default $nnUNet_ARSEG_TEMPERATURE "
+                           "or 1")
     ours.add_argument("--presence_temperature", type=float, default=None, metavar="T",
                       help="divides the logit of the model's presence head, whose probability p decides how many "
                            "samples draw a mask at all (> 0; below 1: p moves away from 1/2, so the samples agree "
@@ -86,27 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "(GED); near 0 every sample draws exactly when p > 1/2); default "
                            "$nnUNet_ARSEG_PRESENCE_TEMPERATURE or 1")
     ours.add_argument("--anchor", default=None, metavar="FOLDER",
-                      help="sample around these masks (FOLDER/<case><ext>, e.g. a stock nnU-Net's predictions of the "
-                           "same images): each non-empty sample keeps the anchor's coarse scales and draws the finer "
-                           "ones; presence is still drawn by the model")
-    ours.add_argument("--anchor_head", action="store_true", default=None,
-                      help="sample around the model's own U-Net head's mask (AR-Seg models train it beside the "
-                           "transformer), as --anchor does around outside masks; no folder needed. The default for "
-                           "models with a full-resolution head (the current recipe)")
+                      help="--sampler anchored around these masks (FOLDER/<case><ext>, e.g. a stock nnU-Net's "
+                           "predictions of the same images): each present sample keeps the anchor's coarse scales and "
+                           "the transformer draws the finer ones")
+    ours.add_argument("--anchor_head", action="store_true", help=argparse.SUPPRESS)  # gone in 0.3: a clear error
     ours.add_argument("--anchor_scales", type=int, default=None, metavar="S",
-                      help="how many coarse scales come from the anchor (--anchor, --anchor_head or a model's "
-                           "full-resolution head): 0: none, the transformer's own draws; default: all, i.e. the "
-                           "anchor's mask wherever a sample is present")
+                      help="--sampler anchored: how many coarse scales come from the anchor (0: none, the "
+                           "transformer's own draws); default: all, i.e. each present sample is the anchor's mask")
     ours.add_argument("--outline_spread", type=float, default=None, metavar="W",
-                      help="where each drawn sample is the model's U-Net head's mask (the default sampling of the "
-                           "current recipe), it thresholds the head's probability map at a level of its own, the "
-                           "levels of an image's drawn samples spread evenly over 0.5 +- W (0 <= W <= 0.5; 0: one "
-                           "outline per image, the head's mask at 0.5; 0.5: a pixel is in a share of the drawn samples "
-                           "equal to the head's probability); default $nnUNet_ARSEG_OUTLINE_SPREAD or 0.5")
+                      help="--sampler head: the levels at which the drawn samples of an image threshold the U-Net "
+                           "head's probability map spread evenly over 0.5 +- W (0 <= W <= 0.5; 0: one outline per "
+                           "image, the head's mask at 0.5; 0.5: a pixel is in a share of the drawn samples equal to "
+                           "the head's probability); default $nnUNet_ARSEG_OUTLINE_SPREAD or 0.5")
     ours.add_argument("--save_samples", action="store_true", help="write OUT/samples/<case>_sample<k:02d><ext>")
     ours.add_argument("--save_uncertainty", action="store_true", help="write OUT/uncertainty/<case>.npz and .png")
-    ours.add_argument("--save_scales", action="store_true", help="write OUT/scales/<case>.png (coarse-to-fine masks "
-                                                                 "of the first sample that draws a mask)")
+    ours.add_argument("--save_scales", action="store_true",
+                      help="write OUT/scales/<case>.png: how the first sample that draws a mask was built, coarse to "
+                           "fine (scale k decodes its token maps 1..k)")
     return p
 
 
@@ -128,8 +134,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--outline_spread must be in [0, 0.5], got {args.outline_spread}")
     if args.anchor_scales is not None and args.anchor_scales < 0:
         parser.error(f"--anchor_scales must be >= 0, got {args.anchor_scales}")
-    if args.anchor is not None and args.anchor_head:
-        parser.error("--anchor FOLDER and --anchor_head: give one (an outside anchor or the model's own head)")
+    if args.anchor_head:
+        parser.error("--anchor_head is gone: give --sampler head for samples that threshold the model's U-Net head, "
+                     "or --sampler anchored to take the coarse scales from its head's mask")
+    if args.sampler is not None and args.sampler not in ("autoregressive", "head", "anchored", "prior"):
+        parser.error(f"--sampler must be autoregressive, head or anchored, got {args.sampler!r}")
+    if args.anchor is not None and args.sampler not in (None, "anchored"):
+        parser.error(f"--anchor FOLDER samples with --sampler anchored, not {args.sampler}; leave --sampler out")
     if args.anchor is not None and args.prev_stage_predictions is not None:
         parser.error("--anchor and -prev_stage_predictions: give one (an AR-Seg model of a cascade stage cannot be "
                      "anchored)")
@@ -169,6 +180,32 @@ def check_continuation(out: str, run: dict) -> None:
                          + "); continue with the same flags, or predict into another folder")
 
 
+def check_sampler(args: argparse.Namespace, sampler: str, net, folder: str) -> None:
+    """Refuse (``InputError``) a sampler the model cannot draw with, and the options of other samplers."""
+    if sampler not in net.samplers:  # e.g. nnUNetTrainerProbUNet's one way, or a misspelt nnUNet_ARSEG_SAMPLER
+        source = "--sampler" if args.sampler else env.SAMPLER
+        raise InputError(f"{source} {sampler}: the model of -tr {args.tr} draws with {', '.join(net.samplers)}")
+    if sampler in ("head", "anchored") and args.anchor is None and not net.aux_head:
+        raise InputError(f"--sampler {sampler}: the model in {folder} was trained without its U-Net head (aux_head "
+                         "False), so it has no mask of its own to "
+                         + ("threshold" if sampler == "head" else "sample around; give --anchor FOLDER instead"))
+    if sampler == "head" and args.save_scales:
+        raise InputError("--save_scales: --sampler head takes each mask from the U-Net head at once, so there are no "
+                         "coarse-to-fine scales to show; leave --save_scales out, or give --sampler autoregressive")
+    if args.anchor_scales is not None and sampler != "anchored":
+        raise InputError(f"--anchor_scales {args.anchor_scales}: only --sampler anchored takes coarse scales from an "
+                         f"anchor (the sampler is {sampler}); add --sampler anchored, or leave --anchor_scales out")
+    if args.anchor_scales is not None and args.anchor_scales > len(net.tokenizer.scales):
+        raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has "
+                         f"{len(net.tokenizer.scales)} scales; give 0 .. {len(net.tokenizer.scales)}")
+    if args.anchor is not None and net.has_regions and net.regions is None:
+        raise InputError(f"--anchor: {folder} does not record the labels of its regions (trained with an earlier "
+                         "nnunet_arseg), so the anchor label maps cannot be turned into region masks; retrain it")
+    if args.outline_spread is not None and sampler != "head":
+        raise InputError(f"--outline_spread: only --sampler head thresholds the U-Net head's probability map (the "
+                         f"sampler is {sampler}); add --sampler head, or leave --outline_spread out")
+
+
 def run(args: argparse.Namespace) -> None:
     """Check, then predict; raises ``InputError`` before anything is written."""
     folder = model_folder(args.d, args.tr, args.p, args.c)
@@ -196,8 +233,7 @@ def run(args: argparse.Namespace) -> None:
                                perform_everything_on_device=not args.not_on_device, device=_device(args.device),
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
-                               temperature=args.temperature, anchor_scales=args.anchor_scales,
-                               anchor_head=args.anchor_head, mirror_head=not args.disable_tta and env.mirror_head(),
+                               temperature=args.temperature, mirror_head=not args.disable_tta and env.mirror_head(),
                                presence_temperature=presence_temperature, extras=extras)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, checkpoint_name=args.chk)
@@ -206,61 +242,36 @@ def run(args: argparse.Namespace) -> None:
                          f"({type(e).__name__}: {e})") from e
     num_samples, seed, temperature = predictor.eval_settings()
     from nnunet_arseg.sampling_window import arseg_network
-    scale_flag = ("--anchor" if args.anchor is not None else "--anchor_head" if args.anchor_head else
-                  "--save_scales" if args.save_scales else None)
-    if scale_flag and not hasattr(arseg_network(predictor.network), "tokenizer"):  # e.g. nnUNetTrainerProbUNet
+    net = arseg_network(predictor.network)
+    scale_flag = "--anchor" if args.anchor is not None else "--save_scales" if args.save_scales else None
+    if scale_flag and not hasattr(net, "tokenizer"):  # e.g. nnUNetTrainerProbUNet
         raise InputError(f"{scale_flag}: the model of -tr {args.tr} draws each mask at once, without the "
                          f"coarse-to-fine scales of AR-Seg's tokenizer that {scale_flag} needs; leave it out")
-    if args.presence_temperature is not None and getattr(arseg_network(predictor.network), "presence_head",
-                                                         None) is None:
+    if args.presence_temperature is not None and getattr(net, "presence_head", None) is None:
         raise InputError(f"--presence_temperature: the model in {folder} has no presence head (trained with presence "
                          "off, or not AR-Seg), so nothing decides whether a sample draws a mask; leave it out")
     if args.prev_stage_predictions is not None and predictor.configuration_manager.previous_stage_name is None:
         raise InputError(f"-prev_stage_predictions {args.prev_stage_predictions}: configuration {args.c} has no "
                          "previous stage; to sample around these masks give them as --anchor")
-    anchor_scales, anchor_head = None, args.anchor_head
-    if anchor_head is None:  # the model's default: around its full-resolution head, where it has one
-        anchor_head = args.anchor is None and getattr(arseg_network(predictor.network), "samples_around_head", False)
-    predictor.anchor_head = anchor_head
-    if args.anchor_scales is not None and args.anchor is None and not anchor_head:
-        raise InputError(f"--anchor_scales {args.anchor_scales}: the model in {folder} samples without an anchor; "
-                         "give --anchor FOLDER or --anchor_head, or leave --anchor_scales out")
-    if args.anchor is not None or anchor_head:
-        net = arseg_network(predictor.network)
-        num_scales = len(net.tokenizer.scales)
-        if args.anchor_scales is not None and args.anchor_scales > num_scales:
-            raise InputError(f"--anchor_scales {args.anchor_scales}: this model's tokenizer has {num_scales} scales; "
-                             f"give 0 .. {num_scales}")
-        anchor_scales = num_scales if args.anchor_scales is None else args.anchor_scales
-        if anchor_head and not net.aux_head:
-            raise InputError(f"--anchor_head: the model in {folder} was trained without its U-Net head (aux_head "
-                             "False), so it has no mask of its own to sample around; give --anchor FOLDER instead")
-    if args.anchor is not None:
-        if net.has_regions and net.regions is None:
-            raise InputError(f"--anchor: {folder} does not record the labels of its regions (trained with an earlier "
-                             "nnunet_arseg), so the anchor label maps cannot be turned into region masks; retrain it")
-        if predictor.configuration_manager.previous_stage_name is not None:
-            raise InputError(f"--anchor: configuration {args.c} is a cascade stage (it takes the previous stage's "
-                             "predictions as input); anchor a configuration without a previous stage")
-    outline_spread = None  # where a drawn sample is the head's mask: its levels' spread
-    if anchor_head and anchor_scales == num_scales:
+    if args.anchor is not None and predictor.configuration_manager.previous_stage_name is not None:
+        raise InputError(f"--anchor: configuration {args.c} is a cascade stage (it takes the previous stage's "
+                         "predictions as input); anchor a configuration without a previous stage")
+    sampler = args.sampler or ("anchored" if args.anchor is not None else env.sampler() or net.default_sampler)
+    check_sampler(args, sampler, net, folder)
+    around_head = sampler == "head" or (sampler == "anchored" and args.anchor is None)
+    anchor_scales = outline_spread = None
+    if sampler == "anchored":
+        anchor_scales = len(net.tokenizer.scales) if args.anchor_scales is None else args.anchor_scales
+    if sampler == "head":
         outline_spread = env.outline_spread(OUTLINE_SPREAD) if args.outline_spread is None else args.outline_spread
-    elif args.outline_spread is not None:
-        if args.anchor is not None:
-            why = "the samples take the --anchor masks, which have no probabilities to threshold"
-        elif anchor_head:
-            why = f"with --anchor_scales {anchor_scales} the transformer draws the finer scales and the outlines"
-        else:
-            why = f"the model in {folder} does not sample around a U-Net head of its own"
-        raise InputError(f"--outline_spread: {why}; leave it out")
-    predictor.outline_spread = outline_spread
+    predictor.sampler, predictor.anchor_scales, predictor.outline_spread = sampler, anchor_scales, outline_spread
     mirroring = list(predictor.allowed_mirroring_axes or []) if predictor.use_mirroring else []
     settings = {"model_folder": os.path.abspath(folder), "folds": folds, "checkpoint": args.chk,
                 "num_samples": num_samples, "seed": seed, "temperature": temperature,
                 "presence_temperature": presence_temperature,
                 "anchor": None if args.anchor is None else os.path.abspath(args.anchor),
-                "anchor_head": anchor_head, "anchor_scales": anchor_scales, "outline_spread": outline_spread,
-                "mirror_head": bool(anchor_head and predictor.mirror_head),
+                "sampler": sampler, "anchor_scales": anchor_scales, "outline_spread": outline_spread,
+                "mirror_head": bool(around_head and predictor.mirror_head),
                 "step_size": args.step_size,
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
@@ -274,20 +285,17 @@ def run(args: argparse.Namespace) -> None:
     if stale:
         print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {args.o}")
     save_json_atomic(settings, join(args.o, ARGS_FILE))
-    if args.anchor is not None:
-        sampling = f", anchored on {args.anchor} ({anchor_scales} coarse scale(s))"
-    elif anchor_head and anchor_scales == 0:
-        sampling = ", the transformer's own draws (--anchor_scales 0)"
-    elif anchor_head:
-        default = "" if args.anchor_head else "; the model's default, --anchor_scales 0 for the transformer's own draws"
-        mirrored = "mirrored " if predictor.mirror_head else ""
-        spread = "" if outline_spread is None else f", outline spread {outline_spread:g}"
-        sampling = f", anchored on its {mirrored}U-Net head ({anchor_scales} coarse scale(s){spread}{default})"
-    else:
-        sampling = ""
+    head = f"its {'mirrored ' if predictor.mirror_head else ''}U-Net head"
+    sampling = sampler
+    if sampler == "autoregressive":
+        sampling += " (the transformer draws every scale)"
+    elif sampler == "head":
+        sampling += f" ({head}'s probability at a level of its own per sample, outline spread {outline_spread:g})"
+    elif sampler == "anchored":
+        sampling += f" on {args.anchor or head} ({anchor_scales} coarse scale(s) from it, the finer ones drawn)"
     presence = "" if presence_temperature == 1 else f", presence temperature {presence_temperature:g}"
     print(f"{PROG}: {len(cases)} case(s), {num_samples} samples per case and fold ({len(folds)} fold(s)), seed {seed}, "
-          f"temperature x{temperature:g}{presence}, mirroring axes {mirroring or 'none'}{sampling}")
+          f"sampler {sampling}, temperature x{temperature:g}{presence}, mirroring axes {mirroring or 'none'}")
     prev_stage = args.anchor if args.anchor is not None else args.prev_stage_predictions
     if args.npp == 0 and args.nps == 0:  # nnU-Net's in-process loop has no parts: take this part's cases here
         predictor.predict_from_files_sequential(cases[args.part_id::args.num_parts], args.o,

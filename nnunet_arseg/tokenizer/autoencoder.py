@@ -14,7 +14,13 @@ from torch import nn
 
 from nnunet_arseg.tokenizer.quantizer import MultiScaleQuantizer, default_scales
 
-__all__ = ["MaskTokenizer", "latent_strides", "space_to_depth", "depth_to_space"]
+__all__ = ["MaskTokenizer", "latent_strides", "space_to_depth", "depth_to_space", "tokenizer_precision"]
+
+
+def tokenizer_precision(device: torch.device):
+    """Autocast off: the tokenizer encodes and decodes in fp32, the precision it was fitted in, also inside a
+    trainer's or predictor's autocast (bf16/fp16 would change the tokens of a mask and the pixels of a decode)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def latent_strides(patch_size: tuple[int, ...], num_down: int,

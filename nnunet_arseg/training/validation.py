@@ -61,14 +61,15 @@ def case_multirater_metrics(case: str, samples_KN: np.ndarray, raters_R1X: np.nd
     return out
 
 
-def multirater_summary(per_case: list[dict], label_manager, num_samples: int, seed: int) -> dict:
-    """The content of ``summary_arseg.json``: per-class means (NaN-aware) and the per-case metrics."""
+def multirater_summary(per_case: list[dict], label_manager, num_samples: int, seed: int, sampler: str) -> dict:
+    """The content of ``summary_arseg.json``: per-class means (NaN-aware) and the per-case metrics of ``num_samples``
+    samples drawn by ``sampler`` with ``seed``."""
     classes = sorted({c for pc in per_case for c in pc if c != "case"}, key=int)
     mean = {c: {name: nan_mean([pc[c][name] for pc in per_case]) for name in METRIC_NAMES} for c in classes}
     names = {c: str(label_manager.foreground_regions[int(c)] if label_manager.has_regions
                     else label_manager.foreground_labels[int(c)]) for c in classes}
-    return {"num_samples": num_samples, "seed": seed, "geometry": "preprocessed", "classes": names, "mean": mean,
-            "metric_per_case": per_case}
+    return {"num_samples": num_samples, "seed": seed, "sampler": sampler, "geometry": "preprocessed",
+            "classes": names, "mean": mean, "metric_per_case": per_case}
 
 
 def final_validation(trainer, num_samples: int, with_raters: bool, save_probabilities: bool = False) -> None:
@@ -161,7 +162,8 @@ def final_validation(trainer, num_samples: int, with_raters: bool, save_probabil
         trainer.print_to_log_file("Mean Validation Dice: ", (metrics['foreground_mean']["Dice"]),
                                   also_print_to_console=True)
         if with_raters:
-            summary = multirater_summary(per_case, lm, num_samples, VALIDATION_SEED)
+            summary = multirater_summary(per_case, lm, num_samples, VALIDATION_SEED,
+                                         predictor.eval_sampler(trainer.is_cascaded))
             save_json_atomic(summary, join(validation_folder, "summary_arseg.json"))
             trainer.print_to_log_file("AR-Seg multi-rater validation:", summary["mean"])
     trainer.set_deep_supervision_enabled(True)
