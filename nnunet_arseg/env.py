@@ -18,7 +18,8 @@
   minutes of the budget (learning curves).
 - ``nnUNet_ARSEG_TOKENIZER``: a ``tokenizer.pth`` for ``nnUNetTrainerARSeg`` to use instead of training the dataset's.
 - ``nnUNet_ARSEG_LOCK_TIMEOUT_MINUTES``: a process training the dataset's tokenizer refreshes its lock every 1/20 of
-  this; a lock not refreshed for this long (its owner was killed, on any host) is taken over; default 10.
+  this while its training makes progress; a lock not refreshed for this long (its owner was killed, suspended or
+  hung, on any host) is taken over; default 10.
 - ``nnUNet_ARSEG_HOSTNAME``: the host name a process writes into that lock; default ``socket.gethostname()``.
 
 nnU-Net's own variables read here too: ``nnUNet_npp`` / ``nnUNet_nps`` (default worker processes of

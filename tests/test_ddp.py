@@ -1,8 +1,9 @@
 """``nnUNetv2_train ... -num_gpus N``: the AR-Seg trainer under nnU-Net's DDP, in two CPU processes (gloo).
 
-Each rank builds ``nnUNetTrainerARSeg_tiny`` on real preprocessed LIDC crops, starts training as ``nnUNetv2_train``
-does (rank 0 trains the dataset's tokenizer while rank 1 waits, then both load it), wraps the network in DDP as
-nnU-Net does and runs the trainer's own ``train_step``.
+Each rank builds ``nnUNetTrainerARSeg_tiny`` (under the wall-time budget) on real preprocessed LIDC crops, has
+nnU-Net's ``initialize()`` wrap its network in DDP, starts training as ``nnUNetv2_train`` does (rank 0 trains the
+dataset's tokenizer while rank 1 waits, then both load it), runs the trainer's own ``train_step`` and lets the budget
+decide on an epoch from clocks that differ between the ranks.
 """
 from __future__ import annotations
 
@@ -61,33 +62,39 @@ def _digest(tensors) -> str:
 
 def _rank(rank: int, out: str) -> None:
     """One DDP rank: what ``nnUNetv2_train -num_gpus 2`` runs, on the CPU; writes what it saw to ``out``."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
     import torch.distributed as dist
     from batchgenerators.utilities.file_and_folder_operations import load_json, join
     from nnunetv2.paths import nnUNet_preprocessed
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
+    from nnunet_arseg.training.budget import BudgetReached, nnUNetTrainerARSeg_budget
     from nnunet_arseg.training.variants import nnUNetTrainerARSeg_tiny
+
+    class Trainer(nnUNetTrainerARSeg_budget, nnUNetTrainerARSeg_tiny):
+        pass
 
     torch.set_num_threads(1)
     folder = join(nnUNet_preprocessed, f"Dataset{DATASET_ID}_LIDC")
     # built before the process group: under DDP nnU-Net's __init__ sets the device to cuda:<rank>
     plans = {**load_json(join(folder, "nnUNetPlans.json")), "continue_training": False}  # as get_trainer_from_args
-    trainer = nnUNetTrainerARSeg_tiny(plans, "2d", 0, load_json(join(folder, "dataset.json")),
-                                      device=torch.device("cpu"))
-    trainer.tokenizer_fit = TokenizerFitConfig(max_steps=6, batch_size=4, warmup_steps=1, eval_every=6)
+    trainer = Trainer(plans, "2d", 0, load_json(join(folder, "dataset.json")), device=torch.device("cpu"))
+    trainer.tokenizer_fit = TokenizerFitConfig(max_steps=6, batch_size=4, eval_every=6, warmup_steps=1)
     # a collective that one rank calls alone fails after this instead of hanging
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=90))
-    # nnU-Net wraps the network in initialize() with device_ids=[rank], which DDP refuses for CPU modules: it is
-    # initialised as one process, then joins the group and is wrapped below, as nnU-Net does but without device_ids
+    trainer.is_ddp, trainer.local_rank = True, rank  # what nnU-Net's __init__ sets under DDP
+    # nnU-Net's initialize() wraps the network in DDP with device_ids=[rank], which DDP refuses for CPU modules
+    stock.DDP = lambda module, device_ids=None, **kwargs: DDP(module, **kwargs)
+    if rank == 0:  # a checkpoint being written when an earlier run was killed: the next start removes it
+        os.makedirs(trainer.output_folder, exist_ok=True)
+        Path(trainer.output_folder, ".tmp-0a1b2c3d-checkpoint_latest.pth").write_bytes(b"cut short")
     trainer.initialize()
-    trainer.is_ddp, trainer.local_rank = True, rank
-    trainer._set_batch_size_and_oversample()
     # nnU-Net gives the ranks different foreground oversampling; the same on both, only their seeds set them apart
     trainer.oversample_foreground_percent = 0.5
     trainer.on_train_start()
-    tokenizer = _digest(trainer.network.tokenizer.state_dict().values())
-    trainer.network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.network))
+    assert isinstance(trainer.network, DDP)
+    tokenizer = _digest(trainer.network.module.tokenizer.state_dict().values())
     start = _digest(trainer.network.module.state_dict().values())
     trainer.on_train_epoch_start()
     batches, missing, losses = [], [], []
@@ -96,10 +103,21 @@ def _rank(rank: int, out: str) -> None:
         batches.append(_digest([torch.as_tensor(batch["data"])]))
         losses.append(float(trainer.train_step(batch)["loss"]))
         missing.append([n for n, p in trainer.network.module.named_parameters() if p.requires_grad and p.grad is None])
+    # the budget after one epoch: rank 1's clock saw it take 15 s, rank 0's 5 s; 12 s are left
+    now = time.time()
+    trainer.budget_seconds, trainer._budget_note, trainer.current_epoch = 12.0, None, 1
+    trainer.logger.log("epoch_start_timestamps", now - 5 - 10 * rank, 0)
+    trainer.logger.log("epoch_end_timestamps", now - 1, 0)
+    try:
+        trainer.on_epoch_start()
+        budget = f"goes on, num_epochs {trainer.num_epochs}, LR schedule over {trainer.lr_scheduler.num_epochs}"
+    except BudgetReached as stop:
+        budget = f"stops: {stop}"
     result = {"rank": rank, "batches": batches, "missing_grads": missing, "losses": losses, "tokenizer": tokenizer,
               "start": start, "weights": _digest(trainer.network.module.state_dict().values()),
               "trainable": sum(p.requires_grad for p in trainer.network.parameters()),
-              "tokenizer_file": trainer.tokenizer.path}
+              "tokenizer_file": trainer.tokenizer.path, "budget": budget,
+              "fold_files": sorted(os.listdir(trainer.output_folder))}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -137,8 +155,9 @@ def _free_port() -> str:
 
 def test_two_ranks_train_with_ddp_on_the_cpu(lidc_preprocessed, tmp_path, monkeypatch):
     """Rank 0 trains the tokenizer while rank 1 waits; both load the same one; the grouped split is written once;
-    three real train steps run through DDP: every trainable parameter gets a gradient each step, the ranks draw
-    different batches and their weights stay identical."""
+    three real train steps run through the DDP wrapper nnU-Net's initialize() built: every trainable parameter gets a
+    gradient each step, the ranks draw different batches and their weights stay identical. Rank 0 removed the
+    unfinished checkpoint of a killed run; the budget's decision is rank 0's on both ranks."""
     import torch.multiprocessing as mp
 
     from nnunet_arseg.training import splits
@@ -169,3 +188,51 @@ def test_two_ranks_train_with_ddp_on_the_cpu(lidc_preprocessed, tmp_path, monkey
     written = json.loads((preprocessed / "splits_final.json").read_text())
     assert written == splits.patient_grouped_splits(sorted(patient_of_case), patient_of_case)
     assert len(written) == len(PATIENTS)
+    assert r0["budget"] == r1["budget"] == "goes on, num_epochs 2, LR schedule over 2", (r0["budget"], r1["budget"])
+    assert r0["fold_files"] and not any(f.startswith(".tmp-") for f in r0["fold_files"] + r1["fold_files"])
+
+
+def test_a_non_finite_step_is_never_applied_or_saved(lidc_preprocessed, monkeypatch, one_torch_thread):
+    """A batch whose loss is NaN leaves the weights as they were in fp32 and bf16 (fp16's loss scaler skips such a
+    step itself; fp16 convolutions take minutes on a CPU); a run of them stops training with a clear message; weights
+    that are not finite are never written over the last checkpoint."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+    from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
+    from nnunet_arseg.training import precision
+    from nnunet_arseg.training.variants import nnUNetTrainerARSeg_tiny
+    for k, v in lidc_preprocessed.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    folder = join(lidc_preprocessed["nnUNet_preprocessed"], f"Dataset{DATASET_ID}_LIDC")
+    plans = {**load_json(join(folder, "nnUNetPlans.json")), "continue_training": False}
+    trainer = nnUNetTrainerARSeg_tiny(plans, "2d", 1, load_json(join(folder, "dataset.json")),
+                                      device=torch.device("cpu"))
+    trainer.tokenizer_fit = TokenizerFitConfig(max_steps=6, batch_size=4, eval_every=6, warmup_steps=1)
+    trainer.initialize()
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    batch = next(trainer.dataloader_train)
+    trainer.train_step(batch)
+    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(latest))
+    saved, weights = latest.read_bytes(), {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    poisoned = {**batch, "data": torch.as_tensor(batch["data"]).clone()}
+    poisoned["data"][0, 0, 0, 0] = float("nan")  # one voxel: the loss and every gradient are NaN
+    for dtype in (None, torch.bfloat16):
+        trainer.autocast_dtype, trainer.grad_scaler = dtype, precision.grad_scaler(dtype, trainer.device)
+        assert not np.isfinite(trainer.train_step(poisoned)["loss"])
+        changed = [k for k, v in trainer.network.state_dict().items() if not torch.equal(v, weights[k])]
+        assert changed == [], f"a NaN step was applied with autocast {dtype}: {changed[:3]}"
+    trainer.max_nonfinite_steps = 3
+    with pytest.raises(FloatingPointError, match=r"3 training steps in a row had non-finite gradients \(NaN or inf, "
+                                                 r"bf16 autocast\) and were not applied"):
+        trainer.train_step(poisoned)
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.network.state_dict().items())
+    trainer.train_step(batch)  # a finite step starts the count anew
+    assert trainer._nonfinite_in_a_row == 0
+    with torch.no_grad():
+        next(trainer.network.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"not writing .*checkpoint_latest.pth: \d+ weight tensors hold NaN"):
+        trainer.save_checkpoint(str(latest))
+    assert latest.read_bytes() == saved

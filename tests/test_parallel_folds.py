@@ -73,7 +73,7 @@ def test_folds_on_three_hosts_train_one_tokenizer_once(lidc_demo, tmp_path):
     assert sum("waiting for" in log and ", held by host node" in log for log in logs) >= 1
     stored = torch.load(tok_dir / "tokenizer.pth", map_location="cpu", weights_only=False)
     assert stored["summary"]["steps"] == 60 and [h["step"] for h in stored["summary"]["history"]] == [20, 40, 60]
-    assert sorted(os.listdir(tok_dir)) == ["progress.png", "summary.json", "tokenizer.pth"]
+    assert sorted(os.listdir(tok_dir)) == ["architecture.json", "progress.png", "summary.json", "tokenizer.pth"]
     for fold in range(FOLDS):
         ckpt = torch.load(results / f"{TRAINER}__nnUNetPlans__2d" / f"fold_{fold}" / "checkpoint_final.pth",
                           map_location="cpu", weights_only=False)

@@ -1,21 +1,24 @@
 """The dataset's tokenizer: latent stride from the data, held-out split, masks drawn from preprocessed cases, lock."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nnunet_arseg.training.tokenizer_store import (choose_latent_stride, median_object_extent, split_heldout,
-                                                   tokenizer_key, tokenizer_name, why_train)
-from nnunet_arseg.training.lease_lock import exclusive, owner_record
+from nnunet_arseg.training.tokenizer_store import (choose_latent_stride, median_object_extent, sizing_cases,
+                                                   split_heldout, tokenizer_key, tokenizer_name, why_train)
+from nnunet_arseg.training.lease_lock import LockLost, exclusive, owner_record
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
 
 
@@ -55,6 +58,16 @@ def test_heldout_split_is_by_patient_and_seeded():
     assert len(split_heldout(cases, None, fraction=0.05)[1]) == 2  # without patients: cases
 
 
+def test_the_stride_is_sized_from_cases_drawn_from_the_sorted_identifiers():
+    """nnU-Net lists a dataset's identifiers in the file system's order: two copies of one dataset (node-local
+    preprocessed data) must size the latent stride from the same cases."""
+    cases = [f"case_{i:04d}" for i in range(600)]
+    listed_elsewhere = [str(k) for k in np.random.default_rng(1).permutation(cases)]
+    drawn = sizing_cases(cases)
+    assert sizing_cases(listed_elsewhere) == drawn and len(set(drawn)) == 500 and set(drawn) <= set(cases)
+    assert sorted(sizing_cases(listed_elsewhere[:20])) == sorted(listed_elsewhere[:20])  # fewer: all of them
+
+
 def test_tokenizer_name_depends_on_widths_patch_size_and_spacing():
     key = tokenizer_key({"ch": 32, "z_channels": 32}, (64, 64), (1.0, 1.0))
     assert tokenizer_name(key) == tokenizer_name(tokenizer_key({"z_channels": 32, "ch": 32}, [64, 64], [1, 1]))
@@ -81,7 +94,7 @@ def test_a_stored_or_given_tokenizer_is_reused_and_a_new_one_is_sized_from_the_d
     assert not new.exists() and new.arch_kwargs == {**widths, "latent_stride": [4, 4]} and asked == [1]
     assert "ARSegTokenizer__nnUNetPlans__2d" in new.path
     model = MaskTokenizer(2, (64, 64), **new.arch_kwargs)
-    os.makedirs(new.folder)
+    os.makedirs(new.folder, exist_ok=True)
     torch.save({"arch_kwargs": new.arch_kwargs, "patch_size": [64, 64], "spacing": [1.0, 1.0],
                 "state_dict": model.state_dict()}, new.path)
     # another fold or variant with the same widths: the stored tokenizer, without reading the data again
@@ -98,6 +111,33 @@ def test_a_stored_or_given_tokenizer_is_reused_and_a_new_one_is_sized_from_the_d
     torch.save({"weights": 1}, tmp_path / "not_a_tokenizer.pth")
     with pytest.raises(ValueError, match="not an AR-Seg tokenizer"):
         load_tokenizer_file(str(tmp_path / "not_a_tokenizer.pth"))
+
+
+def test_hosts_whose_data_differ_build_the_architecture_their_folder_records(tmp_path, monkeypatch):
+    """The latent stride follows the data; hosts whose copies of the preprocessed data differ would size it apart for
+    one tokenizer folder. The first to resolve the folder records its architecture, which the others then build;
+    a stored file of another architecture is refused when loaded, never used by a network built for another one."""
+    from nnunet_arseg.tokenizer import MaskTokenizer
+    from nnunet_arseg.training.tokenizer_store import (DatasetTokenizer, resolve_dataset_tokenizer,
+                                                       train_dataset_tokenizer)
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    widths = {k: v for k, v in WIDTHS.items() if k != "latent_stride"}
+
+    def resolve(extent):
+        return resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (32, 32), (1.0, 1.0), widths,
+                                         lambda: extent)
+
+    first, second = resolve((10.0, 10.0)), resolve((40.0, 40.0))  # node A's data: small objects, node B's: large
+    assert first.folder == second.folder and second.arch_kwargs == first.arch_kwargs
+    assert first.arch_kwargs["latent_stride"] == [4, 4]
+    # a network built for another stride (e.g. resolved by an older version before the folder had a record)
+    torch.save({"arch_kwargs": first.arch_kwargs, "patch_size": [32, 32], "spacing": [1.0, 1.0],
+                "state_dict": MaskTokenizer(2, (32, 32), **first.arch_kwargs).state_dict()}, first.path)
+    other = DatasetTokenizer(first.path, {**first.arch_kwargs, "latent_stride": [16, 16]}, False, first.key)
+    with pytest.raises(ValueError, match=r"has another architecture than this run builds: latent_stride \[4, 4\] "
+                                         r"\(this run: \[16, 16\]\)"):
+        train_dataset_tokenizer(other, (32, 32), None, None, TokenizerFitConfig(), torch.device("cpu"))
+    assert train_dataset_tokenizer(first, (32, 32), None, None, TokenizerFitConfig(), torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- the lock, across hosts
@@ -192,6 +232,136 @@ def test_release_leaves_a_lock_another_process_took_over(tmp_path):
     assert json.loads(lock.read_text()) == theirs and "taken over" in logs[-1]
 
 
+def test_lock_age_is_measured_in_the_file_systems_clock(tmp_path, monkeypatch):
+    """A node whose clock runs an hour ahead waits for a live lock; one whose clock runs an hour behind still takes a
+    dead one over: both measure the heartbeat against the clock that stamped it."""
+    lock = tmp_path / ".lock"
+    real_time = time.time
+    _lock_record(lock, age_s=120, host="node-c")
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
+    took, logs = _acquire(lock, within_s=5, timeout_s=60)
+    assert took and "no heartbeat for 2.0 min" in logs[0]
+    monkeypatch.setattr(time, "time", real_time)
+    _lock_record(lock, age_s=1, host="node-b")
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    took, logs = _acquire(lock, within_s=1.0, timeout_s=60)
+    assert not took and "last heartbeat 1 s ago" in logs[0]
+
+
+def test_a_holder_whose_work_makes_no_progress_is_taken_over(tmp_path):
+    """The heartbeat thread of a hung holder lives on but stops renewing the lock after a timeout without progress;
+    a waiter then takes the lock over, and the holder, resuming, finds it has lost its hold."""
+    lock, logs, lost = tmp_path / ".lock", [], []
+    entered, resume = threading.Event(), threading.Event()
+
+    def hung():
+        with exclusive(str(lock), poll_s=0.02, log=logs.append, timeout_s=0.5) as hold:
+            hold.progress()
+            entered.set()
+            resume.wait(20)  # the work hangs
+            try:
+                hold.check()
+            except LockLost as error:
+                lost.append(str(error))
+
+    holder = threading.Thread(target=hung, daemon=True)
+    holder.start()
+    assert entered.wait(5)
+    took, waiter_logs = _acquire(lock, within_s=10, timeout_s=0.5)
+    resume.set()
+    holder.join(5)
+    assert took and any("took over" in m and "no heartbeat" in m for m in waiter_logs), waiter_logs
+    assert logs[0].startswith("no progress for 0.0 min:") and lost and "no longer holds" in lost[0], (logs, lost)
+
+
+def test_heartbeat_errors_are_tried_again_and_a_lasting_one_loses_the_hold(tmp_path):
+    """A lock that cannot be read for a moment (ESTALE or EIO on a network file system; here the path is a folder)
+    is renewed again once it can; one that cannot be read for half the timeout is a lost hold, which ``check`` says."""
+    lock, saved, logs = tmp_path / ".lock", tmp_path / "saved", []
+
+    def unreadable(seconds):
+        os.rename(lock, saved)
+        os.mkdir(lock)
+        time.sleep(seconds)
+        os.rmdir(lock)
+        os.rename(saved, lock)
+
+    with exclusive(str(lock), log=logs.append, timeout_s=1.0) as hold:
+        unreadable(0.2)  # four beats
+        os.utime(lock, (time.time() - 30, time.time() - 30))
+        time.sleep(0.3)
+        assert time.time() - lock.stat().st_mtime < 0.2, "the heartbeat stopped at the first error"
+        hold.check()
+        unreadable(1.0)
+        with pytest.raises(LockLost, match=r"could not be read or renewed for \d s \(\[Errno 21\] Is a directory"):
+            hold.check()
+    assert lock.exists() and "not released by this process" in logs[-1]
+
+
+def test_without_hard_links_the_lock_is_created_exclusively(tmp_path, monkeypatch):
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", src, None, dst)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    lock = tmp_path / ".lock"
+    with exclusive(str(lock), log=print, timeout_s=60):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert not _acquire(lock, within_s=0.5)[0]
+    assert _acquire(lock, within_s=5)[0]
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+import torch
+from test_tokenizer_store import _train
+from nnunet_arseg.tokenizer.fit import TokenizerFitConfig
+torch.set_num_threads(1)
+results, lidc, steps, pause = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+
+def log(message):
+    print(message, flush=True)
+    if message.startswith("tokenizer step"):
+        time.sleep(pause)
+
+_train(results, lidc, TokenizerFitConfig(max_steps=steps, batch_size=4, eval_every=2, warmup_steps=1,
+                                         target_dice=1.01), log=log)
+print("returned", flush=True)
+"""
+
+
+def test_a_suspended_holder_stops_before_writing_the_tokenizer_another_process_trained(tmp_path, lidc_demo,
+                                                                                      monkeypatch):
+    """Slurm suspends (SIGSTOP) the process training the tokenizer for longer than the timeout; another (this one)
+    takes the lock over and stores the tokenizer. Resumed (SIGCONT), the first stops without writing, saying why."""
+    monkeypatch.setenv("nnUNet_ARSEG_LOCK_TIMEOUT_MINUTES", "0.05")
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(lidc_demo), "40", "0.3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        seen = []
+        while not (seen and seen[-1].startswith("tokenizer step")):
+            seen.append(first.stdout.readline())
+            assert seen[-1], f"the first process ended before its first evaluation: {''.join(seen)}"
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            cfg = TokenizerFitConfig(max_steps=6, batch_size=4, eval_every=2, warmup_steps=1, target_dice=1.01)
+            tok, stored, logs = _train(tmp_path, lidc_demo, cfg)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        first_out = "".join(seen) + first.communicate(timeout=120)[0]
+    finally:
+        first.kill()
+    assert any("took over" in m and "no heartbeat" in m for m in logs), logs
+    assert stored["summary"]["steps"] == 6 and any("resuming at step 2" in m for m in logs), logs
+    assert first.returncode != 0 and "returned" not in first_out, first_out
+    assert "no longer holds" in first_out and "stopped training the tokenizer without writing it" in first_out
+    after = torch.load(tok.path, weights_only=False)["state_dict"]
+    assert all(torch.equal(v, after[k]) for k, v in stored["state_dict"].items()), "the resumed one overwrote it"
+    assert sorted(os.listdir(tok.folder)) == ["architecture.json", "progress.png", "summary.json", "tokenizer.pth"]
+
+
 # ---------------------------------------------------------------- a stored tokenizer is used only if it fits
 WIDTHS = {"ch": 8, "num_res_blocks": 1, "z_channels": 8, "codebook_size": 32, "code_dim": 8, "space_to_depth": 2,
           "latent_stride": 8}
@@ -238,7 +408,22 @@ def test_an_undertrained_tokenizer_is_trained_further_and_one_that_fits_is_reuse
                                               "target_empty": 0.0})):
         assert why_train(tok2, fits) is None
         assert _train(tmp_path, lidc_demo, fits)[2] == []
-    assert sorted(os.listdir(tok.folder)) == ["progress.png", "summary.json", "tokenizer.pth"]
+    assert sorted(os.listdir(tok.folder)) == ["architecture.json", "progress.png", "summary.json", "tokenizer.pth"]
+
+
+def test_the_lock_holder_removes_what_a_killed_holder_left_unfinished(tmp_path, lidc_demo, monkeypatch):
+    from nnunet_arseg.training.tokenizer_store import resolve_dataset_tokenizer
+    monkeypatch.delenv("nnUNet_ARSEG_TOKENIZER", raising=False)
+    folder = Path(resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", (32, 32), (1.0, 1.0), WIDTHS,
+                                            None).folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".tmp-0a1b2c3d-tokenizer_latest.pth").write_bytes(b"cut short")  # a holder killed while writing
+    (folder / ".lock.0a1b2c3d.tmp").write_text("{}")  # a waiter (on another host) creating the lock right now
+    cfg = TokenizerFitConfig(max_steps=2, batch_size=4, eval_every=2, warmup_steps=1, target_dice=1.01)
+    logs = _train(tmp_path, lidc_demo, cfg)[2]
+    assert "removed 1 unfinished file(s) of an interrupted run" in logs[0] and "0a1b2c3d-tokenizer_latest" in logs[0]
+    assert sorted(os.listdir(folder)) == [".lock.0a1b2c3d.tmp", "architecture.json", "progress.png", "summary.json",
+                                          "tokenizer.pth"]
 
 
 def test_a_replanned_configuration_gets_its_own_tokenizer_and_a_foreign_file_is_refused(tmp_path, monkeypatch):
@@ -250,7 +435,7 @@ def test_a_replanned_configuration_gets_its_own_tokenizer_and_a_foreign_file_is_
         return resolve_dataset_tokenizer(str(tmp_path), "nnUNetPlans", "2d", patch, spacing, widths, lambda: (8., 8.))
 
     first = resolve((32, 32), (1.0, 1.0))
-    os.makedirs(first.folder)
+    os.makedirs(first.folder, exist_ok=True)
     torch.save({"arch_kwargs": first.arch_kwargs, "patch_size": [32, 32], "spacing": [1.0, 1.0],
                 "state_dict": MaskTokenizer(2, (32, 32), **first.arch_kwargs).state_dict()}, first.path)
     assert resolve((32, 32), (1.0, 1.0)).exists()
@@ -260,13 +445,13 @@ def test_a_replanned_configuration_gets_its_own_tokenizer_and_a_foreign_file_is_
         assert other.folder != first.folder and not other.exists()
     # a file that was not written for its folder's settings (copied there by hand): a clear error, no silent reuse
     other = resolve((64, 32), (1.0, 1.0))
-    os.makedirs(other.folder)
+    os.makedirs(other.folder, exist_ok=True)
     shutil.copy(first.path, other.path)
     with pytest.raises(ValueError, match=r"not trained for this trainer's tokenizer settings: patch size \[32, 32\] "
                                          r"\(asked: \[64, 32\]\). Move the folder"):
         resolve((64, 32), (1.0, 1.0))
     wider = resolve((32, 32), (1.0, 1.0), {**WIDTHS, "ch": 16})
-    os.makedirs(wider.folder)
+    os.makedirs(wider.folder, exist_ok=True)
     shutil.copy(first.path, wider.path)
     with pytest.raises(ValueError, match=r"settings: ch 8 \(asked: 16\)"):
         resolve((32, 32), (1.0, 1.0), {**WIDTHS, "ch": 16})

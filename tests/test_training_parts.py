@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -122,3 +123,25 @@ def test_drawing_share_of_real_raters_per_label_and_per_region(lidc_demo):
         np.testing.assert_allclose(rater_drawing_shares(labelled, four_labels), raters_RX.reshape(4, -1).any(1) / 4)
         np.testing.assert_allclose(rater_drawing_shares(labelled, regions), [drawn, 0.0])
     assert len(set(shares)) > 1  # slices where different numbers of raters drew
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename_and_a_killed_writers_leftovers_go(tmp_path, monkeypatch):
+    """A host that crashes after the rename finds the new file whole (flushed before it, the folder after it); what
+    a killed process left half written is removed by name, nothing else."""
+    from nnunet_arseg.atomic import remove_temporaries, write_atomic
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src))), replace(src, dst))[1])
+    write_atomic(tmp_path / "checkpoint_latest.pth", lambda t: torch.save({"epoch": 3}, t))
+    monkeypatch.undo()
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
+    assert events[0][1] == events[1][1] != str(tmp_path) and events[2][1] == str(tmp_path)
+    stray = [".tmp-0a1b2c3d-checkpoint_latest.pth", ".tmp-00ff00ff-checkpoint_030min.pth"]
+    kept = [".tmp-0a1b2c3d-progress.png", ".tmp-notes-checkpoint_latest.pth", "checkpoint_best.pth", "sub"]
+    for name in stray + kept[:-1]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / stray[0]).write_bytes(b"x")
+    assert sorted(remove_temporaries(tmp_path, ("checkpoint_*.pth",))) == sorted(stray)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["checkpoint_latest.pth"]) and os.listdir(tmp_path / "sub")

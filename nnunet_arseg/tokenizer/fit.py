@@ -92,7 +92,7 @@ def target_reached(scores: dict, cfg: TokenizerFitConfig) -> bool:
 def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generator, int], torch.Tensor],
                   heldout_B1: torch.Tensor, cfg: TokenizerFitConfig, state: dict | None = None,
                   checkpoint: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
-                  time_limit_s: float | None = None) -> dict:
+                  time_limit_s: float | None = None, on_step: Callable[[], None] | None = None) -> dict:
     """Train ``model`` in place until the held-out target or ``cfg.max_steps`` (or, for benchmarks, the first
     evaluation after ``time_limit_s`` seconds of this call); returns the final state.
 
@@ -100,7 +100,8 @@ def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generato
     ``checkpoint``, its tensors on any device) resumes exactly: model, optimizer, step, random generators and history;
     a state of only ``model``, ``step`` and ``history`` (a stored tokenizer trained further) continues with a fresh
     optimizer. A state that is done stays done unless ``cfg`` asks for more (a higher target, more steps).
-    ``checkpoint(state)`` is called after every evaluation, so an interrupted run loses at most ``eval_every`` steps.
+    ``checkpoint(state)`` is called after every evaluation, so an interrupted run loses at most ``eval_every`` steps;
+    ``on_step()`` after every step (a lock's proof of progress).
     """
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
@@ -133,6 +134,8 @@ def fit_tokenizer(model: MaskTokenizer, draw_batch: Callable[[np.random.Generato
         loss.backward()
         opt.step()
         step += 1
+        if on_step is not None:
+            on_step()
         if step % cfg.eval_every == 0 or step >= cfg.max_steps:
             scores = reconstruction_scores(model, heldout_B1)
             history.append({"step": step, "loss": logs["loss"], **scores})

@@ -1,7 +1,10 @@
 """What every sampling trainer of this package shares (``nnUNetTrainerARSeg``, ``nnUNetTrainerProbUNet``): one drawn
-rater per training example, folds grouped by patient, ranks seeded apart, nnU-Net's mixed precision, a batch-size
-cap for small machines, no mirroring at inference, and a pseudo Dice that stays finite."""
+rater per training example, folds grouped by patient, ranks seeded apart, nnU-Net's mixed precision with steps that
+are applied only when their gradients are finite, a batch-size cap for small machines, no mirroring at inference, and
+a pseudo Dice that stays finite."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -13,7 +16,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
 from nnunet_arseg import env
-from nnunet_arseg.atomic import save_json_atomic
+from nnunet_arseg.atomic import remove_temporaries, save_json_atomic
+from nnunet_arseg.network import unwrap_network
 from nnunet_arseg.training import ddp, precision, raters, splits
 
 
@@ -28,6 +32,8 @@ class MultiRaterTrainerBase(nnUNetTrainer):
     # augmentation runs in the training process, nnUNet_n_proc_DA=0); None: unseeded, as the stock nnUNetTrainer;
     # nnUNet_ARSEG_TRAINING_SEED overrides it
     training_seed: int | None = 0
+    # this many steps in a row with non-finite gradients stop training (the fp16 loss scaler skips a few at its start)
+    max_nonfinite_steps: int = 20
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -46,6 +52,7 @@ class MultiRaterTrainerBase(nnUNetTrainer):
                              f"convert the data with nnUNetv2_arseg_convert_lidc or nnUNetv2_arseg_convert_folders")
         if self.use_raters is False:
             self._rater_info = None
+        self._nonfinite_in_a_row, self._nonfinite_this_epoch = 0, 0
 
     def use_smoke_test_length(self) -> None:
         """The length of the ``_tiny`` variants: 3 epochs of 5 iterations (1 for validation), batch <= 4, learning
@@ -97,6 +104,11 @@ class MultiRaterTrainerBase(nnUNetTrainer):
             self.initialize()
         self._seed(offset=self.current_epoch)  # batches and augmentation; a resumed run draws new ones
         super().on_train_start()
+        if self.local_rank == 0:  # the one process that writes this fold's checkpoints
+            stray = remove_temporaries(self.output_folder, ("checkpoint_*.pth",))
+            if stray:
+                self.print_to_log_file(f"Removed {len(stray)} unfinished checkpoint(s) of an interrupted run: "
+                                       f"{', '.join(stray)}")
 
     def do_split(self):
         """nnU-Net's split, whose file is grouped by patient where dataset.json says whose each case is; under DDP rank
@@ -121,20 +133,51 @@ class MultiRaterTrainerBase(nnUNetTrainer):
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         """Backward and optimizer step, loss-scaled where ``grad_scaler`` is set, gradients clipped to
-        ``grad_clip_norm`` (unscaled first, as nnU-Net does; the scaler skips steps with inf/NaN gradients)."""
+        ``grad_clip_norm`` (unscaled first, as nnU-Net does). A step whose gradients are not finite is never applied,
+        in any precision (under DDP the reduced gradients, so every rank decides alike); ``max_nonfinite_steps`` of
+        them in a row stop training before anything non-finite is saved."""
         params = [p for p in self.network.parameters() if p.requires_grad]
         if self.grad_scaler is None:
             loss.backward()
         else:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-        if self.grad_scaler is None:
-            self.optimizer.step()
-        else:
-            self.grad_scaler.step(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, math.inf if self.grad_clip_norm is None else self.grad_clip_norm)
+        finite = bool(torch.isfinite(norm))
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)  # skips the step itself when the gradients are not finite
             self.grad_scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self._nonfinite_in_a_row = 0 if finite else self._nonfinite_in_a_row + 1
+        self._nonfinite_this_epoch += not finite
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
+                         torch.float16: "fp16 autocast with loss scaling"}[self.autocast_dtype]
+            raise FloatingPointError(
+                f"AR-Seg: {self._nonfinite_in_a_row} training steps in a row had non-finite gradients (NaN or inf, "
+                f"{precision}) and were not applied; training stopped at epoch {self.current_epoch}. The fold's "
+                f"checkpoints hold the weights of the last finished epoch. Look for NaN or inf in the preprocessed "
+                f"data, or lower the learning rate (initial_lr {self.initial_lr}), then continue with --c")
+
+    def on_train_epoch_start(self):
+        self._nonfinite_this_epoch = 0
+        super().on_train_epoch_start()
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self._nonfinite_this_epoch:
+            self.print_to_log_file(f"{self._nonfinite_this_epoch} of {len(train_outputs)} training steps skipped: "
+                                   f"their gradients were not finite")
+
+    def refuse_nonfinite_weights(self, filename: str) -> None:
+        """Raise instead of writing ``filename`` from weights that are not all finite (the file keeps the last good
+        ones)."""
+        bad = [k for k, v in unwrap_network(self.network).state_dict().items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"AR-Seg: not writing {filename}: {len(bad)} weight tensors hold NaN or inf "
+                                     f"(e.g. {bad[0]}); the file on disk keeps the last good weights")
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         """nnU-Net's pseudo Dice of the epoch, except that a class drawn only with empty masks and predicted empty

@@ -9,7 +9,7 @@ validation; for AR-Seg it also counts the time its tokenizer took to train (from
 so both trainers get the same total. Every decision is a pure function of the epoch timestamps nnU-Net's logger
 stores in each checkpoint, so ``--c`` re-derives the same numbers and continues with the time that is left: at every
 epoch, ``num_epochs`` = the epochs done + those the time left allows at the mean epoch time so far, and the LR
-schedule is stretched over them.
+schedule is stretched over them. Under DDP (``-num_gpus``) rank 0 decides and the other ranks follow it.
 
 With ``nnUNet_ARSEG_SNAPSHOT_MINUTES=M`` the trainer also keeps ``checkpoint_<m>min.pth`` when the budget time spent
 passes each multiple m of M minutes (for learning curves). Training also stops as soon as the budget is spent,
@@ -28,6 +28,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_arseg import env
 from nnunet_arseg.atomic import save_json_atomic, write_atomic
+from nnunet_arseg.training import ddp
 from nnunet_arseg.training.trainer import nnUNetTrainerARSeg
 from nnunet_arseg.training.variants import nnUNetTrainerARSeg_small, nnUNetTrainerARSeg_upgrade
 
@@ -98,7 +99,8 @@ class WallTimeBudgetMixin:
             self.print_to_log_file(f"Wall-time budget: {stop}")
             self.on_train_end()
 
-    def on_epoch_start(self):
+    def decide(self) -> tuple[int, str | None]:
+        """(``num_epochs``, why training stops at this epoch or None) from the epoch times logged so far and now."""
         now = time()
         self.plan_budget(now)
         starts, ends = self.epoch_times()
@@ -109,10 +111,20 @@ class WallTimeBudgetMixin:
             self.print_to_log_file(f"Wall-time budget {self.budget_seconds / 60:.1f} min: {note} "
                                    f"({spent:.0f} s spent in {self.current_epoch} epochs)")
         if self.current_epoch >= self.num_epochs:
-            raise BudgetReached(f"all {self.num_epochs} planned epochs done after {spent:.0f} s")
+            return self.num_epochs, f"all {self.num_epochs} planned epochs done after {spent:.0f} s"
         if spent >= self.budget_seconds and self.current_epoch >= 1:
-            raise BudgetReached(f"{spent:.0f} s spent after {self.current_epoch} epochs "
-                                f"(budget {self.budget_seconds:.0f} s)")
+            return self.num_epochs, (f"{spent:.0f} s spent after {self.current_epoch} epochs "
+                                     f"(budget {self.budget_seconds:.0f} s)")
+        return self.num_epochs, None
+
+    def on_epoch_start(self):
+        # under DDP rank 0 decides for all: each rank's own clock and epoch times would stop them at different epochs
+        num_epochs, stop = ddp.rank0_decides(self.decide)
+        if num_epochs != self.num_epochs:
+            self.num_epochs = num_epochs
+            self.stretch_schedule()
+        if stop is not None:
+            raise BudgetReached(stop)
         super().on_epoch_start()
 
     def on_epoch_end(self):

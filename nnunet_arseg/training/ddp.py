@@ -1,5 +1,6 @@
-"""What nnU-Net's DDP ranks (``nnUNetv2_train ... -num_gpus N``) do apart or in turn: each draws its own batches, and
-what one rank writes (the split file, the dataset's tokenizer) the others read only once it is there."""
+"""What nnU-Net's DDP ranks (``nnUNetv2_train ... -num_gpus N``) do apart, in turn or as one: each draws its own
+batches, what one rank writes (the split file, the dataset's tokenizer) the others read only once it is there, and
+what one rank decides (the budget's epochs) the others follow."""
 from __future__ import annotations
 
 import random
@@ -39,3 +40,13 @@ def rank0_first(job: Callable[[], T]) -> T:
         result = job()
     dist.destroy_process_group(group)
     return result
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` on rank 0, its result on every rank, so that decisions taken from a rank's own clock agree (every
+    rank must call this; without a process group it is just ``decide()``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return decide()
+    box = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

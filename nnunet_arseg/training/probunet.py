@@ -105,6 +105,7 @@ class nnUNetTrainerProbUNet(MultiRaterTrainerBase):
         """nnU-Net's checkpoint, written atomically."""
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
+        self.refuse_nonfinite_weights(filename)
         write_atomic(filename, lambda tmp: super(nnUNetTrainerProbUNet, self).save_checkpoint(tmp))
 
     def perform_actual_validation(self, save_probabilities: bool = False):

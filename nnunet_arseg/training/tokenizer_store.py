@@ -2,6 +2,8 @@
 reused by every fold and trainer variant whose tokenizer settings match.
 
     $nnUNet_results/DatasetXXX_Name/ARSegTokenizer__<plans>__<configuration>/tok_<hash of tokenizer_key>/
+        architecture.json      the arch kwargs (latent stride included), patch size and spacing, written by the first
+                               process that resolves the folder: every fold on every host builds this architecture
         tokenizer.pth          the weights, arch kwargs, patch size, spacing and summary (what the segmentor loads)
         tokenizer_latest.pth   the training state while it trains (the same command resumes from it)
         summary.json           held-out reconstruction scores, steps, fit settings, data
@@ -10,7 +12,7 @@ reused by every fold and trainer variant whose tokenizer settings match.
 
 A stored tokenizer is reused when it was trained for the same widths, patch size and spacing, and as far as the
 trainer's fit settings ask (their held-out target reached, or as many steps); one that falls short is trained further
-from its weights.
+from its weights. Every load compares the file's arch kwargs with the folder's ``architecture.json``.
 
 Masks come from the preprocessed training cases (every rater where the dataset has raters), cropped to the patch
 size; 1 in 20 patients (cases) is held out to measure the reconstruction target. ``nnUNet_ARSEG_TOKENIZER`` names a
@@ -28,21 +30,30 @@ from typing import Callable
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_pickle, maybe_mkdir_p
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, load_pickle, maybe_mkdir_p
 from scipy import ndimage
 
 from nnunet_arseg import env
-from nnunet_arseg.atomic import save_json_atomic, write_atomic
+from nnunet_arseg.atomic import remove_temporaries, save_json_atomic, write_atomic
 from nnunet_arseg.tokenizer import MaskTokenizer
 from nnunet_arseg.tokenizer.fit import TokenizerFitConfig, fit_tokenizer, target_reached
 from nnunet_arseg.training import raters
-from nnunet_arseg.training.lease_lock import exclusive
+from nnunet_arseg.training.lease_lock import LockLost, create_json, exclusive
 
 TOKENIZER_FOLDER_PREFIX = "ARSegTokenizer"
 MAX_LATENT_POSITIONS = 256  # the finest token map: AR-Seg's sequence length grows with it
+ARCHITECTURE_FILE = "architecture.json"
+TOKENIZER_FILES = ("tokenizer.pth", "tokenizer_latest.pth", "summary.json", "progress.png")  # written under the lock
 
 
 # ---------------------------------------------------------------- latent resolution from the data
+def sizing_cases(identifiers, max_cases: int = 500) -> list[str]:
+    """The cases the latent stride is sized from: ``max_cases`` drawn with a fixed seed from the sorted identifiers
+    (nnU-Net lists them in the file system's order, which differs between copies of the same data)."""
+    keys = sorted(identifiers)
+    return [keys[i] for i in np.random.default_rng(0).permutation(len(keys))[:max_cases]]
+
+
 def median_object_extent(seg_arrays, labels_or_regions, max_objects: int = 5000) -> tuple[float, ...]:
     """Median bounding-box extent per spatial axis of the connected foreground objects (of every class) in the
     given label maps (each (1, *spatial) or (*spatial))."""
@@ -223,6 +234,27 @@ def key_mismatch(stored: dict, key: dict) -> str | None:
     return "; ".join(wrong) or None
 
 
+def architecture_mismatch(stored: dict, tok: DatasetTokenizer) -> str | None:
+    """How the arch kwargs of a stored tokenizer file differ from those ``tok`` was resolved to, or None."""
+    ours, theirs = tok.arch_kwargs, stored.get("arch_kwargs", {})
+    wrong = [f"{k} {theirs.get(k)} (this run: {ours.get(k)})"
+             for k in sorted(set(ours) | set(theirs)) if json.dumps(ours.get(k)) != json.dumps(theirs.get(k))]
+    return "; ".join(wrong) or None
+
+
+def load_stored(tok: DatasetTokenizer) -> dict:
+    """``tok``'s ``tokenizer.pth``, refused with a clear error when its architecture is not the one ``tok`` (and so
+    the network) was built for."""
+    stored = load_tokenizer_file(tok.path)
+    wrong = None if tok.given else architecture_mismatch(stored, tok)
+    if wrong is not None:
+        raise ValueError(f"{tok.path} has another architecture than this run builds: {wrong}. This run was set up "
+                         f"before the file was stored or its folder's {ARCHITECTURE_FILE} written (e.g. by an older "
+                         f"version, from another copy of the preprocessed data): run the same command again, it then "
+                         f"builds the stored architecture")
+    return stored
+
+
 def shortfall(summary: dict, fit_cfg: TokenizerFitConfig) -> str | None:
     """Why a stored tokenizer falls short of ``fit_cfg`` (its training would not have stopped yet), or None."""
     last = summary["history"][-1] if summary.get("history") else summary["heldout"]
@@ -247,9 +279,11 @@ def why_train(tok: DatasetTokenizer, fit_cfg: TokenizerFitConfig) -> str | None:
 def resolve_dataset_tokenizer(results_dataset_folder: str, plans_identifier: str, configuration: str, patch_size,
                               spacing, widths: dict, object_extent: Callable[[], tuple[float, ...]]
                               ) -> DatasetTokenizer:
-    """The tokenizer a trainer uses: the user's (``nnUNet_ARSEG_TOKENIZER``), else the stored one of the dataset for
-    these widths, patch size and spacing (checked against its file), else a new one whose latent stride follows the
-    data (``choose_latent_stride`` of ``object_extent()``; only called then, since it reads the preprocessed labels)."""
+    """The tokenizer a trainer uses: the user's (``nnUNet_ARSEG_TOKENIZER``), else the dataset's for these widths,
+    patch size and spacing, of the architecture its folder records (``architecture.json``, checked against the stored
+    file). The first process to resolve a folder writes that record: the stored tokenizer's architecture, or a new
+    one whose latent stride follows the data (``choose_latent_stride`` of ``object_extent()``; only called then, since
+    it reads the preprocessed labels), so hosts whose copies of the data differ still build one architecture."""
     given = env.tokenizer_file()
     if given is not None:
         ckpt = load_tokenizer_file(given)
@@ -260,20 +294,35 @@ def resolve_dataset_tokenizer(results_dataset_folder: str, plans_identifier: str
         return DatasetTokenizer(given, ckpt["arch_kwargs"], True)
     key = tokenizer_key(widths, patch_size, spacing)
     folder = tokenizer_folder(results_dataset_folder, plans_identifier, configuration, tokenizer_name(key))
+    path, stored, stored_name = join(folder, "tokenizer.pth"), None, None
     for name in ("tokenizer.pth", "tokenizer_latest.pth"):  # a stored one, else the one that was training
         if isfile(join(folder, name)):
-            stored = torch.load(join(folder, name), map_location="cpu", weights_only=False)
-            wrong = key_mismatch(stored, key)
+            candidate = torch.load(join(folder, name), map_location="cpu", weights_only=False)
+            wrong = key_mismatch(candidate, key)
             if wrong is None:
-                return DatasetTokenizer(join(folder, "tokenizer.pth"), stored["arch_kwargs"], False, key)
+                stored, stored_name = candidate, name
+                break
             if name == "tokenizer.pth":
                 raise ValueError(f"{join(folder, name)} was not trained for this trainer's tokenizer settings: "
                                  f"{wrong}. Move the folder {folder} away (this trainer then trains its own) or name a "
                                  f"fitting tokenizer with {env.TOKENIZER}")
-    kwargs = dict(widths)
-    if kwargs.get("latent_stride") is None:
-        kwargs["latent_stride"] = list(choose_latent_stride(tuple(patch_size), object_extent()))
-    return DatasetTokenizer(join(folder, "tokenizer.pth"), kwargs, False, key)
+    record = join(folder, ARCHITECTURE_FILE)
+    if not isfile(record):  # the first process to get here sizes the architecture for all (of its copy of the data)
+        kwargs = stored["arch_kwargs"] if stored is not None else dict(widths)
+        if kwargs.get("latent_stride") is None:
+            kwargs["latent_stride"] = list(choose_latent_stride(tuple(patch_size), object_extent()))
+        maybe_mkdir_p(folder)
+        create_json(record, {"arch_kwargs": kwargs, **key})
+    recorded = load_json(record)
+    wrong = key_mismatch(recorded, key)
+    if wrong is not None:
+        raise ValueError(f"{record} was not written for this trainer's tokenizer settings: {wrong}. Move the folder "
+                         f"{folder} away (this trainer then trains its own) or name a fitting tokenizer with "
+                         f"{env.TOKENIZER}")
+    tok = DatasetTokenizer(path, recorded["arch_kwargs"], False, key)
+    if stored_name == "tokenizer.pth":
+        load_stored(tok)  # its architecture checked against the record
+    return tok
 
 
 def train_dataset_tokenizer(tok: DatasetTokenizer, patch_size, train_masks: PreprocessedMasks,
@@ -283,58 +332,78 @@ def train_dataset_tokenizer(tok: DatasetTokenizer, patch_size, train_masks: Prep
     Resumes ``tokenizer_latest.pth``; a stored tokenizer that falls short of ``fit_cfg`` is trained further from its
     weights; one that exists and fits (trained meanwhile by another fold) is loaded."""
     if why_train(tok, fit_cfg) is None:
-        return load_tokenizer_file(tok.path)
+        return load_stored(tok)
     maybe_mkdir_p(tok.folder)
-    with exclusive(join(tok.folder, ".lock"), log=log):
-        reason = why_train(tok, fit_cfg)
-        if reason is None:
-            return load_tokenizer_file(tok.path)
-        torch.manual_seed(fit_cfg.seed)
-        model = MaskTokenizer(len(patch_size), patch_size, **tok.arch_kwargs).to(device)
-        heldout = heldout_masks.draw(np.random.default_rng(fit_cfg.seed + 1), num_heldout)
-        latest = join(tok.folder, "tokenizer_latest.pth")
-        # on the CPU whatever the device: the random generators' states must be CPU tensors
-        state = torch.load(latest, map_location="cpu", weights_only=False) if isfile(latest) else None
-        if state is not None and (state.get("arch_kwargs") != tok.arch_kwargs or key_mismatch(state, tok.key)):
-            log(f"{latest} was trained for other settings ({key_mismatch(state, tok.key) or 'other arch kwargs'}): "
-                f"not resumed")
-            state = None
-        if state is None and tok.exists():
-            stored = load_tokenizer_file(tok.path)
-            state = {"model": stored["state_dict"], "step": stored["summary"]["steps"],
-                     "history": stored["summary"]["history"], "seconds": stored["summary"]["seconds"]}
-        log(f"Training the dataset's mask tokenizer ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-            f"parameters, latent {model.latent_shape}, scales {model.scales}) on {len(train_masks.identifiers)} cases "
-            f"until held-out Dice >= {fit_cfg.target_dice} or {fit_cfg.max_steps} steps, because {reason}"
-            + (f"; resuming at step {state['step']}" if state else ""))
-        started = time.time()
-        seconds_before = state.get("seconds", 0.0) if state else 0.0
+    with exclusive(join(tok.folder, ".lock"), log=log) as hold:
+        try:
+            return _train_holding(hold, tok, patch_size, train_masks, heldout_masks, fit_cfg, device, num_heldout, log)
+        except LockLost as lost:
+            raise LockLost(f"AR-Seg: {lost}. This process stopped training the tokenizer without writing it: it was "
+                           f"suspended or made no progress for longer than {env.LOCK_TIMEOUT_MINUTES} "
+                           f"({hold.timeout_s / 60:g} min), and another process took the training over. Run the "
+                           f"same command again: it waits for that tokenizer and uses it") from None
 
-        def checkpoint(st: dict) -> None:
-            st.update(seconds=seconds_before + time.time() - started, arch_kwargs=tok.arch_kwargs,
-                      patch_size=tok.key["patch_size"], spacing=tok.key["spacing"])
-            write_atomic(latest, lambda t: torch.save(st, t))
 
-        state = fit_tokenizer(model, train_masks.draw, heldout, fit_cfg, state, checkpoint, log)
-        final = state["history"][-1]
-        summary = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "spacing": tok.key["spacing"],
-                   "latent_shape": list(model.latent_shape), "scales": [list(pn) for pn in model.scales],
-                   "steps": state["step"],
-                   "seconds": round(state.get("seconds", seconds_before + time.time() - started), 1),
-                   "target_reached": target_reached(final, fit_cfg), "heldout": final,
-                   "num_train_cases": len(train_masks.identifiers),
-                   "num_heldout_cases": len(heldout_masks.identifiers), "fit_config": fit_cfg.to_dict(),
-                   "history": state["history"]}
-        stored = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "spacing": tok.key["spacing"],
-                  "state_dict": model.state_dict(), "summary": summary}
-        save_json_atomic(summary, join(tok.folder, "summary.json"))
-        plot_history(state["history"], join(tok.folder, "progress.png"))
-        write_atomic(tok.path, lambda t: torch.save(stored, t))  # last: a kill before it resumes from latest
-        if isfile(latest):
-            os.remove(latest)
-        log(f"Tokenizer stored at {tok.path}: held-out Dice {final['dice_nonempty']:.4f}, empty kept "
-            f"{final['empty_kept']:.3f} after {state['step']} steps ({summary['seconds'] / 60:.1f} min)")
-        return stored
+def _train_holding(hold, tok: DatasetTokenizer, patch_size, train_masks: PreprocessedMasks,
+                   heldout_masks: PreprocessedMasks, fit_cfg: TokenizerFitConfig, device: torch.device,
+                   num_heldout: int, log) -> dict:
+    """``train_dataset_tokenizer``'s work under the lock ``hold``, which is checked before every write."""
+    reason = why_train(tok, fit_cfg)
+    if reason is None:
+        return load_stored(tok)
+    stray = remove_temporaries(tok.folder, TOKENIZER_FILES)  # of a killed holder: only the holder writes these
+    if stray:
+        log(f"removed {len(stray)} unfinished file(s) of an interrupted run from {tok.folder}: {', '.join(stray)}")
+    torch.manual_seed(fit_cfg.seed)
+    model = MaskTokenizer(len(patch_size), patch_size, **tok.arch_kwargs).to(device)
+    heldout = heldout_masks.draw(np.random.default_rng(fit_cfg.seed + 1), num_heldout)
+    hold.progress()
+    latest = join(tok.folder, "tokenizer_latest.pth")
+    # on the CPU whatever the device: the random generators' states must be CPU tensors
+    state = torch.load(latest, map_location="cpu", weights_only=False) if isfile(latest) else None
+    wrong = None if state is None else key_mismatch(state, tok.key) or architecture_mismatch(state, tok)
+    if wrong is not None:
+        log(f"{latest} was trained for other settings ({wrong}): not resumed")
+        state = None
+    if state is None and tok.exists():
+        stored = load_stored(tok)
+        state = {"model": stored["state_dict"], "step": stored["summary"]["steps"],
+                 "history": stored["summary"]["history"], "seconds": stored["summary"]["seconds"]}
+    log(f"Training the dataset's mask tokenizer ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+        f"parameters, latent {model.latent_shape}, scales {model.scales}) on {len(train_masks.identifiers)} cases "
+        f"until held-out Dice >= {fit_cfg.target_dice} or {fit_cfg.max_steps} steps, because {reason}"
+        + (f"; resuming at step {state['step']}" if state else ""))
+    started = time.time()
+    seconds_before = state.get("seconds", 0.0) if state else 0.0
+
+    def checkpoint(st: dict) -> None:
+        st.update(seconds=seconds_before + time.time() - started, arch_kwargs=tok.arch_kwargs,
+                  patch_size=tok.key["patch_size"], spacing=tok.key["spacing"])
+        hold.check()
+        write_atomic(latest, lambda t: torch.save(st, t))
+
+    state = fit_tokenizer(model, train_masks.draw, heldout, fit_cfg, state, checkpoint, log, on_step=hold.progress)
+    final = state["history"][-1]
+    summary = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "spacing": tok.key["spacing"],
+               "latent_shape": list(model.latent_shape), "scales": [list(pn) for pn in model.scales],
+               "steps": state["step"],
+               "seconds": round(state.get("seconds", seconds_before + time.time() - started), 1),
+               "target_reached": target_reached(final, fit_cfg), "heldout": final,
+               "num_train_cases": len(train_masks.identifiers),
+               "num_heldout_cases": len(heldout_masks.identifiers), "fit_config": fit_cfg.to_dict(),
+               "history": state["history"]}
+    stored = {"arch_kwargs": tok.arch_kwargs, "patch_size": list(patch_size), "spacing": tok.key["spacing"],
+              "state_dict": model.state_dict(), "summary": summary}
+    hold.check()
+    save_json_atomic(summary, join(tok.folder, "summary.json"))
+    plot_history(state["history"], join(tok.folder, "progress.png"))
+    hold.check()
+    write_atomic(tok.path, lambda t: torch.save(stored, t))  # last: a kill before it resumes from latest
+    if isfile(latest):
+        os.remove(latest)
+    log(f"Tokenizer stored at {tok.path}: held-out Dice {final['dice_nonempty']:.4f}, empty kept "
+        f"{final['empty_kept']:.3f} after {state['step']} steps ({summary['seconds'] / 60:.1f} min)")
+    return stored
 
 
 def check_checkpoint_tokenizer(checkpoint: dict, tok: DatasetTokenizer, network_tokenizer: torch.nn.Module) -> None:

@@ -114,8 +114,7 @@ class nnUNetTrainerARSeg(MultiRaterTrainerBase):
             # from the preprocessed label maps, never the raters: those may still be being written by another fold,
             # and the stride must not depend on whether they are (a resumed run would build another tokenizer)
             lm = pm.get_label_manager(dataset_json)
-            keys = infer_dataset_class(folder).get_identifiers(folder)
-            keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))[:500]]
+            keys = tokenizer_store.sizing_cases(infer_dataset_class(folder).get_identifiers(folder))
             source = tokenizer_store.PreprocessedMasks(folder, keys, infer_dataset_class(folder), lm, cm.patch_size,
                                                        with_raters=False)
             return tokenizer_store.median_object_extent((m for k in keys for m in source.label_maps(k)[0]),
@@ -219,6 +218,7 @@ class nnUNetTrainerARSeg(MultiRaterTrainerBase):
             'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
             'arseg_tokenizer': self.tokenizer.path,
         }
+        self.refuse_nonfinite_weights(filename)
         write_atomic(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
