@@ -11,7 +11,7 @@ from typing import Callable
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
 
-def _fsync(path: str | Path, folder: bool = False) -> None:
+def fsync(path: str | Path, folder: bool = False) -> None:
     """Flush ``path`` to the disk; for a folder (its entries: a rename) where the file system allows it."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
@@ -33,9 +33,9 @@ def write_atomic(path: str | Path, writer: Callable[[str], None]) -> None:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         writer(str(tmp))
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent, folder=True)
+        fsync(path.parent, folder=True)
     finally:
         if tmp.exists():
             tmp.unlink()

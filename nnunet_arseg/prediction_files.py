@@ -6,6 +6,7 @@ kind of file, for the predictor (writing, ``--continue_prediction``) and for who
     OUT/uncertainty/<case>.npz, .png         per-pixel uncertainty (--save_uncertainty)
     OUT/scales/<case>.png                    coarse-to-fine masks of the first drawn sample (--save_scales)
     OUT/arseg_predict_args.json              the settings of the run
+    OUT/arseg_cases/<case>.json              the settings the case was predicted with (written before its files)
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["ExtraOutputs", "ARGS_FILE", "sample_file", "sample_files_by_case", "uncertainty_files", "scales_file",
-           "stale_temporaries", "case_files"]
+           "case_record_file", "files_by_case", "case_files"]
 
 ARGS_FILE = "arseg_predict_args.json"
+CASE_RECORDS = "arseg_cases"
 SAMPLE_TAG = "_sample"
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}-(.+)")  # nnunet_arseg.atomic's temporary of the file named (.+)
 
 
 @dataclass(frozen=True)
@@ -55,13 +58,37 @@ def scales_file(out_dir: str, case: str) -> str:
     return os.path.join(out_dir, "scales", f"{case}.png")
 
 
-def stale_temporaries(out_dir: str) -> list[str]:
-    """Temporary files of atomic writes (``nnunet_arseg.atomic``) that a killed run left in ``out_dir`` and its
-    output subfolders."""
-    pattern = re.compile(r"\.tmp-[0-9a-f]{8}-.+")
-    folders = [out_dir] + [os.path.join(out_dir, sub) for sub in ("samples", "uncertainty", "scales")]
-    return [os.path.join(d, n) for d in folders if os.path.isdir(d) for n in sorted(os.listdir(d))
-            if pattern.fullmatch(n)]
+def case_record_file(out_dir: str, case: str) -> str:
+    """The settings ``case`` was predicted with, written before any of its files."""
+    return os.path.join(out_dir, CASE_RECORDS, f"{case}.json")
+
+
+def _case_of(sub: str, name: str, file_ending: str) -> str | None:
+    """The case whose file of this layout ``name`` in ``OUT/sub`` is; None for any other file."""
+    if sub == "samples":
+        m = re.fullmatch(rf"(.+){SAMPLE_TAG}\d+{re.escape(file_ending)}", name)
+        return m.group(1) if m else None
+    endings = {"": (file_ending, ".npz", ".pkl"), "uncertainty": (".npz", ".png"), "scales": (".png",),
+               CASE_RECORDS: (".json",)}[sub]
+    return next((name[:-len(e)] for e in endings if name.endswith(e) and len(name) > len(e)), None)
+
+
+def files_by_case(out_dir: str, file_ending: str, temporaries: bool = False) -> dict[str, list[str]]:
+    """``{case: [path, ...]}`` of the files of this layout in ``out_dir`` (its consensus, probabilities, extras and
+    record), or with ``temporaries`` of the temporaries an atomic write of one of them left (a killed run's)."""
+    out: dict[str, list[str]] = {}
+    for sub in ("", "samples", "uncertainty", "scales", CASE_RECORDS):
+        folder = os.path.join(out_dir, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            m = _TEMPORARY.fullmatch(name)
+            if temporaries != bool(m) or not os.path.isfile(os.path.join(folder, name)):
+                continue
+            case = _case_of(sub, m.group(1) if m else name, file_ending)
+            if case is not None:
+                out.setdefault(case, []).append(os.path.join(folder, name))
+    return out
 
 
 def case_files(output_file_truncated: str, file_ending: str, num_samples: int, extras: ExtraOutputs,

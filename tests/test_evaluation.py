@@ -25,7 +25,7 @@ from nnunet_arseg.evaluation import (consensus_dice, d_max, dice_per_region, ged
                                      multirater_metrics_batch, soft_dice)
 from nnunet_arseg.evaluation.evaluate import evaluate_case, evaluate_multirater_folder, main
 from nnunet_arseg.evaluation.regions import BRATS_2021_LABELS, BRATS_2021_REGIONS_CLASS_ORDER
-from nnunet_arseg.prediction_files import sample_file
+from nnunet_arseg.prediction_files import ARGS_FILE, case_record_file, sample_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -495,6 +495,44 @@ def test_cli_stock_prediction_as_identical_samples(tiny_dataset, capsys):
     assert n3["conventions"]["samples"]["N"] == 3 and n3["metric_per_case"][0]["metrics"]["1"]["N"] == 3
     err = run_main_error(capsys, ["-i", str(pred), "-d", "901", "--num_samples", "16"])
     assert "--num_samples 16" in err and "N = 8" in err  # AR-Seg's samples: N comes from the files
+
+
+def test_cli_checks_the_samples_against_the_run_record(tiny_dataset, capsys):
+    """A folder of ``nnUNetv2_arseg_predict`` is scored only as its run wrote it: each case with the N its record
+    says (not the samples a run with more left behind), each case predicted with the folder's settings, and samples
+    there at all (not the consensus of a run without --save_samples as N identical samples)."""
+    _, pred, arrays = tiny_dataset
+    run = {"folds": [0], "num_samples": 8, "seed": 0, "samples_per_case": 8, "save_samples": True,
+           "sampler": "autoregressive"}
+    save_json(run, str(pred / ARGS_FILE))
+    for case in CASES:
+        os.makedirs(os.path.dirname(case_record_file(str(pred), case)), exist_ok=True)
+        save_json(run, case_record_file(str(pred), case))
+    main(["-i", str(pred), "-d", "901"])
+    summary = load_json(str(pred / "summary_arseg.json"))
+    assert summary["conventions"]["N"] == [8] and summary["sampler"] == "autoregressive"  # which way they were drawn
+    (pred / "summary_arseg.json").unlink()
+
+    for case in CASES:  # an earlier run drew 16 per case: its samples 8..15 are still there, in every case
+        for k in range(8, 16):
+            shutil.copy(sample_file(str(pred), case, k - 8, ".png"), sample_file(str(pred), case, k, ".png"))
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"{pred / ARGS_FILE} says its run drew 8 samples per case" in err and f"{CASES[0]} has 16" in err
+    assert "--replace_outputs" in err and not (pred / "summary_arseg.json").exists()
+    for case in CASES:
+        for k in range(8, 16):
+            os.remove(sample_file(str(pred), case, k, ".png"))
+
+    save_json({**run, "seed": 1}, case_record_file(str(pred), CASES[1]))  # a case of a run with another seed
+    err = run_main_error(capsys, ["-i", str(pred), "-d", "901"])
+    assert f"case {CASES[1]}" in err and "seed: 1 -> 0" in err and "--replace_outputs" in err
+
+    consensus_only = pred.parent / "consensus_only"  # nnUNetv2_arseg_predict without --save_samples
+    write_predictions(consensus_only, {c: ss[1] for c, (ss, _) in arrays.items()})
+    save_json({**run, "save_samples": False}, str(consensus_only / ARGS_FILE))
+    err = run_main_error(capsys, ["-i", str(consensus_only), "-d", "901"])
+    assert "without --save_samples" in err and "--continue_prediction --save_samples" in err
+    assert not (consensus_only / "summary_arseg.json").exists()
 
 
 def test_cli_fold_ensemble_one_sample_per_folder(tiny_dataset, capsys):

@@ -1,7 +1,9 @@
-"""``check_complete``: files cut short are found (SimpleITK reads them as zeros), complete real files pass."""
+"""``check_complete``: files cut short are found (SimpleITK reads them as zeros), complete real files pass; atomic
+writes reach the disk before their rename."""
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from nnunet_arseg.atomic import write_atomic
 from nnunet_arseg.io_checks import IncompleteFileError, check_complete
 
 
@@ -68,3 +71,18 @@ def test_png_cut_or_corrupt(lidc_demo, tmp_path):
     (tmp_path / "text.png").write_text("not a png")
     with pytest.raises(IncompleteFileError, match="not a PNG file"):
         check_complete(tmp_path / "text.png")
+
+
+def test_atomic_write_is_flushed_before_its_rename(lidc_demo, tmp_path, monkeypatch):
+    """``write_atomic`` fsyncs the written temporary before moving it into place, so a host crash after the rename
+    cannot leave an empty or partial file under the real name (the real calls run; they are only recorded)."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", os.stat(src).st_ino)),
+                                                          replace(src, dst)))
+    image = Image.open(lidc_demo / "LIDC-IDRI-0002" / "nodule-0" / "images" / "slice-0.png")
+    path = tmp_path / "slice.png"
+    write_atomic(path, lambda tmp: image.save(tmp))
+    assert [e[0] for e in events] == ["fsync", "replace"] and events[0][1] == events[1][1] == path.stat().st_ino
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))

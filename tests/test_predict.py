@@ -1,7 +1,8 @@
 """``nnUNetv2_arseg_predict`` on real models (``lidc_model.py``: planned by nnU-Net on real LIDC crops of the bundled
 sample, overfit on their four raters): the written samples, consensus and uncertainty agree with each other and with
 the stock ``nnUNetv2_predict`` (2D and a multi-tile 3D case, with and without mirroring), ``--continue_prediction``
-redoes exactly the incomplete cases, and bad inputs are refused before anything is written."""
+redoes exactly the incomplete cases, a folder holds one run (another is refused or replaced whole), parts of one run
+share a folder, and bad inputs are refused before anything is written."""
 from __future__ import annotations
 
 import filecmp
@@ -20,7 +21,8 @@ from PIL import Image
 import lidc_model
 import nnunet_arseg
 from nnunet_arseg.inference import predict
-from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, sample_file, scales_file, uncertainty_files
+from nnunet_arseg.prediction_files import (ARGS_FILE, ExtraOutputs, case_record_file, sample_file, scales_file,
+                                           uncertainty_files)
 from nnunet_arseg.nnunet_ext import EXT_DIR
 
 PY = sys.executable
@@ -50,9 +52,9 @@ def _run(cmd: list[str], env: dict) -> str:
     return out
 
 
-def _ours(model: dict, out: Path, *flags) -> list:
+def _ours(model: dict, out: Path, *flags, device: str | None = "cpu") -> list:
     return [PY, "-m", "nnunet_arseg.inference.predict", "-i", model["images"], "-o", out, "-d", model["dataset_id"],
-            "-c", "2d", "-f", "0", "-device", "cpu", "--disable_progress_bar", *flags]
+            "-c", "2d", "-f", "0", *(["-device", device] if device else []), "--disable_progress_bar", *flags]
 
 
 def _png(path) -> np.ndarray:
@@ -176,7 +178,80 @@ def test_continue_prediction_redoes_exactly_the_incomplete_cases(lidc2d, tmp_pat
                                                 "--seed", "1", *flags)], env=_env(lidc2d), capture_output=True,
                          text=True)
     assert res.returncode != 0 and "seed: 0 -> 1" in res.stderr and "another folder" in res.stderr
-    assert _tree(out) == _tree(first)
+    assert "--replace_outputs" in res.stderr and _tree(out) == _tree(first)
+
+    # another run replaces the first whole, part by part (part k: cases k and k + 2), never a user's file
+    (out / "notes.txt").write_text("mine")
+    (out / "samples" / "README").write_text("mine")
+    other = ["-npp", "0", "-nps", "0", "--seed", "1", "--num_samples", 2, "--save_samples", "-num_parts", 2]
+    log = _run(_ours(lidc2d, out, *other, "-part_id", 0, "--replace_outputs"), _env(lidc2d))
+    assert "removed the files of 2 case(s) predicted with other settings (" in log
+    assert "num_samples: 4 -> 2" in log and "seed: 0 -> 1" in log
+    # the other part's cases still hold the first run's files: continuing there is refused by their own records
+    res = subprocess.run([str(x) for x in _ours(lidc2d, out, *other, "-part_id", 1, "--continue_prediction")],
+                         env=_env(lidc2d), capture_output=True, text=True)
+    assert res.returncode != 0 and f"case(s) {b}, {d} were predicted with other settings (" in res.stderr
+    assert "seed: 0 -> 1" in res.stderr and "--replace_outputs" in res.stderr
+    _run(_ours(lidc2d, out, *other, "-part_id", 1, "--continue_prediction", "--replace_outputs"), _env(lidc2d))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
+        ["README"] + [f"{case}_sample{k:02d}.png" for case in (a, b, c, d) for k in range(2)])
+    assert not list((out / "uncertainty").iterdir()) and (out / "notes.txt").read_text() == "mine"
+    assert {json.loads(Path(case_record_file(str(out), case)).read_text())["seed"] for case in (a, b, c, d)} == {1}
+
+
+def test_output_folder_rules(tmp_path):
+    """Which cases of ``-o`` a call may replace: its own part's and those in no part of the input (never another
+    part's, never a file outside the layout); a folder of an earlier version (a run record, no case records) is
+    judged by its run record; a case without a record beside recorded ones is never removed."""
+    out = tmp_path / "out"
+    for name in ("a.png", "samples/a_sample00.png", "samples/a_sample07.png", "b.png", "c.png", "notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    run = {"model_folder": "M", "folds": [0], "num_samples": 4, "seed": 0}
+    (out / ARGS_FILE).write_text(json.dumps({**run, "seed": 1}))
+    with pytest.raises(predict.InputError, match=r"case\(s\) a, c were predicted with other settings \(seed: 1 -> 0\)"):
+        predict.prepare_output_folder(str(out), run, ["a"], ["a", "b"], ".png", replace=False)
+    predict.prepare_output_folder(str(out), run, ["a"], ["a", "b"], ".png", replace=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [ARGS_FILE, "b.png", "notes.txt"]
+    Path(case_record_file(str(out), "a")).parent.mkdir()
+    Path(case_record_file(str(out), "a")).write_text(json.dumps(run))
+    (out / "a.png").write_bytes(b"x")
+    with pytest.raises(predict.InputError, match=r"case\(s\) b that nnUNetv2_arseg_predict has no record of writing"):
+        predict.prepare_output_folder(str(out), run, ["b"], ["a", "b"], ".png", replace=True)
+    assert (out / "b.png").is_file() and (out / "a.png").is_file()
+
+
+@pytest.mark.e2e
+def test_parts_share_one_folder(lidc2d, tmp_path):
+    """Two parts (``-part_id``/``-num_parts``) into one ``-o`` at once: each removes only the temporaries a killed run
+    left of its own cases, and together they write the same files as one run. Without ``-device``, on a machine
+    without CUDA (none visible here), each says so in one line and predicts on the CPU; ``-device cuda`` is refused
+    before anything starts."""
+    flags = ["--num_samples", 3, "--save_samples", "--save_uncertainty"]
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    _run(_ours(lidc2d, one, "-npp", "0", "-nps", "0", *flags), _env(lidc2d))
+    cases = lidc2d["cases"]
+    (parts / "samples").mkdir(parents=True)
+    for case in cases[:2]:  # one of part 0's cases, one of part 1's
+        (parts / "samples" / f".tmp-0123abcd-{case}_sample00.png").write_bytes(b"half a file")
+    no_cuda = _env(lidc2d, CUDA_VISIBLE_DEVICES="")
+    # part 0 in nnU-Net's worker processes (nnU-Net splits the cases), part 1 in its own process
+    procs = [subprocess.Popen([str(x) for x in _ours(lidc2d, parts, *flags, "-part_id", k, "-num_parts", 2,
+                                                     "-npp", processes, "-nps", processes, device=None)],
+                              env=no_cuda, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k, processes in ((0, 1), (1, 0))]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-4000:]
+        assert "removed 1 temporary file(s)" in log and "Traceback" not in log
+        assert log.count("no CUDA device found, predicting on the CPU") == 1
+    assert _tree(parts) == _tree(one) and not list(parts.rglob(".tmp-*"))
+    assert ({p.name: p.read_text() for p in (parts / "arseg_cases").iterdir()} ==
+            {p.name: p.read_text() for p in (one / "arseg_cases").iterdir()})
+    res = subprocess.run([str(x) for x in _ours(lidc2d, tmp_path / "never", device="cuda")], env=no_cuda,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "-device cuda: torch finds no CUDA device" in res.stderr
+    assert "-device cpu" in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("which,mirroring", [("2d", True), ("3d", False), ("3d", True)])
@@ -277,6 +352,22 @@ def test_bad_model_flags_are_refused(paths, tmp_path, capsys):
     assert "--anchor_scales 99" in err and "scales" in err
     err = _refused(capsys, paths, tmp_path, "-prev_stage_predictions", anchors)
     assert "no previous stage" in err and "--anchor" in err
+
+
+def test_a_folder_of_other_predictions_is_refused(paths, tmp_path, capsys):
+    """Predictions this command did not write (e.g. nnUNetv2_predict's) are neither mixed with nor replaced."""
+    out = tmp_path / "stock"
+    out.mkdir()
+    mask = out / f"{paths['cases'][0]}.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
+    before = mask.read_bytes()
+    for flag in ([], ["--replace_outputs"]):
+        with pytest.raises(SystemExit) as e:
+            predict.main(["-i", str(paths["images"]), "-o", str(out), "-d", str(paths["dataset_id"]), "-c", "2d", "-f",
+                          "0", "-device", "cpu", *flag])
+        err = capsys.readouterr().err + str(e.value.code)
+        assert "has no record of writing" in err and str(mask) in err and "another folder" in err
+        assert sorted(out.iterdir()) == [mask] and mask.read_bytes() == before
 
 
 def test_bad_inputs_are_refused(paths, tmp_path, capsys):

@@ -3,7 +3,8 @@
 Layouts (docs/design.md): ``PRED/<case><ext>`` consensus, ``PRED/samples/<case>_sample<k:02d><ext>`` samples (named by
 ``nnunet_arseg.prediction_files``),
 ``RAW/labelsT{s,r}_raters/<case>_r<k><ext>`` raters (the ones ``dataset.json["arseg"]`` says each case has),
-``RAW/labelsT{s,r}/<case><ext>`` reference labels.
+``RAW/labelsT{s,r}/<case><ext>`` reference labels; ``PRED/arseg_predict_args.json`` and ``PRED/arseg_cases/<case>.json``
+the settings of the run and of each case.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Sequence
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
 
 from nnunet_arseg.config import DEFAULT_NUM_SAMPLES
-from nnunet_arseg.prediction_files import sample_files_by_case
+from nnunet_arseg.prediction_files import ARGS_FILE, case_record_file, sample_files_by_case
 
 
 _CHANNEL = re.compile(r"_\d{4}$")
@@ -260,6 +261,42 @@ def check_equal_sample_counts(samples_of: dict[str, list[str]], samples_folder: 
         f"{f' (and {len(odd) - 8} more)' if len(odd) > 8 else ''}. Every case needs the same N (an interrupted "
         f"prediction?): predict those cases again with the same -num_samples (or delete their files and pass "
         f"--allow_missing)")
+
+
+def check_against_run_record(pred_folder: str, samples_of: dict[str, list[str]], sample_source: dict) -> dict | None:
+    """The samples of a folder of ``nnUNetv2_arseg_predict`` (one with its ``arseg_predict_args.json``) are those of
+    its run: there are samples (``--save_samples``), each case has the number the run drew, and each case's record
+    has the run's settings. Returns the run's record; a folder without it (``nnUNetv2_predict``'s) is not checked."""
+    from nnunet_arseg.inference.predict import settings_changes
+    record_file = join(pred_folder, ARGS_FILE)
+    if not isfile(record_file):
+        return None
+    record = load_json(record_file)
+    if sample_source["kind"] == "one_prediction":
+        if not record.get("save_samples"):
+            raise ValueError(f"{pred_folder} was predicted by nnUNetv2_arseg_predict without --save_samples "
+                             f"({record_file}), so it holds one consensus per case and none of its samples: predict "
+                             f"again with --save_samples (the same command with --continue_prediction --save_samples "
+                             f"adds them to this folder)")
+        raise FileNotFoundError(f"{join(pred_folder, 'samples')} is missing although {record_file} says the run "
+                                f"wrote samples (--save_samples): predict again (with --continue_prediction the "
+                                f"cases without their samples are redone)")
+    expected = record.get("samples_per_case")
+    odd = sorted(c for c, files in samples_of.items() if expected is not None and len(files) != expected)
+    if odd:
+        raise ValueError(f"{join(pred_folder, 'samples')}: {record_file} says its run drew {expected} samples per case "
+                         f"(num_samples x folds), but {', '.join(f'{c} has {len(samples_of[c])}' for c in odd[:8])}"
+                         f"{f' (and {len(odd) - 8} more)' if len(odd) > 8 else ''}: samples of another run are mixed "
+                         f"in, or lost. Predict again with nnUNetv2_arseg_predict --replace_outputs (or into an empty "
+                         f"folder)")
+    for case in sorted(samples_of):
+        case_file = case_record_file(pred_folder, case)
+        changes = settings_changes(load_json(case_file), record) if isfile(case_file) else []
+        if changes:
+            raise ValueError(f"case {case}: {case_file} says it was predicted with other settings than {record_file} "
+                             f"(case -> folder: {', '.join(changes)}): outputs of two runs are mixed. Predict again "
+                             f"with nnUNetv2_arseg_predict --replace_outputs (or into an empty folder)")
+    return record
 
 
 def _names(items: Sequence[str], limit: int = 10) -> str:

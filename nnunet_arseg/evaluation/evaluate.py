@@ -3,8 +3,10 @@
 Scores the samples of each case against the raters it has in a converted raw dataset (GED, HM-IoU, Soft-Dice,
 D_max, consensus Dice, presence calibration) and/or the consensus ``PRED/<case><ext>`` against reference labels (Dice
 per nnU-Net label or region, e.g. BraTS whole tumour / tumour core / enhancing tumour). The samples are
-``PRED/samples/<case>_sample<k:02d><ext>``; a folder without ``samples/`` (a stock ``nnUNetv2_predict`` output) gives
-its one prediction per case as N identical samples; several folders give one sample each (an nnU-Net fold ensemble).
+``PRED/samples/<case>_sample<k:02d><ext>``, as many per case as the run's ``arseg_predict_args.json`` says; a folder
+without ``samples/`` (a stock ``nnUNetv2_predict`` output; ``nnUNetv2_arseg_predict``'s without ``--save_samples`` is
+refused) gives its one prediction per case as N identical samples; several folders give one sample each (an nnU-Net
+fold ensemble).
 Writes ``PRED/summary_arseg.json`` (``-o``) in nnU-Net's layout (``metric_per_case``, ``mean``, ``foreground_mean``)
 plus a ``conventions`` block that says among others what the samples were.
 """
@@ -141,6 +143,11 @@ def evaluate_multirater_folder(pred_folder: str | Sequence[str], dataset_json, r
     _check_case_files(cases, samples_of, raters_of, consensus, pred_folder, samples_folder, raters_folders,
                       reference_folders, ext)
     if raters_folders:
+        if len(pred_folders) == 1:
+            record = casefiles.check_against_run_record(pred_folders[0], {c: samples_of[c] for c in cases},
+                                                        sample_source)
+            if record is not None and "sampler" in record:  # which way the samples were drawn (segmentor/samplers)
+                sample_source["sampler"] = record["sampler"]
         casefiles.check_equal_sample_counts({c: samples_of[c] for c in cases}, samples_folder)
         sample_source["N"] = len(samples_of[cases[0]])
         if num_samples is not None and num_samples != sample_source["N"]:
@@ -223,7 +230,8 @@ def _summarise(per_case: list[dict], keys, conv: dict, multirater: bool, regions
     foreground_mean = {n: nan_mean([mean[k][n] for k in str_keys]) for n in fg_names}
     n_values = sorted({e["metrics"][str_keys[0]]["N"] for e in per_case}) if multirater else []
     m_values = sorted({e["metrics"][str_keys[0]]["M"] for e in per_case}) if multirater else []
-    return {"conventions": _conventions(conv, str_keys, n_values, m_values, multirater, regions, coverage),
+    return {"sampler": coverage["samples"].get("sampler"),
+            "conventions": _conventions(conv, str_keys, n_values, m_values, multirater, regions, coverage),
             "foreground_mean": foreground_mean, "mean": mean, "metric_per_case": per_case}
 
 
@@ -273,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nnUNetv2_arseg_evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("-i", nargs="+", required=True, metavar="PRED",
                         help="prediction folder(s). One folder of nnUNetv2_arseg_predict --save_samples: its samples/ "
-                             "are the samples. One folder without samples/ (e.g. a stock nnUNetv2_predict output): "
+                             "are the samples (as many per case as its run drew). One folder without samples/ (a stock "
+                             "nnUNetv2_predict output; not one of nnUNetv2_arseg_predict without --save_samples): "
                              "its one prediction per case counts as --num_samples identical samples. Several folders "
                              "(e.g. an nnU-Net fold ensemble: nnUNetv2_predict -f 0 -o P0, -f 1 -o P1, ...; then "
                              "-i P0 P1 ...): each folder's <case><ext> is one sample of the case (their samples/ "

@@ -11,7 +11,8 @@ from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, 
 
 from nnunet_arseg.io_checks import IncompleteFileError, check_complete
 
-__all__ = ["InputError", "model_folder", "checked_folds", "input_cases", "channels_in_file", "anchor_files"]
+__all__ = ["InputError", "model_folder", "checked_folds", "input_cases", "case_ids", "channels_in_file",
+           "anchor_files"]
 
 NATURAL_IMAGE_ENDINGS = (".png", ".bmp", ".tif")  # read by nnU-Net's NaturalImage2DIO: an RGB file holds 3 channels
 PIL_MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1, "LA": 2, "RGB": 3,
@@ -138,12 +139,17 @@ def input_cases(folder: str, file_ending: str, channel_names: list[str]) -> list
     return cases
 
 
+def case_ids(cases: list[list[str]], file_ending: str) -> list[str]:
+    """The case identifier of each case of ``input_cases`` (its first file's name without ``_0000<ext>``)."""
+    return [os.path.basename(files[0])[:-len("_0000" + file_ending)] for files in cases]
+
+
 def anchor_files(folder: str, cases: list[list[str]], file_ending: str) -> None:
     """Check that ``folder`` holds one mask ``CASE<ext>`` (a label map, as nnU-Net writes predictions) per case."""
     if not isdir(folder):
         raise InputError(f"--anchor {folder}: no such folder; give the folder of the masks to sample around (e.g. "
                          f"a stock nnU-Net's nnUNetv2_predict output: CASE{file_ending} per case)")
-    names = [os.path.basename(files[0])[:-len("_0000" + file_ending)] for files in cases]
+    names = case_ids(cases, file_ending)
     missing = [n for n in names if not isfile(join(folder, n + file_ending))]
     if missing:
         raise InputError(f"--anchor {folder}: no mask for {len(missing)} of {len(names)} case(s) (e.g. "

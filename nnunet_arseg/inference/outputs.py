@@ -13,7 +13,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, mayb
 from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                                   export_prediction_from_logits)
 
-from nnunet_arseg.atomic import write_atomic
+from nnunet_arseg.atomic import fsync, write_atomic
 from nnunet_arseg.consensus import sample_logits, uncertainty
 from nnunet_arseg.prediction_files import ExtraOutputs, sample_file, scales_file, uncertainty_files
 
@@ -59,6 +59,7 @@ def export_consensus(logits: np.ndarray, properties: dict, configuration_manager
         export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,
                                       save_probabilities)
         for ending in endings:
+            fsync(tmp + ending)
             os.replace(tmp + ending, output_file_truncated + ending)
     finally:
         for ending in endings:

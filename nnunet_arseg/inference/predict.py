@@ -6,7 +6,9 @@
 The consensus it writes is the stock ``nnUNetv2_predict -tr nnUNetTrainerARSeg``'s for the same model, N and seed (both
 run nnU-Net's sliding window over the network's per-tile consensus logits; the stock command takes N and the seed from
 ``nnUNet_ARSEG_NUM_SAMPLES`` / ``nnUNet_ARSEG_SEED``). Inputs are checked before nnU-Net starts; nothing is written
-until they pass.
+until they pass. One ``-o`` holds one run: cases predicted there with other settings are refused, or with
+``--replace_outputs`` removed (only files this command wrote); the parts of a run (``-part_id``) share it, each
+touching its own cases only.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import sys
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
 from nnunet_arseg import env
-from nnunet_arseg.inference.inputs import InputError, anchor_files, checked_folds, input_cases, model_folder
-from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, stale_temporaries
+from nnunet_arseg.inference.inputs import InputError, anchor_files, case_ids, checked_folds, input_cases, model_folder
+from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, case_record_file, files_by_case
 
 PROG = "nnUNetv2_arseg_predict"
 # settings a --continue_prediction run must share with the run it continues
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     nn.add_argument("--save_probabilities", action="store_true", help="also write OUT/<case>.npz/.pkl (the vote "
                                                                       "frequencies as nnU-Net probabilities)")
     nn.add_argument("--continue_prediction", action="store_true",
-                    help="continue an interrupted run: skip the cases that have every requested output")
+                    help="continue an interrupted run: skip the cases predicted with these settings that have every "
+                         "requested output")
     nn.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name; default checkpoint_final.pth")
     npp, nps = env.prediction_processes()
     nn.add_argument("-npp", type=int, default=npp,
@@ -67,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "sample around other masks use --anchor)")
     nn.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts; default 1")
     nn.add_argument("-part_id", type=int, default=0, help="which part this call predicts (0 .. num_parts - 1)")
-    nn.add_argument("-device", default="cuda", help="cuda, cpu or mps; default cuda (choose the GPU with "
-                                                    "CUDA_VISIBLE_DEVICES)")
+    nn.add_argument("-device", default=None, help="cuda, cpu or mps; default cuda where torch finds a CUDA device, "
+                                                  "else cpu (choose the GPU with CUDA_VISIBLE_DEVICES)")
     nn.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
     nn.add_argument("--not_on_device", action="store_true", help="keep the sliding-window results on the CPU")
     ours = p.add_argument_group("AR-Seg")
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--save_scales", action="store_true",
                       help="write OUT/scales/<case>.png: how the first sample that draws a mask was built, coarse to "
                            "fine (scale k decodes its token maps 1..k)")
+    ours.add_argument("--replace_outputs", action="store_true",
+                      help="where -o holds cases predicted with other settings (another model, folds, N, seed, ...), "
+                           "remove their files (those this command wrote, per OUT/arseg_cases/<case>.json) and "
+                           "predict anew; without it such a folder is refused. Parts (-part_id) each remove their own "
+                           "cases'")
     return p
 
 
@@ -144,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.anchor is not None and args.prev_stage_predictions is not None:
         parser.error("--anchor and -prev_stage_predictions: give one (an AR-Seg model of a cascade stage cannot be "
                      "anchored)")
-    if args.device not in ("cpu", "cuda", "mps"):
+    if args.device not in (None, "cpu", "cuda", "mps"):
         parser.error(f"-device must be cpu, cuda or mps, got {args.device!r}")
     if not 0 <= args.part_id < args.num_parts:
         parser.error(f"-part_id must be in 0 .. -num_parts - 1 = {args.num_parts - 1}, got {args.part_id}")
@@ -168,16 +176,81 @@ def _device(name: str):
     return torch.device(name)
 
 
-def check_continuation(out: str, run: dict) -> None:
-    """A continued run must have the settings of the one it continues (else its files would mix two runs)."""
-    if not isfile(join(out, ARGS_FILE)):
-        return
-    before = load_json(join(out, ARGS_FILE))
-    changed = [k for k in RUN_KEYS if k in before and before[k] != run[k]]
-    if changed:
-        raise InputError(f"--continue_prediction: {join(out, ARGS_FILE)} was written with other settings ("
-                         + ", ".join(f"{k}: {before[k]} -> {run[k]}" for k in changed)
-                         + "); continue with the same flags, or predict into another folder")
+def resolve_device(requested: str | None) -> str:
+    """``-device``, or without it ``cuda`` where torch finds a CUDA device and else ``cpu`` (said in one line); a
+    device this machine lacks is an ``InputError`` (before nnU-Net's workers start and die on it)."""
+    import torch
+    if requested is None:
+        if torch.cuda.is_available():
+            return "cuda"
+        print(f"{PROG}: no CUDA device found, predicting on the CPU (slower; -device cpu says so, -device cuda picks a "
+              f"GPU)")
+        return "cpu"
+    found = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[requested]
+    if not found:
+        raise InputError(f"-device {requested}: torch finds no {requested.upper()} device on this machine (check the "
+                         f"driver and CUDA_VISIBLE_DEVICES); use -device cpu, or leave -device out to use CUDA where "
+                         f"present and the CPU elsewhere")
+    return requested
+
+
+def settings_changes(before: dict, now: dict) -> list[str]:
+    """``key: old -> new`` for each setting of ``RUN_KEYS`` that differs (a key an older record lacks is not
+    compared)."""
+    return [f"{k}: {before[k]} -> {now[k]}" for k in RUN_KEYS if k in before and before[k] != now[k]]
+
+
+def prepare_output_folder(out: str, settings: dict, own_cases: list[str], input_cases: list[str], file_ending: str,
+                          replace: bool) -> None:
+    """Keep ``out`` to one run before this call writes to it. This call handles its own cases (its part of the input)
+    and the cases of ``out`` in no part of the input, never the cases of other parts: a case predicted with other
+    settings (by its record, or the folder's in a folder written before cases had records) is refused or, with
+    ``replace``, its files removed; files of a case without a record are refused, never removed; the temporaries a
+    killed run left of its own cases are removed."""
+    files = files_by_case(out, file_ending)
+    folder_record = load_json(join(out, ARGS_FILE)) if isfile(join(out, ARGS_FILE)) else None
+    recorded = {case for case in files if case_record_file(out, case) in files[case]}
+    other, foreign = {}, []
+    for case in sorted((set(own_cases) | (set(files) - set(input_cases))) & set(files)):
+        record_file = case_record_file(out, case)
+        if files[case] == [record_file]:  # killed before its first file
+            continue
+        if case in recorded:
+            record = load_json(record_file)
+        elif folder_record is not None and not recorded:
+            record = folder_record
+        else:
+            foreign.append(case)
+            continue
+        if changes := settings_changes(record, settings):
+            other[case] = changes
+
+    def names(cases: list[str]) -> str:
+        return ", ".join(cases[:5]) + (f", ... ({len(cases)} in all)" if len(cases) > 5 else "")
+
+    if foreign:
+        raise InputError(f"-o {out} holds files of case(s) {names(foreign)} that {PROG} has no record of writing "
+                         f"(e.g. {files[foreign[0]][0]}); predict into another folder, or move them out of this one")
+    if other:
+        first = next(iter(other.values()))
+        how = ", ".join(first) + ("" if all(c == first for c in other.values()) else "; others differ otherwise")
+        if not replace:
+            raise InputError(f"-o {out} holds the outputs of another run: case(s) {names(list(other))} were predicted "
+                             f"with other settings ({how}). Pass --replace_outputs to remove their files and predict "
+                             f"anew, or predict into another folder")
+        for path in (p for case in other for p in files[case]):
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another part removes the same non-input case
+                pass
+        print(f"{PROG}: --replace_outputs: removed the files of {len(other)} case(s) predicted with other settings "
+              f"({how}) from {out}")
+    stale = [p for case, temporaries in files_by_case(out, file_ending, temporaries=True).items()
+             if case in own_cases for p in temporaries]
+    for path in stale:
+        os.remove(path)
+    if stale:
+        print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {out}")
 
 
 def check_sampler(args: argparse.Namespace, sampler: str, net, folder: str) -> None:
@@ -226,11 +299,12 @@ def run(args: argparse.Namespace) -> None:
     from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD
 
     ensure_ext_trainer_env()
+    device = resolve_device(args.device)
     extras = ExtraOutputs(args.save_samples, args.save_uncertainty, args.save_scales)
     presence_temperature = env.presence_temperature() if args.presence_temperature is None else \
         args.presence_temperature
     predictor = ARSegPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
-                               perform_everything_on_device=not args.not_on_device, device=_device(args.device),
+                               perform_everything_on_device=not args.not_on_device, device=_device(device),
                                verbose=args.verbose, verbose_preprocessing=args.verbose,
                                allow_tqdm=not args.disable_progress_bar, num_samples=args.num_samples, seed=args.seed,
                                temperature=args.temperature, mirror_head=not args.disable_tta and env.mirror_head(),
@@ -276,15 +350,12 @@ def run(args: argparse.Namespace) -> None:
                 "mirroring": mirroring, "samples_per_case": num_samples * len(folds), "save_samples": extras.samples,
                 "save_uncertainty": extras.uncertainty, "save_scales": extras.scales,
                 "save_probabilities": args.save_probabilities}
-    if args.continue_prediction:
-        check_continuation(args.o, settings)
+    names = case_ids(cases, dataset_json["file_ending"])
+    prepare_output_folder(args.o, settings, names[args.part_id::args.num_parts], names, dataset_json["file_ending"],
+                          args.replace_outputs)
     os.makedirs(args.o, exist_ok=True)
-    stale = stale_temporaries(args.o)
-    for path in stale:
-        os.remove(path)
-    if stale:
-        print(f"{PROG}: removed {len(stale)} temporary file(s) of an interrupted run from {args.o}")
     save_json_atomic(settings, join(args.o, ARGS_FILE))
+    predictor.record = settings
     head = f"its {'mirrored ' if predictor.mirror_head else ''}U-Net head"
     sampling = sampler
     if sampler == "autoregressive":

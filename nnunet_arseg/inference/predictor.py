@@ -1,7 +1,8 @@
 """``ARSegPredictor``: nnU-Net's predictor for ``nnUNetv2_arseg_predict``. The consensus logits and samples of each
 case come from ``SamplingPredictor`` (nnU-Net's own sliding window, so the consensus is that of ``nnUNetv2_predict``);
 each case is written by ``outputs.export_case`` (extras, then the consensus, atomically) in nnU-Net's export worker
-processes, and ``--continue_prediction`` skips only the cases that have every requested output."""
+processes, after the case's record (the run's settings), and ``--continue_prediction`` skips only the cases that
+have every requested output."""
 from __future__ import annotations
 
 import multiprocessing
@@ -22,7 +23,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
 from nnunet_arseg.atomic import save_json_atomic
-from nnunet_arseg.prediction_files import ExtraOutputs, case_files
+from nnunet_arseg.prediction_files import ExtraOutputs, case_files, case_record_file
 from nnunet_arseg.inference.outputs import export_case
 from nnunet_arseg.sampling_window import SamplingPredictor
 
@@ -33,6 +34,7 @@ class ARSegPredictor(SamplingPredictor):
     def __init__(self, *args, extras: ExtraOutputs = ExtraOutputs(), **kwargs):
         super().__init__(*args, with_scales=extras.scales, **kwargs)
         self.extras = extras
+        self.record: dict | None = None  # the run's settings, written as each case's record before its files
 
     def samples_per_case(self) -> int:
         """N per fold model times the number of fold models."""
@@ -69,6 +71,10 @@ class ARSegPredictor(SamplingPredictor):
                 os.remove(path)
             while pool is not None and check_workers_alive_and_busy(pool, workers, results, allowed_num_queued=2):
                 sleep(0.1)
+            if ofile is not None and self.record is not None:
+                record = case_record_file(*os.path.split(ofile))
+                maybe_mkdir_p(os.path.dirname(record))
+                save_json_atomic(self.record, record)
             started = time.time()
             logits, drawn = self.sample_case(data)
             if ofile is None:
