@@ -15,12 +15,22 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["ExtraOutputs", "ARGS_FILE", "sample_file", "sample_files_by_case", "uncertainty_files", "scales_file",
-           "case_record_file", "files_by_case", "case_files"]
+           "case_record_file", "files_by_case", "case_files", "RUN_KEYS", "settings_changes"]
 
 ARGS_FILE = "arseg_predict_args.json"
 CASE_RECORDS = "arseg_cases"
 SAMPLE_TAG = "_sample"
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}-(.+)")  # nnunet_arseg.atomic's temporary of the file named (.+)
+# the settings that make a run: outputs of runs that differ in one of them never share a folder
+RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "sampler", "temperature",
+            "presence_temperature", "anchor", "anchor_scales", "outline_spread", "mirror_head", "step_size",
+            "mirroring")
+
+
+def settings_changes(before: dict, now: dict) -> list[str]:
+    """``key: old -> new`` for each setting of ``RUN_KEYS`` that differs (a key an older record lacks is not
+    compared)."""
+    return [f"{k}: {before[k]} -> {now[k]}" for k in RUN_KEYS if k in before and before[k] != now[k]]
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def test_png_cut_or_corrupt(lidc_demo, tmp_path):
 
 def test_atomic_write_is_flushed_before_its_rename(lidc_demo, tmp_path, monkeypatch):
     """``write_atomic`` fsyncs the written temporary before moving it into place, so a host crash after the rename
-    cannot leave an empty or partial file under the real name (the real calls run; they are only recorded)."""
+    cannot leave an empty or partial file under the real name, then the folder, so the rename itself is on disk (the
+    real calls run; they are only recorded)."""
     events = []
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd)))
@@ -84,5 +85,6 @@ def test_atomic_write_is_flushed_before_its_rename(lidc_demo, tmp_path, monkeypa
     image = Image.open(lidc_demo / "LIDC-IDRI-0002" / "nodule-0" / "images" / "slice-0.png")
     path = tmp_path / "slice.png"
     write_atomic(path, lambda tmp: image.save(tmp))
-    assert [e[0] for e in events] == ["fsync", "replace"] and events[0][1] == events[1][1] == path.stat().st_ino
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1] == events[1][1] == path.stat().st_ino and events[2][1] == tmp_path.stat().st_ino
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))

@@ -14,7 +14,7 @@ from typing import Sequence
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, subfiles
 
 from nnunet_arseg.config import DEFAULT_NUM_SAMPLES
-from nnunet_arseg.prediction_files import ARGS_FILE, case_record_file, sample_files_by_case
+from nnunet_arseg.prediction_files import ARGS_FILE, case_record_file, sample_files_by_case, settings_changes
 
 
 _CHANNEL = re.compile(r"_\d{4}$")
@@ -267,7 +267,6 @@ def check_against_run_record(pred_folder: str, samples_of: dict[str, list[str]],
     """The samples of a folder of ``nnUNetv2_arseg_predict`` (one with its ``arseg_predict_args.json``) are those of
     its run: there are samples (``--save_samples``), each case has the number the run drew, and each case's record
     has the run's settings. Returns the run's record; a folder without it (``nnUNetv2_predict``'s) is not checked."""
-    from nnunet_arseg.inference.predict import settings_changes
     record_file = join(pred_folder, ARGS_FILE)
     if not isfile(record_file):
         return None

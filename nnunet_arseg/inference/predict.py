@@ -20,13 +20,10 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join, l
 
 from nnunet_arseg import env
 from nnunet_arseg.inference.inputs import InputError, anchor_files, case_ids, checked_folds, input_cases, model_folder
-from nnunet_arseg.prediction_files import ARGS_FILE, ExtraOutputs, case_record_file, files_by_case
+from nnunet_arseg.prediction_files import (ARGS_FILE, ExtraOutputs, case_record_file, files_by_case,
+                                           settings_changes)
 
 PROG = "nnUNetv2_arseg_predict"
-# settings a --continue_prediction run must share with the run it continues
-RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "sampler", "temperature",
-            "presence_temperature", "anchor", "anchor_scales", "outline_spread", "mirror_head", "step_size",
-            "mirroring")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,12 +189,6 @@ def resolve_device(requested: str | None) -> str:
                          f"driver and CUDA_VISIBLE_DEVICES); use -device cpu, or leave -device out to use CUDA where "
                          f"present and the CPU elsewhere")
     return requested
-
-
-def settings_changes(before: dict, now: dict) -> list[str]:
-    """``key: old -> new`` for each setting of ``RUN_KEYS`` that differs (a key an older record lacks is not
-    compared)."""
-    return [f"{k}: {before[k]} -> {now[k]}" for k in RUN_KEYS if k in before and before[k] != now[k]]
 
 
 def prepare_output_folder(out: str, settings: dict, own_cases: list[str], input_cases: list[str], file_ending: str,

@@ -7,14 +7,12 @@ the classes share (e.g. the U-Net head's probabilities), ``draw`` draws the mask
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
+from torch import nn
 
 from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD, check_outline_spread
-
-if TYPE_CHECKING:
-    from nnunet_arseg.network import ARSegNetwork, ImageEncoding
 
 __all__ = ["SamplingOptions", "ClassDraw", "Sampler", "first_drawn"]
 
@@ -57,11 +55,12 @@ def first_drawn(present_BN: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ClassDraw:
-    """The draws of one condition class ``c`` for a batch of B images: N samples each, rows b * N + n, with the
-    presence already drawn (``present_BN``; all True without a presence head) and ``seed`` the class's seed."""
+    """The draws of one condition class ``c`` for a batch of B images by ``net`` (an ``ARSegNetwork``) from its
+    ``image`` (its ``ImageEncoding``): N samples each, rows b * N + n, with the presence already drawn (``present_BN``;
+    all True without a presence head) and ``seed`` the class's seed."""
 
-    net: ARSegNetwork
-    image: ImageEncoding
+    net: nn.Module
+    image: NamedTuple
     c: int
     num_samples: int
     seed: int
@@ -90,7 +89,7 @@ class Sampler:
     name: ClassVar[str]
     has_scales: ClassVar[bool] = True  # whether ``draw`` returns the transformer's partial f_hats
 
-    def check(self, net: ARSegNetwork, anchor: torch.Tensor | None, options: SamplingOptions,
+    def check(self, net: nn.Module, anchor: torch.Tensor | None, options: SamplingOptions,
               with_scales: bool) -> None:
         """Refuse (ValueError) what ``net`` lacks for this sampler or what it does not take."""
         if anchor is not None:
@@ -98,7 +97,7 @@ class Sampler:
         if with_scales and not self.has_scales:
             raise ValueError(f"sampler {self.name!r} draws each mask at once: it has no coarse-to-fine scales to show")
 
-    def prepare(self, net: ARSegNetwork, x: torch.Tensor, image: ImageEncoding, anchor: torch.Tensor | None,
+    def prepare(self, net: nn.Module, x: torch.Tensor, image: NamedTuple, anchor: torch.Tensor | None,
                 options: SamplingOptions) -> torch.Tensor | None:
         """What every class's draw needs, (B, num_conditions, *patch), or None."""
         return None
