@@ -37,7 +37,7 @@ class HeadSampler(Sampler):
         n, present_N = d.num_samples, d.present_N
         head_N = (guide_B > 0).flatten(1).any(1).repeat_interleave(n)  # whether the head's mask has an object
         thresholded_N, own_N = present_N & head_N, present_N & ~head_N
-        masks_N = draw_token_maps(d, own_N)[0] if own_N.any() else d.empty_masks()
+        masks_N = draw_token_maps(d, own_N)[0]
         if thresholded_N.any():
             level_N = torch.logit(outline_levels(d.present_BN, d.options.outline_spread).flatten()[thresholded_N])
             image_N = torch.arange(len(guide_B), device=guide_B.device).repeat_interleave(n)[thresholded_N]
