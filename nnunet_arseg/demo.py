@@ -127,11 +127,13 @@ def main() -> None:
     _run(f"3/5 train AR-Seg ({TRAINER}, fold 0)",
          [join(bin_dir, "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", args.device] + resume,
          train_env, trained)
+    # a rerun continues the prediction: an interrupted one has cases without their files (done cases are skipped)
+    started = ["--continue_prediction"] if isfile(join(pred_dir, "arseg_predict_args.json")) else []
     _run(f"4/5 draw {NUM_SAMPLES} samples per held-out slice",
          [join(bin_dir, "nnUNetv2_arseg_predict"), "-i", join(raw_dataset, "imagesTs"), "-o", pred_dir,
           "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "--num_samples", str(NUM_SAMPLES),
-          "--save_samples", "--save_uncertainty", "--save_scales", "-device", args.device, "-npp", "0", "-nps", "0"],
-         env, isfile(join(pred_dir, "arseg_predict_args.json")))
+          "--save_samples", "--save_uncertainty", "--save_scales", "-device", args.device, "-npp", "0", "-nps", "0"]
+         + started, env, False)
     summary_file = join(pred_dir, "summary_arseg.json")
     _run("5/5 evaluate against the four raters (GED, HM-IoU, Soft-Dice)",
          [join(bin_dir, "nnUNetv2_arseg_evaluate"), "-i", pred_dir, "-d", str(DATASET_ID), "-o", summary_file],
