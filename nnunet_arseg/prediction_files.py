@@ -28,9 +28,10 @@ RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "sampl
 
 
 def settings_changes(before: dict, now: dict) -> list[str]:
-    """``key: old -> new`` for each setting of ``RUN_KEYS`` that differs (a key an older record lacks is not
-    compared)."""
-    return [f"{k}: {before[k]} -> {now[k]}" for k in RUN_KEYS if k in before and before[k] != now[k]]
+    """``key: old -> new`` for each setting of ``RUN_KEYS`` that differs. A key an older record lacks is not compared,
+    but for the sampler: a record of 0.2 or 0.3-dev drew with that version's default, not a named one."""
+    return [f"{k}: {before.get(k)} -> {now[k]}" for k in RUN_KEYS
+            if (k in before or (k == "sampler" and k in now)) and before.get(k) != now[k]]
 
 
 @dataclass(frozen=True)

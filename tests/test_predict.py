@@ -22,7 +22,7 @@ import lidc_model
 import nnunet_arseg
 from nnunet_arseg.inference import predict
 from nnunet_arseg.prediction_files import (ARGS_FILE, ExtraOutputs, case_record_file, sample_file, scales_file,
-                                           uncertainty_files)
+                                           settings_changes, uncertainty_files)
 from nnunet_arseg.nnunet_ext import EXT_DIR
 
 PY = sys.executable
@@ -219,6 +219,15 @@ def test_output_folder_rules(tmp_path):
     with pytest.raises(predict.InputError, match=r"case\(s\) b that nnUNetv2_arseg_predict has no record of writing"):
         predict.prepare_output_folder(str(out), run, ["b"], ["a", "b"], ".png", replace=True)
     assert (out / "b.png").is_file() and (out / "a.png").is_file()
+
+
+def test_a_record_from_before_the_samplers_is_another_run():
+    """A record of 0.2 / 0.3-dev has no sampler: it drew with that version's default, so it differs from any run with
+    a named sampler; other keys an older record lacks are not compared."""
+    now = {"seed": 0, "num_samples": 4, "sampler": "autoregressive"}
+    assert settings_changes({"seed": 0}, now) == ["sampler: None -> autoregressive"]
+    assert settings_changes({"seed": 0, "sampler": "autoregressive"}, now) == []
+    assert settings_changes({"seed": 1, "sampler": "head"}, now) == ["seed: 1 -> 0", "sampler: head -> autoregressive"]
 
 
 @pytest.mark.e2e
