@@ -10,6 +10,14 @@ from typing import Callable
 
 from batchgenerators.utilities.file_and_folder_operations import save_json
 
+TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}-(.+)")  # the name of a temporary (``temporary_name``) of the file named (.+)
+
+
+def temporary_name(path: str | Path) -> Path:
+    """A fresh temporary name beside ``path`` that keeps its name, so its ending too (``TEMPORARY`` matches it)."""
+    path = Path(path)
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
 
 def fsync(path: str | Path, folder: bool = False) -> None:
     """Flush ``path`` to the disk; for a folder (its entries: a rename) where the file system allows it."""
@@ -30,7 +38,7 @@ def write_atomic(path: str | Path, writer: Callable[[str], None]) -> None:
     matplotlib, ``np.savez``) still do.
     """
     path = Path(path)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = temporary_name(path)
     try:
         writer(str(tmp))
         fsync(tmp)
@@ -45,11 +53,11 @@ def remove_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[str]:
     """Remove what ``write_atomic`` left in ``folder`` (not below it) when a process was killed while it wrote one of
     ``names`` (file names; ``*`` matches anything). Only the process that alone writes these files there calls this;
     returns the removed names."""
-    alternatives = "|".join(re.escape(n).replace(r"\*", ".*") for n in names)
-    pattern = re.compile(r"\.tmp-[0-9a-f]{8}-(" + alternatives + ")$")
+    written = re.compile("|".join(re.escape(n).replace(r"\*", ".*") for n in names))
     removed = []
     for entry in os.scandir(folder):
-        if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+        m = TEMPORARY.fullmatch(entry.name)
+        if m and written.fullmatch(m.group(1)) and entry.is_file(follow_symlinks=False):
             try:
                 os.remove(entry.path)
                 removed.append(entry.name)

@@ -14,13 +14,14 @@ import os
 import re
 from dataclasses import dataclass
 
+from nnunet_arseg.atomic import TEMPORARY
+
 __all__ = ["ExtraOutputs", "ARGS_FILE", "sample_file", "sample_files_by_case", "uncertainty_files", "scales_file",
            "case_record_file", "files_by_case", "case_files", "RUN_KEYS", "settings_changes"]
 
 ARGS_FILE = "arseg_predict_args.json"
 CASE_RECORDS = "arseg_cases"
 SAMPLE_TAG = "_sample"
-_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}-(.+)")  # nnunet_arseg.atomic's temporary of the file named (.+)
 # the settings that make a run: outputs of runs that differ in one of them never share a folder
 RUN_KEYS = ("model_folder", "folds", "checkpoint", "num_samples", "seed", "sampler", "temperature",
             "presence_temperature", "anchor", "anchor_scales", "outline_spread", "mirror_head", "step_size",
@@ -93,7 +94,7 @@ def files_by_case(out_dir: str, file_ending: str, temporaries: bool = False) -> 
         if not os.path.isdir(folder):
             continue
         for name in sorted(os.listdir(folder)):
-            m = _TEMPORARY.fullmatch(name)
+            m = TEMPORARY.fullmatch(name)
             if temporaries != bool(m) or not os.path.isfile(os.path.join(folder, name)):
                 continue
             case = _case_of(sub, m.group(1) if m else name, file_ending)

@@ -4,7 +4,6 @@ worker processes (all arguments pickle)."""
 from __future__ import annotations
 
 import os
-import uuid
 import zipfile
 
 import numpy as np
@@ -13,7 +12,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, mayb
 from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                                   export_prediction_from_logits)
 
-from nnunet_arseg.atomic import fsync, write_atomic
+from nnunet_arseg.atomic import fsync, temporary_name, write_atomic
 from nnunet_arseg.consensus import sample_logits, uncertainty
 from nnunet_arseg.prediction_files import ExtraOutputs, sample_file, scales_file, uncertainty_files
 
@@ -52,8 +51,7 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
 def export_consensus(logits: np.ndarray, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
                      output_file_truncated: str, save_probabilities: bool = False) -> None:
     """nnU-Net's ``export_prediction_from_logits`` to temporary names, then moved into place (probabilities first)."""
-    out_dir, case = os.path.split(output_file_truncated)
-    tmp = os.path.join(out_dir, f".tmp-{uuid.uuid4().hex[:8]}-{case}")
+    tmp = str(temporary_name(output_file_truncated))
     endings = ([".npz", ".pkl"] if save_probabilities else []) + [dataset_json["file_ending"]]
     try:
         export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,

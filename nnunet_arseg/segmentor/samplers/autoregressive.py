@@ -14,8 +14,8 @@ def draw_token_maps(d: ClassDraw, rows_N: torch.Tensor,
                     given: tuple[list[torch.Tensor], torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """The transformer's draws of the rows ``rows_N`` (B * N,) bool, decoded (the other rows empty), and with
-    ``d.with_scales`` the shown samples' partial f_hats. ``given``: coarse token maps that replace the draws of the rows it marks
-    (``sample_token_maps``'s ``anchor``; the finer scales are then drawn given them)."""
+    ``d.with_scales`` the shown samples' partial f_hats. ``given``: coarse token maps that replace the draws of the
+    rows it marks (``sample_token_maps``'s ``anchor``; the finer scales are then drawn given them)."""
     if not rows_N.any() and not d.with_scales:  # nothing to draw: no transformer pass at all
         return d.empty_masks(), None
     net, options = d.net, d.options
