@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt | check-venv
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 demo: $(STAMP)
 	$(BIN)/nnUNetv2_arseg_demo $(if $(OUT),$(OUT),arseg_demo)

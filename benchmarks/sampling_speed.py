@@ -90,16 +90,18 @@ def stage_seconds(network, x_BCX: torch.Tensor, num_samples: int) -> dict:
     sync = torch.cuda.synchronize if x_BCX.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        prefix_BND, _, presence_BND = network.encode_image(x_BCX)
+        image = network.encode_image(x_BCX)
         keep_N = None
         if network.presence_head is not None:
-            keep_N = draw_presence(network.presence_head(presence_BND)[:, 0], num_samples, class_seed(0, 0)).flatten()
+            keep_N = draw_presence(network.presence_head(image.presence_BND)[:, 0], num_samples,
+                                   class_seed(0, 0)).flatten()
+        cls_B = torch.zeros(x_BCX.shape[0], dtype=torch.long, device=x_BCX.device)
+        guide_BLD = network.guide_tokens(image, cls_B)
         sync()
         t1 = time.perf_counter()
-        cls_B = torch.zeros(x_BCX.shape[0], dtype=torch.long, device=x_BCX.device)
-        idx_list, f_hat, _ = sample_token_maps(network.transformer, network.tokenizer.quantizer, prefix_BND, cls_B,
-                                               num_samples, seed=class_seed(0, 0), top_k=network.top_k,
-                                               active=keep_N)
+        idx_list, f_hat, _ = sample_token_maps(network.transformer, network.tokenizer.quantizer, image.prefix_BND,
+                                               cls_B, num_samples, seed=class_seed(0, 0), top_k=network.top_k,
+                                               active=keep_N, guide_BLD=guide_BLD)
         sync()
         t2 = time.perf_counter()
         if keep_N is None:

@@ -32,6 +32,8 @@ class ARSegConfig:
         transformer then learns the non-empty masks only (``segmentor/presence.py``). presence_weight: the weight of
         its BCE in the loss. presence_source: what the presence head pools, ``"prefix"`` (the image prefix) or
         ``"head"`` (the U-Net decoder features the aux head's segmentation layer reads, detached; needs ``aux_head``).
+    head_guidance: each scale's token inputs also get the U-Net head's probability and features at that scale's
+        resolution (``segmentor/guidance.py``; needs ``aux_head``).
     max_features_per_stage: cap on the plans' U-Net widths (None: the plans' own, as a stock model of them).
     num_samples: default N; top_k: codes kept when sampling (None: the reference's share of the codebook, 0: all).
     has_regions: one condition class per nnU-Net region (else per foreground label); set from dataset.json.
@@ -51,6 +53,7 @@ class ARSegConfig:
     presence: bool = False
     presence_weight: float = 1.0
     presence_source: str = "prefix"
+    head_guidance: bool = False
     max_features_per_stage: int | None = None
     num_samples: int = DEFAULT_NUM_SAMPLES
     top_k: int | None = None

@@ -20,6 +20,7 @@ from nnunet_arseg import env
 from nnunet_arseg.config import REFERENCE_TOP_K_SHARE, ARSegConfig, preset
 from nnunet_arseg.consensus import consensus_logits
 from nnunet_arseg.segmentor.embedding import build_embedding
+from nnunet_arseg.segmentor.guidance import HeadGuidance
 from nnunet_arseg.segmentor.outline import OUTLINE_SPREAD
 from nnunet_arseg.segmentor.presence import PresenceHead, draw_presence
 from nnunet_arseg.segmentor.samplers import DEFAULT_SAMPLER, SAMPLERS, ClassDraw, SamplingOptions, get_sampler
@@ -37,12 +38,14 @@ PRESENCE_SOURCES = ("prefix", "head")
 
 class ImageEncoding(NamedTuple):
     """What the image model gives the segmentor: the prefix (B, N_f, D), the U-Net head's logits
-    (B, num_conditions, *s) or None without the aux head, and the tokens the presence head pools (B, N, D_p): the
-    prefix, or the features the head's segmentation layer reads (``presence_source``)."""
+    (B, num_conditions, *s) or None without the aux head, the tokens the presence head pools (B, N, D_p): the
+    prefix, or the features the head's segmentation layer reads (``presence_source``), and those features
+    (B, C, *s) or None without the aux head."""
 
     prefix_BND: torch.Tensor
     aux_logits: torch.Tensor | None
     presence_BND: torch.Tensor
+    head_features: torch.Tensor | None = None
 
 
 class _DeepSupervisionFlag(nn.Module):
@@ -125,6 +128,8 @@ class ARSegNetwork(nn.Module):
             non-empty; the transformer is trained on non-empty masks only. presence_weight: its BCE's weight.
             presence_source: what it pools, ``"prefix"`` (the prefix tokens) or ``"head"`` (the U-Net decoder features
             the head's segmentation layer reads, detached; needs ``aux_head``).
+        head_guidance: each scale's token inputs also get the U-Net head's probability and features at that scale's
+            resolution (``segmentor/guidance.py``; needs ``aux_head``).
         deep_supervision: accepted from nnU-Net; unused (the aux head is trained at one resolution).
         **unet_kwargs: the plans' U-Net kwargs (conv_op, n_stages, features_per_stage, strides, ...).
     """
@@ -140,7 +145,8 @@ class ARSegNetwork(nn.Module):
                  aux_head: bool = ARSegConfig.aux_head, aux_weight: float = ARSegConfig.aux_weight,
                  aux_full_resolution: bool = ARSegConfig.aux_full_resolution,
                  presence: bool = ARSegConfig.presence, presence_weight: float = ARSegConfig.presence_weight,
-                 presence_source: str = ARSegConfig.presence_source, deep_supervision: bool = False, **unet_kwargs):
+                 presence_source: str = ARSegConfig.presence_source,
+                 head_guidance: bool = ARSegConfig.head_guidance, deep_supervision: bool = False, **unet_kwargs):
         super().__init__()
         self.patch_size = tuple(int(n) for n in patch_size)
         self.input_channels = int(input_channels)
@@ -160,6 +166,8 @@ class ARSegNetwork(nn.Module):
             raise ValueError(f"presence_source must be one of {PRESENCE_SOURCES}, got {presence_source!r}")
         if presence_source == "head" and not aux_head:
             raise ValueError("presence_source='head' pools the U-Net head's features: set aux_head=True")
+        if head_guidance and not aux_head:
+            raise ValueError("head_guidance conditions each scale on the U-Net head: set aux_head=True")
         self.presence_source = presence_source
         self.num_samples, self.aux_weight = int(num_samples), float(aux_weight)
         self.presence_weight = float(presence_weight)
@@ -215,6 +223,8 @@ class ARSegNetwork(nn.Module):
         presence_dim = (self.transformer.width if presence_source == "prefix"
                         else self.decoder.seg_layers[self.head_stage()].in_channels)
         self.presence_head = PresenceHead(presence_dim, self.num_conditions) if presence else None
+        self.guidance = (HeadGuidance(self.decoder.seg_layers[self.head_stage()].in_channels, self.tokenizer.scales,
+                                      self.transformer.width, len(self.patch_size)) if head_guidance else None)
         for module in self.unused_modules():
             module.requires_grad_(False)
 
@@ -276,9 +286,17 @@ class ARSegNetwork(nn.Module):
             features, aux_logits, head_in = decode_to_stage(self.decoder, skips, self.head_stage(), self.feature_stage)
             prefix_BND = self.embedding(pool_to(features, self.tokenizer.latent_shape))
         if self.presence_source == "prefix":
-            return ImageEncoding(prefix_BND, aux_logits, prefix_BND)
+            return ImageEncoding(prefix_BND, aux_logits, prefix_BND, head_in)
         # the head's features as tokens, detached: presence reads the segmentation features without reshaping them
-        return ImageEncoding(prefix_BND, aux_logits, head_in.detach().flatten(2).transpose(1, 2))
+        return ImageEncoding(prefix_BND, aux_logits, head_in.detach().flatten(2).transpose(1, 2), head_in)
+
+    def guide_tokens(self, image: ImageEncoding, cls_B: torch.Tensor) -> torch.Tensor | None:
+        """The per-scale guidance (B, L, D) of class ``cls_B`` from the image's U-Net head, or None without
+        ``head_guidance``."""
+        if self.guidance is None:
+            return None
+        index = cls_B.view(-1, *[1] * (image.aux_logits.ndim - 1)).expand(-1, 1, *image.aux_logits.shape[2:])
+        return self.guidance(torch.sigmoid(image.aux_logits.gather(1, index).float()), image.head_features)
 
     def _cls(self, cls: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         if cls is None:
@@ -296,6 +314,16 @@ class ARSegNetwork(nn.Module):
             return self.consensus_logits(x)
         return self.segmentor_loss(x, mask, self._cls(cls, x.shape[0], x.device), with_prediction, presence_target)
 
+    def teacher_forced_logits(self, image: ImageEncoding, mask: torch.Tensor,
+                              cls_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's logits (B, L, V) of every scale's tokens given the mask's own coarser scales, and those
+        tokens (B, L), the targets."""
+        with torch.no_grad(), tokenizer_precision(mask.device):
+            idx_list = self.tokenizer.mask_to_idx(mask.float())
+            x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
+            target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
+        return self.transformer(image.prefix_BND, x_BLC, cls_B, guide_BLD=self.guide_tokens(image, cls_B)), target_BL
+
     def segmentor_loss(self, x: torch.Tensor, mask: torch.Tensor, cls_B: torch.Tensor,
                        with_prediction: bool = False, presence_target_B: torch.Tensor | None = None) -> dict:
         """Token cross-entropy with teacher forcing (method §2.5), + the aux head's Dice + BCE against the mask at
@@ -304,13 +332,10 @@ class ARSegNetwork(nn.Module):
         where given, else against whether ``mask`` is non-empty. ``with_prediction`` adds ``prediction``: the
         mask logits (B, 1, *patch) decoded from the per-token argmax (no sampling; empty where the presence head
         says absent)."""
-        with torch.no_grad(), tokenizer_precision(mask.device):
-            idx_list = self.tokenizer.mask_to_idx(mask.float())
-            x_BLC = self.tokenizer.idx_to_teacher_inputs(idx_list)
-            target_BL = torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
-            present_B = mask.flatten(1).amax(1) > 0.5
-        prefix_BND, aux_logits, presence_BND = self.encode_image(x)
-        logits_BLV = self.transformer(prefix_BND, x_BLC, cls_B)
+        present_B = mask.flatten(1).amax(1) > 0.5
+        image = self.encode_image(x)
+        aux_logits, presence_BND = image.aux_logits, image.presence_BND
+        logits_BLV, target_BL = self.teacher_forced_logits(image, mask, cls_B)
         ce_BL = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1),
                                 reduction="none").view(target_BL.shape)
         hit_BL = (logits_BLV.argmax(-1) == target_BL).float()

@@ -154,8 +154,8 @@ def test_a_full_resolution_head_beside_the_decoder_prefix():
     full.load_state_dict(latent.state_dict())
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
-        prefix_latent, logits_latent, _ = latent.encode_image(x)
-        prefix_full, logits_full, _ = full.encode_image(x)
+        prefix_latent, logits_latent = latent.encode_image(x)[:2]
+        prefix_full, logits_full = full.encode_image(x)[:2]
         assert torch.equal(prefix_full, prefix_latent)
         assert logits_latent.shape[2:] == full.tokenizer.latent_shape and logits_full.shape == (2, 1, 128, 128)
         assert full.head_stage() == len(full.decoder.stages) - 1 and latent.head_stage() == latent.feature_stage
@@ -168,7 +168,7 @@ def test_the_presence_head_can_pool_the_u_net_heads_features():
     torch.manual_seed(0)
     net = build(plans_with_arseg(presence_source="head"), "arseg_2d", 2)
     x = torch.randn(2, 1, 128, 128)
-    prefix_BND, aux_logits, presence_BND = net.encode_image(x)
+    prefix_BND, aux_logits, presence_BND = net.encode_image(x)[:3]
     width = net.decoder.seg_layers[-1].in_channels
     assert presence_BND.shape == (2, 128 * 128, width) and net.presence_head.fc.in_features == 2 * width
     assert not presence_BND.requires_grad and prefix_BND.requires_grad and aux_logits.requires_grad
@@ -187,6 +187,36 @@ def test_the_presence_head_can_pool_the_u_net_heads_features():
                         "set aux_head=True")):
         with pytest.raises(ValueError, match=match):
             build(plans_with_arseg(**bad), "arseg_2d", 2)
+
+
+@pytest.mark.parametrize("configuration,shape", [("arseg_2d", (2, 1, 128, 128)), ("arseg_3d", (2, 1, 16, 32, 32))])
+def test_head_guidance_conditions_every_scale_on_the_detached_head_and_keeps_sampling_autoregressive(configuration,
+                                                                                                     shape):
+    """``head_guidance``: a new model's guidance is zero (it starts as the unguided model), its inputs are the
+    detached head (the token loss never trains the head through it), and once trained it changes the transformer's
+    draws, which the KV cache and the full recomputation draw alike."""
+    torch.manual_seed(0)
+    net = build(plans_with_arseg(head_guidance=True), configuration, 2)
+    plain = build(plans_with_arseg(), configuration, 2)
+    plain.load_state_dict(net.state_dict(), strict=False)
+    x, mask = torch.randn(*shape), (torch.rand(shape) > 0.7).float()
+    image = net.encode_image(x)
+    guide_BLD = net.guide_tokens(image, torch.zeros(2, dtype=torch.long))
+    assert guide_BLD.shape == (2, sum(net.transformer.lengths), net.transformer.width) and not guide_BLD.any()
+    guide_BLD.sum().backward()
+    assert all(p.grad is None for p in list(net.encoder.parameters()) + list(net.decoder.parameters()))
+    assert net.guidance.proj[-1].weight.grad.abs().sum() > 0
+    net.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(net.sample(x, 6, seed=3)["samples"], plain.sample(x, 6, seed=3)["samples"])
+        assert torch.allclose(net(x, mask=mask)["loss"], plain(x, mask=mask)["loss"])
+        for p in net.guidance.proj[-1].parameters():
+            p.normal_(0, 0.5)
+        guided = net.sample(x, 6, seed=3)["samples"]
+        assert guided.any() and not torch.equal(guided, plain.sample(x, 6, seed=3)["samples"])
+        assert torch.equal(guided, net.sample(x, 6, seed=3, use_cache=False)["samples"])
+    with pytest.raises(ValueError, match="head_guidance conditions each scale on the U-Net head"):
+        build(plans_with_arseg(head_guidance=True, aux_head=False, prefix_source="encoder"), configuration, 2)
 
 
 @pytest.mark.parametrize("configuration,num_outputs,regions", [("arseg_2d", 3, False), ("arseg_3d", 2, True)])

@@ -9,6 +9,7 @@ import torch
 from nnunet_arseg.consensus import (binary_entropy_bits, fuse_labels, label_logits_from_frequencies, majority_vote,
                                     region_logits_from_frequencies, vote_frequency)
 from nnunet_arseg.segmentor.embedding import LinearEmbedding, SVDEmbedding
+from nnunet_arseg.segmentor.guidance import HeadGuidance, unshuffle
 from nnunet_arseg.segmentor.sampling import REFERENCE_TEMPERATURES, sample_token_maps, temperature_schedule
 from nnunet_arseg.segmentor.transformer import BlockCausalTransformer
 from nnunet_arseg.tokenizer import MaskTokenizer
@@ -235,3 +236,23 @@ def test_outline_levels_spread_the_drawn_samples_evenly_and_leave_the_absent_at_
     assert torch.equal(outline_levels(present_BN, 0.0), torch.full((3, 4), 0.5))
     with pytest.raises(ValueError, match=r"outline_spread must be in \[0, 0.5\]"):
         outline_levels(present_BN, -0.1)
+
+
+def test_head_guidance_keeps_each_tokens_own_sub_cells():
+    """The guidance of a scale's token reads the head's probability inside that token's cell only (space-to-depth,
+    as ``pixel_unshuffle`` in 2D), and one vector per token of every scale comes out."""
+    x = torch.randn(2, 3, 16, 24)
+    assert torch.equal(unshuffle(x, 8), torch.nn.functional.pixel_unshuffle(x, 8))
+    x3 = torch.randn(1, 1, 8, 8, 4)
+    y3 = unshuffle(x3, 4)
+    assert y3.shape == (1, 64, 2, 2, 1) and torch.equal(y3[0, :, 1, 0, 0], x3[0, 0, 4:, :4, :].flatten())
+    guidance = HeadGuidance(5, [(1, 1), (2, 2), (4, 4)], dim=16)
+    torch.nn.init.normal_(guidance.proj[-1].weight)
+    prob, features = torch.rand(2, 1, 32, 32), torch.randn(2, 5, 32, 32)
+    out = guidance(prob, features)
+    assert out.shape == (2, 1 + 4 + 16, 16)
+    changed = prob.clone()
+    changed[:, :, :8, :8] = 1 - changed[:, :, :8, :8]  # the top-left token of the finest scale only
+    moved = (guidance(changed, features) - out).abs().sum(-1)[0]
+    assert moved[5] > 0 and moved[6:].eq(0).all()  # at the finest scale only that token moves
+    assert moved[0] > 0 and moved[1] > 0  # the coarser scales' cells containing it

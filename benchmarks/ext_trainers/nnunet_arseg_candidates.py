@@ -58,3 +58,11 @@ class nnUNetTrainerARSeg_small_budget_raterShare(nnUNetTrainerARSeg_small_budget
                     raters.load_raters(self.preprocessed_dataset_folder, key), self.label_manager)
         share_B = [self._rater_shares[k][c] for k, c in zip(batch["keys"], cls_B.tolist())]
         return torch.tensor(share_B, dtype=torch.float32, device=cls_B.device)
+
+
+class nnUNetTrainerARSeg_small_budget_headGuide(nnUNetTrainerARSeg_small_budget):
+    """The recipe with each scale's token inputs guided by the U-Net head at that scale's resolution
+    (``head_guidance``, ``segmentor/guidance.py``): the transformer's own draws with the dense evidence the head
+    sampler thresholds."""
+
+    arseg_arch_overrides = {"preset": "small", "head_guidance": True}

@@ -44,7 +44,7 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
                       num_samples: int, seed: int, top_k: int | None = 100, temperatures=None,
                       use_cache: bool = True, keep_rows: torch.Tensor | None = None,
                       anchor: tuple[list[torch.Tensor], torch.Tensor] | None = None,
-                      active: torch.Tensor | None = None):
+                      active: torch.Tensor | None = None, guide_BLD: torch.Tensor | None = None):
     """Sample N token maps per image, scale by scale.
 
     Args:
@@ -63,6 +63,7 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
             transformer runs on these only, and the other rows draw from uniform logits. Each row takes the same
             amount of the generator whatever its logits, so the active rows draw what a run for all rows draws (up
             to floating-point rounding: a smaller batch may round the logits differently).
+        guide_BLD: per-scale guidance (``guidance.py``) of the positions of scales 1..K, one per image.
 
     Returns ``(idx_list, f_hat_BCz, partial_f_hats)``: token maps (B * N, *pn) per scale, the final f_hat
     (B * N, Cvae, *z), and a list (one per scale) of partial f_hats of the kept rows (empty without keep_rows).
@@ -88,10 +89,12 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
     try:
         if use_cache:  # step 0 once per image, then its cache and logits serve the N samples
             cond_BD = transformer.condition(cls_B)
-            logits0_BlV = transformer.run(transformer.embed_step(0, prefix_BND, cond_BD), cond_BD, 0,
+            logits0_BlV = transformer.run(transformer.embed_step(0, prefix_BND, cond_BD, guide_BLD), cond_BD, 0,
                                           first_logit=transformer.num_prefix)
             transformer.repeat_cache(num_samples, rows)
         prefix_BND = prefix_BND.repeat_interleave(num_samples, dim=0)
+        if guide_BLD is not None:
+            guide_BLD = guide_BLD.repeat_interleave(num_samples, dim=0)
         cls_B = cls_B.repeat_interleave(num_samples, dim=0)
         cond_BD = transformer.condition(cls_B)
         for si, pn in enumerate(scales):
@@ -101,13 +104,15 @@ def sample_token_maps(transformer: BlockCausalTransformer, quantizer, prefix_BND
             elif rows is not None and rows.numel() == 0:
                 logits_BlV = prefix_BND.new_zeros(num_rows, length, transformer.vocab_size, dtype=torch.float)
             elif use_cache:
-                h = transformer.embed_step(si, take(next_x), take(cond_BD))
+                first = transformer.starts[si] - transformer.num_prefix
+                guide = None if guide_BLD is None else take(guide_BLD)[:, first:first + length]
+                h = transformer.embed_step(si, take(next_x), take(cond_BD), guide)
                 logits_BlV = spread(transformer.run(h, take(cond_BD), transformer.starts[si]))
             else:
                 x_BLC = torch.cat(xs, dim=1) if xs else prefix_BND.new_zeros(prefix_BND.shape[0], 0,
                                                                               quantizer.C)
-                logits_BlV = spread(transformer(take(prefix_BND), take(x_BLC), take(cls_B),
-                                                num_scales=si + 1)[:, -length:])
+                logits_BlV = spread(transformer(take(prefix_BND), take(x_BLC), take(cls_B), num_scales=si + 1,
+                                                guide_BLD=None if guide_BLD is None else take(guide_BLD))[:, -length:])
             idx_Bpn = sample_top_k(logits_BlV[:, -length:], temps[si], top_k, generator).view(-1, *pn)
             if anchor is not None and si < len(anchor[0]):
                 anchored = anchor[1].view(-1, *[1] * len(pn))

@@ -136,14 +136,21 @@ class BlockCausalTransformer(nn.Module):
             b.attn.cached_k = b.attn.cached_k.index_select(0, index)
             b.attn.cached_v = b.attn.cached_v.index_select(0, index)
 
-    def embed_step(self, si: int, inp: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    def embed_step(self, si: int, inp: torch.Tensor, cond_BD: torch.Tensor,
+                   guide_BlD: torch.Tensor | None = None) -> torch.Tensor:
         """Input features with positions: si = 0 takes the prefix (B, N_f, D) and returns [prefix | start tokens];
-        si >= 1 takes the inputs (B, l, Cvae) of scale si (and of the scales after it, if l covers them)."""
+        si >= 1 takes the inputs (B, l, Cvae) of scale si (and of the scales after it, if l covers them).
+        ``guide_BlD``: per-scale guidance (``guidance.py``) added to the positions of the scales predicted here (from
+        scale 1 for si = 0, else from scale si + 1), as many as it covers."""
         if si == 0:
             sos = (cond_BD.unsqueeze(1) + self.pos_start).expand(inp.shape[0], -1, -1)
+            if guide_BlD is not None:
+                sos = sos + guide_BlD[:, :self.lengths[0]]
             h, start = torch.cat((inp, sos.to(inp.dtype)), dim=1), 0
         else:
             h, start = self.word_embed(inp.to(self.word_embed.weight.dtype)), self.starts[si]
+            if guide_BlD is not None:
+                h = h + guide_BlD[:, :h.shape[1]].to(h.dtype)
         end = start + h.shape[1]
         h = h + self.pos_embed[:, start:end]
         if self.level_embed is not None:
@@ -161,15 +168,16 @@ class BlockCausalTransformer(nn.Module):
         return self.head(self.head_norm(h_BlD, cond_BD)).float()
 
     def forward(self, prefix_BND: torch.Tensor, x_BLC: torch.Tensor, cls_B: torch.Tensor,
-                num_scales: int | None = None) -> torch.Tensor:
+                num_scales: int | None = None, guide_BLD: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) of scales 1..K (or of the first ``num_scales``; then x_BLC holds the
-        inputs of scales 2..num_scales)."""
+        inputs of scales 2..num_scales). ``guide_BLD``: the per-scale guidance of the positions of scales 1..K."""
         num = len(self.scales) if num_scales is None else num_scales
         expected = sum(self.lengths[1:num])
         if x_BLC.shape[1] != expected:
             raise ValueError(f"expected the inputs of scales 2..{num} ({expected} tokens), got {tuple(x_BLC.shape)}")
         cond_BD = self.condition(cls_B)
-        h = self.embed_step(0, prefix_BND, cond_BD)
+        h = self.embed_step(0, prefix_BND, cond_BD, guide_BLD)
         if num > 1:
-            h = torch.cat((h, self.embed_step(1, x_BLC, cond_BD)), dim=1)
+            rest = None if guide_BLD is None else guide_BLD[:, self.lengths[0]:]
+            h = torch.cat((h, self.embed_step(1, x_BLC, cond_BD, rest)), dim=1)
         return self.run(h, cond_BD, 0, first_logit=self.num_prefix)

@@ -20,13 +20,14 @@ def draw_token_maps(d: ClassDraw, rows_N: torch.Tensor,
         return d.empty_masks(), None
     net, options = d.net, d.options
     B = d.present_BN.shape[0]
+    cls_B = torch.full((B,), d.c, dtype=torch.long, device=rows_N.device)
     temperatures = [t * options.temperature for t in temperature_schedule(len(net.tokenizer.scales))]
     active = rows_N if net.presence_head is not None or not rows_N.all() else None
     idx_list, f_hat, partial = sample_token_maps(
         net.transformer, net.tokenizer.quantizer, d.image.prefix_BND,
-        torch.full((B,), d.c, dtype=torch.long, device=rows_N.device), d.num_samples, seed=d.seed, top_k=net.top_k,
-        temperatures=temperatures, use_cache=options.use_cache, keep_rows=d.shown_N if d.with_scales else None,
-        anchor=given, active=active)
+        cls_B, d.num_samples, seed=d.seed, top_k=net.top_k, temperatures=temperatures, use_cache=options.use_cache,
+        keep_rows=d.shown_N if d.with_scales else None, anchor=given, active=active,
+        guide_BLD=net.guide_tokens(d.image, cls_B))
     masks_N = d.empty_masks()
     if rows_N.any():  # an absent sample is the empty mask: its token draw is never decoded
         masks_N[rows_N] = net.decode_masks(f_hat[rows_N], [idx[rows_N] for idx in idx_list])
