@@ -19,9 +19,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from batchgenerators.utilities.file_and_folder_operations import join, subfiles
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_arseg.evaluation.casefiles import rater_files_per_case
 from nnunet_arseg.nnunet_ext import ensure_ext_trainer_env
 
 
@@ -38,26 +39,29 @@ def scale_table(model: str, raw: str, fold: str, checkpoint: str, device: str = 
     ce_S, hits_S = np.zeros(len(lengths)), np.zeros(len(lengths))
     counts_SV = np.zeros((len(lengths), net.tokenizer.quantizer.V))
     masks = 0
-    for image in subfiles(join(raw, "imagesTr"), suffix="_0000" + ending, join=False):
-        case = image[:-len("_0000" + ending)]
-        for rater in subfiles(join(raw, "labelsTr_raters"), prefix=case + "_r", suffix=ending):
-            data, seg, _ = preprocessor.run_case([join(raw, "imagesTr", image)], rater, predictor.plans_manager,
-                                                 predictor.configuration_manager, predictor.dataset_json)
-            mask = torch.from_numpy(np.asarray(seg[:, 0] > 0, dtype=np.float32))[None]
-            if not mask.any():
-                continue
-            x = torch.from_numpy(np.asarray(data[:, 0], dtype=np.float32))[None]
-            with torch.no_grad():
-                image_enc = net.encode_image(x)
-                logits_BLV, target_BL = net.teacher_forced_logits(image_enc, mask, torch.zeros(1, dtype=torch.long))
-                ce_L = F.cross_entropy(logits_BLV[0], target_BL[0], reduction="none")
-            hit_L = logits_BLV[0].argmax(-1) == target_BL[0]
-            for si, (ce, hit, target) in enumerate(zip(ce_L.split(lengths), hit_L.split(lengths),
-                                                       target_BL[0].split(lengths))):
-                ce_S[si] += float(ce.sum())
-                hits_S[si] += float(hit.sum())
-                np.add.at(counts_SV[si], target.numpy(), 1)
-            masks += 1
+    raters = rater_files_per_case([join(raw, "labelsTr_raters")], ending, load_json(join(raw, "dataset.json")))
+    for case, rater_files in raters.items():
+        image = [join(raw, "imagesTr", f"{case}_0000{ending}")]
+        cases = [preprocessor.run_case(image, rater, predictor.plans_manager, predictor.configuration_manager,
+                                       predictor.dataset_json) for rater in rater_files]
+        masks_R = torch.from_numpy(np.stack([np.asarray(seg[:, 0] > 0, dtype=np.float32) for _, seg, _ in cases]))
+        masks_R = masks_R[masks_R.flatten(1).amax(1) > 0]
+        if not len(masks_R):
+            continue
+        x = torch.from_numpy(np.asarray(cases[0][0][:, 0], dtype=np.float32))[None]
+        with torch.no_grad():  # the image encoded once, its raters' masks scored as one batch
+            image_enc = net.encode_image(x)
+            image_enc = type(image_enc)(*[t.expand(len(masks_R), *t.shape[1:]) for t in image_enc])
+            logits_BLV, target_BL = net.teacher_forced_logits(image_enc, masks_R,
+                                                              torch.zeros(len(masks_R), dtype=torch.long))
+            ce_BL = F.cross_entropy(logits_BLV.transpose(1, 2), target_BL, reduction="none")
+        hit_BL = logits_BLV.argmax(-1) == target_BL
+        for si, (ce, hit, target) in enumerate(zip(ce_BL.split(lengths, 1), hit_BL.split(lengths, 1),
+                                                   target_BL.split(lengths, 1))):
+            ce_S[si] += float(ce.sum())
+            hits_S[si] += float(hit.sum())
+            np.add.at(counts_SV[si], target.flatten().numpy(), 1)
+        masks += len(masks_R)
     if masks == 0:
         raise SystemExit(f"{raw}: no non-empty rater mask found in labelsTr_raters/")
     rows = []
